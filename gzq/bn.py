@@ -1,0 +1,129 @@
+"""BatchNorm statistics of the teacher and the losses that match synthetic batches to them.
+
+GZNQ appendix 1.1: by the central limit theorem the batch mean and (biased) batch variance of a BN
+layer's input are approximately Gaussian around the running statistics:
+
+    mu_hat  ~ N(mu,      sigma^2 / N)
+    var_hat ~ N(sigma^2, V / N),   V = Var[(Wx - mu)^2]
+
+so the synthesis loss is their negative log-likelihood. V is 2 sigma^4 for Gaussian activations
+(VRule.GAUSSIAN) or the batch's detached 4th central moment minus var_hat^2 (VRule.EMPIRICAL); N is the
+batch size (NRule.BATCH) or batch x height x width (NRule.BATCH_SPATIAL). The squared-error loss of
+DeepInversion / ZeroQ is kept as the baseline (BNLoss.MSE).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import BNLoss, NRule, VRule
+from .models import find_bn_layers
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class BatchStats:
+    """Statistics of one BN layer's input over (batch, height, width)."""
+    mean: torch.Tensor        # (C,)
+    var: torch.Tensor         # (C,), biased
+    m4: torch.Tensor | None   # (C,), 4th central moment, detached (only for VRule.EMPIRICAL)
+    batch: int                # B
+    spatial: int              # H * W (1 for BatchNorm1d on (B, C))
+
+
+class BNStatsRecorder:
+    """Forward pre-hooks on every BN layer of `model` that record its input statistics.
+
+    Use as a context manager so the hooks are always removed. `stats` holds one BatchStats per BN layer
+    for the latest forward, in the order of `layers`.
+    """
+
+    def __init__(self, model: nn.Module, need_m4: bool = False):
+        self.layers = find_bn_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no BatchNorm layers")
+        self.need_m4 = need_m4
+        self.stats: list[BatchStats | None] = [None] * len(self.layers)
+        self._handles = [m.register_forward_pre_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)]
+
+    def _make_hook(self, i: int):
+        def hook(module, args):
+            x = args[0]  # (B, C, H, W) or (B, C)
+            dims = [0] + list(range(2, x.ndim))
+            mean = x.mean(dims)
+            var = x.var(dims, unbiased=False)
+            m4 = None
+            if self.need_m4:
+                with torch.no_grad():
+                    shape = [1, -1] + [1] * (x.ndim - 2)
+                    m4 = (x - mean.view(shape)).pow(4).mean(dims)
+            spatial = math.prod(x.shape[2:]) if x.ndim > 2 else 1
+            self.stats[i] = BatchStats(mean, var, m4, x.shape[0], spatial)
+        return hook
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _n_and_v(s: BatchStats, sigma2: torch.Tensor, n_rule: NRule, v_rule: VRule):
+    n = s.batch * s.spatial if n_rule == NRule.BATCH_SPATIAL else s.batch
+    if v_rule == VRule.EMPIRICAL and s.m4 is not None:
+        v = (s.m4 - s.var.detach().pow(2)).clamp_min(1e-3 * sigma2.pow(2))
+    else:
+        v = 2 * sigma2.pow(2)
+    return n, v
+
+
+def gaussian_stat_nll(mu_hat, var_hat, mu, sigma2, n, v) -> torch.Tensor:
+    """Per-channel NLL of (mu_hat, var_hat) without the constant normaliser, (C,).
+
+    N (mu_hat - mu)^2 / (2 sigma^2) + N (var_hat - sigma^2)^2 / (2 V)
+    """
+    return n * (mu_hat - mu).pow(2) / (2 * sigma2) + n * (var_hat - sigma2).pow(2) / (2 * v)
+
+
+def gaussian_stat_log_likelihood(mu_hat, var_hat, mu, sigma2, n, v) -> torch.Tensor:
+    """Per-channel log-density log N(mu_hat; mu, sigma^2/N) + log N(var_hat; sigma^2, V/N), (C,)."""
+    log_norm = -0.5 * (_LOG_2PI + torch.log(sigma2 / n)) - 0.5 * (_LOG_2PI + torch.log(v / n))
+    return log_norm - gaussian_stat_nll(mu_hat, var_hat, mu, sigma2, n, v)
+
+
+def bn_losses(recorder: BNStatsRecorder, kind: BNLoss, n_rule: NRule = NRule.BATCH,
+              v_rule: VRule = VRule.GAUSSIAN, first_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The synthesis loss L_BN and the per-layer log-likelihood (for plotting) of the latest forward.
+
+    L_BN is the w_l-weighted mean over layers of each layer's channel-mean NLL (or DeepInversion's
+    squared-error norm for BNLoss.MSE). The log-likelihood is always the GZNQ Gaussian one, so curves of
+    both losses can be compared on one axis.
+
+    Returns:
+        loss: scalar with grad; log_likelihood: (L,) detached, mean over channels per layer.
+    """
+    losses, lls, weights = [], [], []
+    for i, ((_, bn), s) in enumerate(zip(recorder.layers, recorder.stats)):
+        if s is None:
+            raise RuntimeError(f"BN layer {recorder.layers[i][0]} saw no input in the last forward")
+        mu, sigma2 = bn.running_mean, bn.running_var + bn.eps
+        n, v = _n_and_v(s, sigma2, n_rule, v_rule)
+        if kind == BNLoss.MSE:
+            losses.append(torch.norm(s.mean - mu, 2) + torch.norm(s.var - bn.running_var, 2))
+        else:
+            losses.append(gaussian_stat_nll(s.mean, s.var, mu, sigma2, n, v).mean())
+        with torch.no_grad():
+            lls.append(gaussian_stat_log_likelihood(s.mean, s.var, mu, sigma2, n, v).mean())
+        weights.append(first_weight if i == 0 else 1.0)
+    w = torch.tensor(weights, device=losses[0].device)
+    loss = (torch.stack(losses) * w).sum() / w.sum()
+    return loss, torch.stack(lls)

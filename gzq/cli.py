@@ -1,0 +1,150 @@
+"""Command line: `python -m gzq run --model default --w-bits 4 --a-bits 4 --out runs/x`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .config import ModelSpec, Protocol, QuantSpec
+from .events import Done, Message, Preview, Progress, StageStarted, Stopped
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gzq", description="Data-free quantization of timm CNNs (GZNQ).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="synthesise images, train quantized students, evaluate, save")
+    r.add_argument("--model", default="default", help="'default' (bundled Fashion-MNIST ResNet) or a timm name")
+    r.add_argument("--checkpoint", help="local weights for --model (safetensors or a torch state dict)")
+    r.add_argument("--pretrained", action="store_true", help="download --model's pretrained weights from the hub")
+    r.add_argument("--num-classes", type=int)
+    r.add_argument("--in-chans", type=int)
+    r.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    r.add_argument("--mean", type=float, nargs="+")
+    r.add_argument("--std", type=float, nargs="+")
+    r.add_argument("--w-bits", type=int, default=4)
+    r.add_argument("--a-bits", type=int, default=4)
+    r.add_argument("--students", help="comma-separated configurations from one synthesis, e.g. w4a4,w8a8 "
+                                      "(overrides --w-bits/--a-bits)")
+    r.add_argument("--protocol", default="all_layers", choices=[p_.value for p_ in Protocol])
+    r.add_argument("--num-students", type=int, help="M; extra students are seeds of the first configuration")
+    r.add_argument("--preset", choices=["cpu", "gpu"], help="budget preset (default: by device)")
+    r.add_argument("--steps", type=int, help="synthesis steps")
+    r.add_argument("--images", type=int, help="number of synthetic images")
+    r.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 (repeatable)")
+    r.add_argument("--data", help="labelled ImageFolder for real accuracy (the default model uses its test set)")
+    r.add_argument("--max-real-images", type=int)
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", required=True, help="run folder to write")
+    r.add_argument("-q", "--quiet", action="store_true")
+    ls = sub.add_parser("list-models", help="timm architectures with BatchNorm")
+    ls.add_argument("pattern", nargs="?", default="resnet*")
+    return p
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_config(args):
+    from .pipeline import make_config
+    if args.students:
+        students = [QuantSpec.parse(s, args.protocol) for s in args.students.split(",") if s.strip()]
+    else:
+        students = [QuantSpec(args.w_bits, args.a_bits, Protocol(args.protocol))]
+    model = ModelSpec(name=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                      num_classes=args.num_classes, in_chans=args.in_chans, input_size=args.input_size,
+                      mean=args.mean, std=args.std)
+    synth, train, evalc = {}, {}, {"data": args.data, "max_real_images": args.max_real_images}
+    if args.steps is not None:
+        synth["steps"] = args.steps
+        synth["warmup_steps"] = min(args.steps // 3, args.steps)
+    if args.images is not None:
+        synth["num_images"] = args.images
+        synth["holdout_images"] = max(args.images // 8, 1) if args.images > 2 else 0
+    if args.num_students is not None:
+        synth["num_students"] = args.num_students
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    sections = {"synth": synth, "train": train, "eval": evalc}
+    for item in args.set:
+        key, _, val = item.partition("=")
+        section, _, fld = key.partition(".")
+        if section not in sections or not fld or not _:
+            raise ValueError(f"--set {item!r} must look like synth.lr=0.1 (sections: {', '.join(sections)})")
+        sections[section][fld] = _parse_value(val)
+    return make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
+
+
+def _format_table(report: dict) -> str:
+    t = report["teacher"]
+    fmt = lambda v, suffix="": "-" if v is None else f"{v}{suffix}"  # noqa: E731
+    lines = [f"{'model':<16}{'bits':>7}{'protocol':>17}{'top-1 %':>9}{'agree %':>9}{'KL':>9}{'size KB':>9}",
+             f"{'teacher (FP32)':<16}{'32/32':>7}{'-':>17}{fmt(t['accuracy']):>9}{'100':>9}{'0':>9}"
+             f"{t['size_bytes'] // 1024:>9}"]
+    for s in report["students"]:
+        lines.append(f"{s['name']:<16}{str(s['w_bits']) + '/' + str(s['a_bits']):>7}{s['protocol']:>17}"
+                     f"{fmt(s['accuracy']):>9}{s['agreement']:>9}{s['kl']:>9.4f}{s['size_bytes'] // 1024:>9}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import iter_run
+    try:
+        cfg = build_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last_print = 0.0
+    try:
+        for ev in iter_run(cfg, args.out):
+            if args.quiet:
+                continue
+            if isinstance(ev, StageStarted):
+                print(f"== {ev.stage} {ev.message}", flush=True)
+            elif isinstance(ev, Message):
+                print(ev.text, flush=True)
+            elif isinstance(ev, Progress) and (time.time() - last_print > 2 or ev.step == ev.total_steps):
+                last_print = time.time()
+                parts = [f"{ev.stage} {ev.step}/{ev.total_steps}", f"eta {ev.eta:.0f}s"]
+                if ev.bn_log_likelihood is not None:
+                    parts.append(f"bn_ll {ev.bn_log_likelihood:.2f}")
+                parts += [f"{k} {v:.4f}" for k, v in ev.losses.items() if k != "total"]
+                parts += [f"KL[{k}] {v:.4f}" for k, v in ev.student_kl.items()]
+                print("  ".join(parts), flush=True)
+            elif isinstance(ev, Stopped):
+                print(f"stopped during {ev.stage} at step {ev.step}")
+                return 1
+            elif isinstance(ev, Done):
+                print(_format_table(ev.report))
+                print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ev.report["timings"].items()))
+                print(f"wrote {ev.out_dir}")
+            elif isinstance(ev, Preview):
+                pass
+    except ValueError as e:  # bad model name, checkpoint, data folder: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "list-models":
+        from .models import list_bn_models
+        print("\n".join(list_bn_models(args.pattern)))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

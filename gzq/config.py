@@ -1,0 +1,284 @@
+"""Typed, self-validating configuration. Every run saves its RunConfig next to its results.
+
+Choices are enums (serialised by value); every dataclass round-trips through to_dict()/from_dict().
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ImageParam(str, enum.Enum):
+    """How a synthetic image is parameterised (DESIGN 2.1)."""
+    REPARAM = "reparam"  # x = m + exp(s) * z, z ~ N(0, I) fresh each step (generative, GZNQ)
+    PIXEL = "pixel"      # x = m (ZeroQ / DeepInversion)
+
+
+class BNLoss(str, enum.Enum):
+    """Which BatchNorm-statistics loss drives synthesis (DESIGN 2.2)."""
+    LIKELIHOOD = "likelihood"  # GZNQ appendix 1.1: Gaussian NLL of the batch statistics
+    MSE = "mse"                # DeepInversion: ||mu_hat - mu||_2 + ||var_hat - var||_2
+
+
+class VRule(str, enum.Enum):
+    """Variance of the batch-variance statistic, V = Var[(Wx - mu)^2]."""
+    GAUSSIAN = "gaussian"    # 2 sigma^4
+    EMPIRICAL = "empirical"  # detached 4th central moment of the batch minus var_hat^2
+
+
+class NRule(str, enum.Enum):
+    """Number of samples behind each batch statistic."""
+    BATCH = "batch"            # N = B
+    BATCH_SPATIAL = "batch_spatial"  # N = B * H * W
+
+
+class Protocol(str, enum.Enum):
+    """Which layers get the target bits (recorded in every result)."""
+    ALL_LAYERS = "all_layers"          # GDFQ / SynQ: every conv and linear at target bits
+    FIRST_LAST_8BIT = "first_last_8bit"  # BRECQ / Genie: first conv and last linear at 8 bit
+
+
+class ActInit(str, enum.Enum):
+    """How activation step sizes are initialised from synthetic data."""
+    MSE = "mse"
+    PERCENTILE = "percentile"
+
+
+def _check_range(name: str, value, lo, hi):
+    if not (lo <= value <= hi):
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {value}")
+
+
+def _check_positive(name: str, value, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+class _Serialisable:
+    """to_dict / from_dict for nested dataclasses with enum fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v):
+            if isinstance(v, enum.Enum):
+                return v.value
+            if dataclasses.is_dataclass(v):
+                return v.to_dict()
+            if isinstance(v, (list, tuple)):
+                return [conv(i) for i in v]
+            return v
+        return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}; known: {sorted(known)}")
+        hints = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for k, v in d.items():
+            default = hints[k].default
+            nested = _NESTED.get((cls.__name__, k))
+            if nested is not None:
+                v = [nested.from_dict(i) for i in v] if isinstance(v, list) else nested.from_dict(v)
+            elif isinstance(default, enum.Enum):
+                v = type(default)(v)
+            elif isinstance(v, list) and isinstance(default, tuple):
+                v = tuple(v)
+            out[k] = v
+        return cls(**out)
+
+
+@dataclass
+class ModelSpec(_Serialisable):
+    """Which teacher to load.
+
+    name: "default" (the bundled Fashion-MNIST model) or a timm architecture name.
+    checkpoint: local weights (safetensors or a PyTorch file) for that architecture.
+    pretrained: download the architecture's pretrained weights from the hub (ignored with a checkpoint).
+    num_classes / in_chans / input_size / mean / std: overrides where the checkpoint differs from timm's config.
+    """
+    name: str = "default"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    in_chans: int | None = None
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("model name must be 'default' or a timm architecture name, got an empty name")
+        self.name = self.name.strip()
+        if self.num_classes is not None:
+            _check_positive("num_classes", self.num_classes)
+        if self.in_chans is not None:
+            _check_range("in_chans", self.in_chans, 1, 4)
+        if self.input_size is not None:
+            self.input_size = tuple(int(v) for v in self.input_size)
+            if len(self.input_size) != 3 or min(self.input_size) < 1 or min(self.input_size[1:]) < 8:
+                raise ValueError(f"input_size must be (C, H, W) with H, W >= 8, got {self.input_size}")
+        for nm in ("mean", "std"):
+            v = getattr(self, nm)
+            if v is not None:
+                setattr(self, nm, tuple(float(i) for i in v))
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+
+_STUDENT_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+@dataclass
+class QuantSpec(_Serialisable):
+    """One quantized configuration (DESIGN 2.5).
+
+    Weights: per output channel, symmetric by default. Activations: per tensor, asymmetric,
+    learnable step size (LSQ), at the input of every quantized conv/linear but the first
+    (the network input stays float in both protocols).
+    """
+    w_bits: int = 4
+    a_bits: int = 4
+    protocol: Protocol = Protocol.ALL_LAYERS
+    w_symmetric: bool = True
+    act_init: ActInit = ActInit.MSE
+    act_percentile: float = 99.99
+
+    def __post_init__(self):
+        self.w_bits, self.a_bits = int(self.w_bits), int(self.a_bits)
+        _check_range("w_bits", self.w_bits, 2, 8)
+        _check_range("a_bits", self.a_bits, 2, 8)
+        self.protocol = Protocol(self.protocol)
+        self.act_init = ActInit(self.act_init)
+        _check_range("act_percentile", self.act_percentile, 50.0, 100.0)
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.protocol == Protocol.ALL_LAYERS else "_fl8"
+        return f"w{self.w_bits}a{self.a_bits}{suffix}"
+
+    @classmethod
+    def parse(cls, text: str, protocol: Protocol | str = Protocol.ALL_LAYERS) -> "QuantSpec":
+        """'w4a4' -> QuantSpec(4, 4). Raises a ValueError that says what the format is."""
+        m = _STUDENT_RE.match(text.strip().lower())
+        if not m:
+            raise ValueError(f"student {text!r} is not of the form w<bits>a<bits>, e.g. w4a4 or w8a8")
+        return cls(w_bits=int(m.group(1)), a_bits=int(m.group(2)), protocol=protocol)
+
+
+@dataclass
+class SynthConfig(_Serialisable):
+    """Image synthesis (DESIGN 2.1-2.4).
+
+    L_img = lambda_bn L_BN + lambda_ce CE - lambda_adv KL_ens + lambda_tv TV + lambda_l2 ||x||^2
+    """
+    num_images: int = 256
+    holdout_images: int = 32       # optimised with the rest but never shown to students: the fresh eval set
+    batch_size: int = 96
+    steps: int = 300
+    warmup_steps: int = 100        # steps before the students and the adversarial term join
+    lr: float = 0.1
+    lr_log_scale: float = 0.05
+    image_param: ImageParam = ImageParam.REPARAM
+    init_log_scale: float = -1.0   # s_0: initial per-pixel log std of f_I(z) noise
+    bn_loss: BNLoss = BNLoss.LIKELIHOOD
+    v_rule: VRule = VRule.GAUSSIAN
+    n_rule: NRule = NRule.BATCH
+    first_bn_weight: float = 1.0   # w_l of the first BN layer (the others are 1); L_BN averages over layers
+    lambda_bn: float = 0.01
+    lambda_ce: float = 1.0
+    lambda_adv: float = 0.5
+    lambda_tv: float = 1e-4
+    lambda_l2: float = 1e-5
+    jitter: int = 2
+    flip: bool = True
+    num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
+    student_lr: float = 1e-4
+    preview_every: int = 10
+
+    def __post_init__(self):
+        self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)
+        self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)
+        _check_positive("num_images", self.num_images)
+        _check_positive("holdout_images", self.holdout_images, allow_zero=True)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("steps", self.steps, allow_zero=True)
+        _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("num_students", self.num_students, allow_zero=True)
+        for nm in ("lr", "lr_log_scale", "student_lr", "first_bn_weight"):
+            _check_positive(nm, getattr(self, nm))
+        for nm in ("lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2"):
+            _check_positive(nm, getattr(self, nm), allow_zero=True)
+        _check_range("jitter", self.jitter, 0, 64)
+        _check_positive("preview_every", self.preview_every)
+        if self.num_images < 2:
+            raise ValueError(f"num_images must be >= 2 (batch statistics need a batch), got {self.num_images}")
+
+
+@dataclass
+class TrainConfig(_Serialisable):
+    """Student fine-tuning by distillation on the synthetic set (DESIGN 2.5)."""
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-4          # weights
+    lr_quant: float = 1e-3    # step sizes and zero points
+    temperature: float = 1.0
+    resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
+
+    def __post_init__(self):
+        _check_positive("epochs", self.epochs, allow_zero=True)
+        _check_positive("batch_size", self.batch_size)
+        for nm in ("lr", "lr_quant", "temperature"):
+            _check_positive(nm, getattr(self, nm))
+
+
+@dataclass
+class EvalConfig(_Serialisable):
+    """Evaluation (DESIGN 2.6). data: an ImageFolder path; None = the default model's own test set if any."""
+    data: str | None = None
+    max_real_images: int | None = None
+    fresh_draws: int = 4      # noise draws per held-out synthetic image
+
+    def __post_init__(self):
+        _check_positive("fresh_draws", self.fresh_draws)
+        if self.max_real_images is not None:
+            _check_positive("max_real_images", self.max_real_images)
+
+
+@dataclass
+class RunConfig(_Serialisable):
+    """Everything one run needs; saved as config.json in the run folder."""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    students: list[QuantSpec] = field(default_factory=lambda: [QuantSpec()])
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+    preset: str | None = None
+
+    def __post_init__(self):
+        if not self.students:
+            raise ValueError("at least one student configuration is needed, e.g. w4a4")
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student configurations repeat: {names}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.synth.num_images <= self.synth.holdout_images:
+            raise ValueError(
+                f"num_images ({self.synth.num_images}) must exceed holdout_images ({self.synth.holdout_images})")
+
+
+_NESTED = {
+    ("RunConfig", "model"): ModelSpec,
+    ("RunConfig", "students"): QuantSpec,
+    ("RunConfig", "synth"): SynthConfig,
+    ("RunConfig", "train"): TrainConfig,
+    ("RunConfig", "eval"): EvalConfig,
+}

@@ -1,0 +1,116 @@
+"""Labelled image data for real-accuracy evaluation: Fashion-MNIST (IDX files) and ImageFolder trees.
+
+Synthesis never touches these; they exist to *measure* how good the quantized students are.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_ROOT = Path(os.environ.get("GZQ_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    return arr.reshape(shape)
+
+
+def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as tensors.
+
+    Returns:
+        images: (N, 28, 28) uint8, labels: (N,) int64.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root) if root is not None else FASHION_MNIST_ROOT
+    prefix = "train" if split == "train" else "t10k"
+    img_path, lbl_path = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img_path.exists() or not lbl_path.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found under {root} (expected {img_path.name} and {lbl_path.name}); "
+            "install it with `apt-get install dataset-fashion-mnist` or set GZQ_FASHION_MNIST to its folder"
+        )
+    images = torch.from_numpy(_read_idx(img_path).copy())
+    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+    return images, labels
+
+
+def to_model_input(images_u8: torch.Tensor, mean, std, input_size) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, C, H, W) -> normalised float (N, C, H', W') at the model's input size."""
+    x = images_u8.float().div_(255.0)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    c, h, w = input_size
+    if x.shape[1] != c:
+        if x.shape[1] == 1:
+            x = x.expand(-1, c, -1, -1)
+        elif c == 1:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
+    if x.shape[-2:] != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def load_image_folder(root: str | Path, input_size) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Load an ImageFolder tree (root/<class>/<image>) into uint8 tensors at the model's input size.
+
+    Classes are the sorted sub-folder names, as torchvision's ImageFolder orders them, so the i-th
+    folder must be the model's class i.
+
+    Returns:
+        images: (N, C, H, W) uint8, labels: (N,) int64, class names.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"labelled data folder {root} does not exist or is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"{root} is not an image folder: expected one sub-folder per class (root/<class>/<image>.png), found none"
+        )
+    c, h, w = input_size
+    mode = "L" if c == 1 else "RGB"
+    images, labels = [], []
+    for idx, cls in enumerate(classes):
+        for path in sorted((root / cls).rglob("*")):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode).resize((w, h), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"{path} is not a readable image: {e}") from None
+            images.append(torch.from_numpy(arr.copy()).reshape(h, w, -1).permute(2, 0, 1))
+            labels.append(idx)
+    if not images:
+        raise ValueError(f"{root} has class folders {classes[:5]} but no images ({', '.join(IMAGE_EXTENSIONS)})")
+    log.info("loaded %d images in %d classes from %s", len(images), len(classes), root)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes

@@ -1,0 +1,74 @@
+"""Student fine-tuning by knowledge distillation on the synthetic set (DESIGN 2.5).
+
+All students share each batch and its teacher forward. With reparameterised images every batch draws
+fresh noise from f_I(z), so the students see a new sample of each image every epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .events import Progress, StageStarted, Stopped
+from .models import Teacher
+from .quant.convert import quant_param_groups
+from .synthesis import SyntheticImages, augment
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
+    t = temperature
+    p_log = F.log_softmax(teacher_logits / t, 1)
+    q_log = F.log_softmax(student_logits / t, 1)
+    return (p_log.exp() * (p_log - q_log)).sum(1).mean() * t * t
+
+
+def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: SyntheticImages, train_idx: torch.Tensor,
+                 cfg: TrainConfig, device: torch.device, jitter: int = 0, flip: bool = False, seed: int = 0,
+                 stop: Callable[[], bool] = lambda: False) -> Iterator:
+    """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 8)
+    n = len(train_idx)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = max(n // batch, 1)
+    total = cfg.epochs * steps_per_epoch
+    opts, scheds = {}, {}
+    for name, s in students.items():
+        weights, quant = quant_param_groups(s)
+        opts[name] = torch.optim.Adam([{"params": weights, "lr": cfg.lr}, {"params": quant, "lr": cfg.lr_quant}])
+        scheds[name] = torch.optim.lr_scheduler.LambdaLR(
+            opts[name], lambda i: 0.5 * (1 + math.cos(math.pi * i / max(total, 1))))
+        s.eval().requires_grad_(True)
+    yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")
+    t0 = time.perf_counter()
+    step = 0
+    for _ in range(cfg.epochs):
+        perm = train_idx[torch.randperm(n, generator=gen)]
+        for b in range(steps_per_epoch):
+            if stop():
+                yield Stopped("finetune", step)
+                return step
+            idx = perm[b * batch:(b + 1) * batch].to(device)
+            with torch.no_grad():
+                x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, gen)
+                t_logits = teacher.model(x)
+            kls = {}
+            for name, s in students.items():
+                loss = kd_loss(s(x), t_logits, cfg.temperature)
+                opts[name].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[name].step()
+                scheds[name].step()
+                kls[name] = loss.item() / cfg.temperature ** 2
+            step += 1
+            yield Progress("finetune", step, total, time.perf_counter() - t0, student_kl=kls)
+    for s in students.values():
+        s.zero_grad(set_to_none=True)
+        s.requires_grad_(False)
+    return step

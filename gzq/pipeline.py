@@ -1,0 +1,255 @@
+"""The whole GZNQ run as one generator of events: load -> synthesise (+ students) -> fine-tune -> evaluate -> save.
+
+What the app, the CLI and the tests call. A run writes one folder: config.json, report.json, images/,
+students/. It is written to `<out>.partial` and renamed when complete, so a stopped or failed run
+leaves nothing half-written behind.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ModelSpec, QuantSpec, RunConfig, SynthConfig, TrainConfig
+from .distill import iter_distill
+from .evaluate import agreement, load_labelled_data, mean_kl, predict_logits, top1
+from .events import Done, Message, Progress, StageStarted, Stopped
+from .models import Teacher, load_teacher
+from .quant.convert import calibrate_, create_student, model_size_bytes
+from .synthesis import SynthResult, iter_synthesize
+
+log = logging.getLogger(__name__)
+
+# Presets: what fits a 2-core CPU in a few minutes on the bundled model, and a GPU budget near the paper's.
+PRESETS: dict[str, dict] = {
+    "cpu": dict(synth=dict(num_images=256, holdout_images=32, batch_size=96, steps=300, warmup_steps=100),
+                train=dict(epochs=20, batch_size=64)),
+    "gpu": dict(synth=dict(num_images=1024, holdout_images=128, batch_size=256, steps=2000, warmup_steps=500),
+                train=dict(epochs=100, batch_size=128)),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def make_config(preset: str | None = None, device: str = "auto", **sections) -> RunConfig:
+    """A RunConfig from a preset ("cpu", "gpu", or None = chosen by device) with section overrides.
+
+    Args:
+        sections: model=ModelSpec|dict, students=[QuantSpec|str], synth=dict, train=dict, eval=dict, seed=int.
+    """
+    if preset is None:
+        preset = "gpu" if resolve_device(device).type == "cuda" else "cpu"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    base = copy.deepcopy(PRESETS[preset])
+    d = RunConfig().to_dict()
+    d["synth"].update(base["synth"])
+    d["train"].update(base["train"])
+    for key, val in sections.items():
+        if val is None:
+            continue
+        if key == "students":
+            d[key] = [QuantSpec.parse(v).to_dict() if isinstance(v, str) else
+                      (v.to_dict() if isinstance(v, QuantSpec) else v) for v in val]
+        elif key == "model":
+            d[key] = val.to_dict() if isinstance(val, ModelSpec) else {**d[key], **val}
+        elif isinstance(val, dict):
+            d[key].update(val)
+        else:
+            d[key] = val
+    d["device"], d["preset"] = device, preset
+    return RunConfig.from_dict(d)
+
+
+def student_names(cfg: RunConfig) -> list[tuple[str, QuantSpec]]:
+    """The M students: the requested configurations, then extra seeds of the first one up to num_students."""
+    out = [(s.name, s) for s in cfg.students]
+    extra = max(cfg.synth.num_students - len(out), 0)
+    out += [(f"{cfg.students[0].name}_s{i + 1}", cfg.students[0]) for i in range(extra)]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    v = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    try:
+        from importlib.metadata import version
+        v["gzq"] = version("gzq")
+    except Exception:
+        v["gzq"] = "source"
+    return v
+
+
+def save_student(path: Path, student: torch.nn.Module, spec: QuantSpec, teacher: Teacher) -> None:
+    """Student weights (BN-folded float weights, step sizes, zero points) + the spec needed to rebuild it."""
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(path))
+    meta = {"quant_spec": spec.to_dict(), "teacher": teacher.data_config(), "teacher_name": teacher.name}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, QuantSpec, dict]:
+    """Rebuild a saved student exactly: architecture from timm, BN folded, quantizers, then the saved tensors."""
+    import timm
+    from safetensors.torch import load_file
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    spec = QuantSpec.from_dict(meta["quant_spec"])
+    dc = meta["teacher"]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dc["model_kwargs"].items()}
+    model = timm.create_model(dc["architecture"], pretrained=False, **kwargs).eval()
+    example = torch.zeros(1, *dc["input_size"])
+    student = create_student(model, spec, example, dc.get("classifier"))
+    student.load_state_dict(load_file(str(path)))
+    return student.to(device).eval().requires_grad_(False), spec, dc
+
+
+def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
+             stop: Callable[[], bool] | threading.Event | None = None) -> Iterator:
+    """Run GZNQ end to end, yielding events; the last one is Done(report) (or Stopped)."""
+    if isinstance(stop, threading.Event):
+        stop_fn = stop.is_set
+    else:
+        stop_fn = stop or (lambda: False)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    final = Path(out_dir) if out_dir else None
+    partial = final.with_name(final.name + ".partial") if final else None
+    if partial is not None:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    finished = False
+    students: dict = {}
+    try:
+        t = time.perf_counter()
+        yield StageStarted("load", 0, f"loading {cfg.model.name} on {device}")
+        teacher = load_teacher(cfg.model, device)
+        example = torch.zeros(2, *teacher.input_size, device=device)
+        specs = dict(student_names(cfg))
+        students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in specs.items()}
+        labelled = load_labelled_data(teacher, cfg.eval)
+        timings["load"] = time.perf_counter() - t
+        yield Message(f"teacher {teacher.architecture} ({teacher.num_classes} classes, input {teacher.input_size}) "
+                      f"on {device}; students: {', '.join(students)}"
+                      + (f"; labelled data: {labelled[2]}" if labelled else "; no labelled data"))
+
+        t = time.perf_counter()
+        calib = dict(method=cfg.students[0].act_init.value, percentile=cfg.students[0].act_percentile)
+        synth: SynthResult = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib)
+        timings["synthesis"] = time.perf_counter() - t
+        if synth.steps_done < cfg.synth.steps:
+            return
+        if not synth.students_calibrated:
+            t = time.perf_counter()
+            yield StageStarted("calibration", 0)
+            with torch.no_grad():
+                batches = [synth.images(i.to(device), noise=False) for i in torch.split(synth.train_idx, 64)]
+            for n, s in students.items():
+                calibrate_(s, batches, specs[n].act_init.value, specs[n].act_percentile)
+            timings["calibration"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        steps = yield from iter_distill(teacher, students, synth.images, synth.train_idx, cfg.train, device,
+                                        cfg.synth.jitter, cfg.synth.flip, cfg.seed, stop_fn)
+        timings["finetune"] = time.perf_counter() - t
+        if cfg.train.epochs and steps == 0 or stop_fn():
+            return
+
+        t = time.perf_counter()
+        yield StageStarted("evaluate", len(students))
+        report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
+        timings["evaluate"] = time.perf_counter() - t
+
+        report.update(timings=timings, device=str(device), config=cfg.to_dict(), versions=_versions(),
+                      synthesis={"final_bn_log_likelihood": synth.history["bn_ll"][-1] if synth.history["bn_ll"] else None,
+                                 "final_ce": synth.history["ce"][-1] if synth.history["ce"] else None,
+                                 "num_images": cfg.synth.num_images, "holdout_images": cfg.synth.holdout_images})
+        if partial is not None:
+            t = time.perf_counter()
+            yield StageStarted("save", 0, f"writing {final}")
+            save_run(partial, cfg, report, teacher, students, specs, synth)
+            timings["save"] = time.perf_counter() - t
+            timings["total"] = sum(v for k, v in timings.items() if k != "total")
+            (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        finished = True
+        yield Done(report, str(final) if final else None)
+    finally:
+        students.clear()
+        if partial is not None and not finished and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResult, labelled, cfg: RunConfig,
+                 device: torch.device) -> dict:
+    """Teacher and student metrics: agreement and KL on held-out synthetic images, real top-1, size."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
+    idx = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
+    with torch.no_grad():
+        fresh = torch.cat([synth.images(idx.to(device), gen) for _ in range(cfg.eval.fresh_draws)]).cpu()
+    t_fresh = predict_logits(teacher.model, fresh, device)
+    t_real = predict_logits(teacher.model, labelled[0], device) if labelled else None
+    fp_size = sum(p.numel() * 4 for p in teacher.model.parameters())
+    rows = []
+    for name, s in students.items():
+        s.eval()
+        s_fresh = predict_logits(s, fresh, device)
+        row = dict(name=name, w_bits=specs[name].w_bits, a_bits=specs[name].a_bits,
+                   protocol=specs[name].protocol.value, agreement=round(agreement(t_fresh, s_fresh), 2),
+                   kl=round(mean_kl(t_fresh, s_fresh), 5), size_bytes=model_size_bytes(s))
+        if labelled:
+            s_real = predict_logits(s, labelled[0], device)
+            row.update(accuracy=round(top1(s_real, labelled[1]), 2),
+                       real_agreement=round(agreement(t_real, s_real), 2))
+        else:
+            row.update(accuracy=None, real_agreement=None)
+        rows.append(row)
+    return dict(
+        teacher=dict(name=teacher.name, architecture=teacher.architecture,
+                     accuracy=round(top1(t_real, labelled[1]), 2) if labelled else None, size_bytes=fp_size,
+                     synthetic_label_agreement=round(top1(t_fresh, synth.images.labels[idx.to(device)].cpu()
+                                                          .repeat(cfg.eval.fresh_draws)), 2)),
+        students=rows,
+        labelled_data=labelled[2] if labelled else None,
+        fresh_images=len(fresh),
+    )
+
+
+def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, students: dict, specs: dict,
+             synth: SynthResult) -> None:
+    from PIL import Image
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    img_dir = folder / "images"
+    img_dir.mkdir(exist_ok=True)
+    pixels = synth.images.to_uint8(None, teacher.mean, teacher.std)
+    labels = synth.images.labels.tolist()
+    names = teacher.class_names
+    index = []
+    for i, (px, y) in enumerate(zip(pixels, labels)):
+        fname = f"{i:04d}_{y}.png"
+        Image.fromarray(px[..., 0] if px.shape[-1] == 1 else px).save(img_dir / fname)
+        index.append(dict(file=fname, label=y, class_name=names[y] if names else None,
+                          split="holdout" if i in set(synth.holdout_idx.tolist()) else "train"))
+    (img_dir / "labels.json").write_text(json.dumps(index, indent=1) + "\n")
+    for name, s in students.items():
+        save_student(folder / "students" / f"{name}.safetensors", s, specs[name], teacher)

@@ -1,0 +1,164 @@
+"""Turn a float model into a fake-quant student, generically (no per-architecture code).
+
+`fold_bn_` folds every BatchNorm that directly consumes a conv's output into that conv; `quantize_`
+swaps each Conv2d / Linear for a QuantWrapper according to a QuantSpec and protocol; `calibrate_`
+initialises activation ranges from (synthetic) data. Which BN follows which conv, and which layer
+reads the network input, is found by tracing one forward with hooks, so it works on any timm CNN.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from ..config import Protocol, QuantSpec
+from .modules import ActQuantizer, QuantWrapper
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class GraphInfo:
+    """What one traced forward tells about the layers."""
+    conv_bn_pairs: list[tuple[str, str]]   # (conv name, bn name) where the BN reads the conv's output directly
+    input_consumers: list[str]             # quantizable layers that read the network input
+    order: list[str]                       # quantizable layers in execution order
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
+    outputs: dict[str, torch.Tensor] = {}
+    pairs, consumers, order = [], [], []
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def conv_hook(mod, args, out):
+        outputs[names[mod]] = out
+        order.append(names[mod])
+
+    def quant_pre_hook(mod, args):
+        if args and args[0] is example:
+            consumers.append(names[mod])
+
+    def bn_pre_hook(mod, args):
+        for cname, out in outputs.items():
+            if args[0] is out:
+                pairs.append((cname, names[mod]))
+
+    for n, m in model.named_modules():
+        if isinstance(m, QUANTIZABLE):
+            handles.append(m.register_forward_hook(conv_hook))
+            handles.append(m.register_forward_pre_hook(quant_pre_hook))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles.append(m.register_forward_pre_hook(bn_pre_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    seen = set()
+    order = [n for n in order if not (n in seen or seen.add(n))]
+    pairs = [(c, b) for c, b in pairs if isinstance(model.get_submodule(c), nn.Conv2d)]
+    return GraphInfo(pairs, consumers, order)
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module:
+    """What is left of a BN layer once its affine transform lives in the conv: timm's BatchNormAct2d keeps
+    its dropout and activation, a plain BatchNorm becomes Identity."""
+    parts = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
+    return nn.Sequential(*parts) if parts else nn.Identity()
+
+
+@torch.no_grad()
+def fold_bn_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """Fold each BN that directly follows a conv into the conv (in place). Returns the folded pairs."""
+    info = trace_layers(model, example)
+    for conv_name, bn_name in info.conv_bn_pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                    bn.weight, bn.bias)
+        conv.weight, conv.bias = w, b
+        model.set_submodule(bn_name, _bn_replacement(bn))
+    log.debug("folded %d BN layers", len(info.conv_bn_pairs))
+    return info.conv_bn_pairs
+
+
+def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
+    """Swap every Conv2d / Linear of `model` (in place) for a QuantWrapper following `spec`.
+
+    The layer that reads the network input keeps a float input (DESIGN 2.5). With the "first/last 8-bit"
+    protocol that layer and the classifier (timm's `pretrained_cfg['classifier']`, else the last layer
+    executed) use 8-bit weights and inputs.
+    """
+    info = trace_layers(model, example)
+    if not info.order:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    last = classifier if classifier in info.order else info.order[-1]
+    first = set(info.input_consumers) or {info.order[0]}
+    for name in info.order:
+        w_bits, a_bits = spec.w_bits, spec.a_bits
+        if spec.protocol == Protocol.FIRST_LAST_8BIT and (name in first or name == last):
+            w_bits, a_bits = 8, 8
+        module = model.get_submodule(name)
+        model.set_submodule(name, QuantWrapper(module, w_bits, None if name in first else a_bits, spec.w_symmetric))
+    return model
+
+
+def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
+    """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate)."""
+    student = copy.deepcopy(teacher)
+    fold_bn_(student, example)
+    quantize_(student, spec, example, classifier)
+    student.eval().requires_grad_(True)
+    return student
+
+
+def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches, method: str = "mse", percentile: float = 99.99) -> None:
+    """Initialise every activation quantizer's range from `batches` (an iterable of input tensors)."""
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for a in acts:
+        a.calibrating = True
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for a in acts:
+            a.calibrating = False
+    for a in acts:
+        a.init_from_calibration_(method, percentile)
+
+
+def quant_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights and biases, step sizes and zero points) of a student, for separate learning rates."""
+    quant, other = [], []
+    for n, p in model.named_parameters():
+        (quant if n.endswith(("scale", "zero_point")) else other).append(p)
+    return other, quant
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Deployed size: quantized weights at their bit-width; biases, scales, zero points and any float
+    layer left (e.g. an unfolded BN) at 32 bit."""
+    bits = 0
+    counted = set()
+    for _, w in quant_wrappers(model):
+        bits += w.module.weight.numel() * w.w_quant.bits
+        counted.add(id(w.module.weight))
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) not in counted and p.dtype.is_floating_point:
+            bits += p.numel() * 32
+    return bits // 8

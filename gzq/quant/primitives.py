@@ -1,0 +1,87 @@
+"""Pure quantization maths: uniform affine fake quantization with straight-through rounding (LSQ).
+
+Nothing here holds state. The fake-quant modules, the exporter and the tests all call these functions,
+so what PyTorch simulates is what the ONNX QuantizeLinear/DequantizeLinear graph computes:
+
+    q     = clamp(round(x / scale) + zero_point, qmin, qmax)   # round half to even, like ONNX
+    x_hat = (q - zero_point) * scale
+
+LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020): with the rounding's gradient passed
+straight through, autograd of x_hat gives LSQ's gradients for x, scale and zero_point.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a `bits`-wide code: signed [-2^(b-1), 2^(b-1) - 1] or unsigned [0, 2^b - 1]."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value of x, gradient multiplied by g (LSQ's step-size gradient scaling)."""
+    return (x - x * g).detach() + x * g
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with STE rounding; scale/zero_point broadcast against x. zero_point is rounded too."""
+    q = torch.clamp(round_ste(x / scale) + round_ste(zero_point), qmin, qmax)
+    return (q - round_ste(zero_point)) * scale
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer codes (as an integer-valued float tensor) that fake_quantize dequantizes."""
+    return torch.clamp(torch.round(x / scale) + torch.round(zero_point), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - torch.round(zero_point)) * scale
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued) zero point mapping [lo, hi] (lo <= 0 <= hi) onto [qmin, qmax]."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale mapping [-absmax, absmax] onto the signed range (the positive end sets it)."""
+    return (absmax / (2 ** (bits - 1) - 1)).clamp_min(1e-8)
+
+
+def mse_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
+               bits: int, grid: int = 80, min_ratio: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range that minimises the quantization MSE, searched over shrunk [alpha lo, alpha hi].
+
+    Args:
+        x: (G, K) samples, one row per quantization group (a weight output channel, or 1 row per tensor).
+        lo, hi: (G,) observed range.
+    Returns:
+        scale, zero_point: (G,) each.
+    """
+    alphas = torch.linspace(min_ratio, 1.0, grid, device=x.device)                  # (A,)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_zp = torch.ones_like(lo), torch.zeros_like(lo)
+    for a in alphas:
+        if symmetric:
+            scale = symmetric_scale(torch.maximum(-lo, hi) * a, bits)
+            zp = torch.zeros_like(scale)
+        else:
+            scale, zp = affine_params(lo * a, hi * a, qmin, qmax)
+        xq = dequantize(quantize(x, scale[:, None], zp[:, None], qmin, qmax), scale[:, None], zp[:, None])
+        err = (xq - x).pow(2).mean(1)                                                # (G,)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp

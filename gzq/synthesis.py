@@ -1,0 +1,230 @@
+"""GZNQ image synthesis: images as a generative model f_I(z), matched to the teacher's BN statistics by
+likelihood and pushed to be hard for an ensemble of quantized students.
+
+Generative Zero-shot Network Quantization (He et al., CVPR-W 2021, arXiv 2101.08430), appendix 1.1
+(BN-statistic likelihood, see gzq.bn) and 1.2 (ensemble KL):
+
+    L_img = lambda_bn L_BN + lambda_ce CE(teacher(x), y) - lambda_adv KL(p_T || mean_i q_i)
+            + lambda_tv TV(x) + lambda_l2 ||x||^2
+    each student i: min KL(p_T || q_i) on the same batch, in alternation with the image step,
+
+after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepInversion.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import BNStatsRecorder, bn_losses
+from .config import ImageParam, SynthConfig, VRule
+from .events import Preview, Progress, StageStarted, Stopped
+from .models import Teacher
+from .quant.convert import calibrate_, quant_param_groups
+
+log = logging.getLogger(__name__)
+
+
+class SyntheticImages(nn.Module):
+    """f_I(z): K images, each a learnable mean m_k and log-scale s_k (image-shaped), x_k = m_k + exp(s_k) z.
+
+    In normalised input space; samples are clamped to the valid pixel range [0, 1] mapped through mean/std.
+    """
+
+    def __init__(self, labels: torch.Tensor, input_size, bounds, param: ImageParam, init_log_scale: float,
+                 generator: torch.Generator):
+        super().__init__()
+        k = len(labels)
+        lo, hi = bounds                                                    # (1, C, 1, 1) each
+        mean = torch.randn(k, *input_size, generator=generator)            # (K, C, H, W)
+        self.mean = nn.Parameter(torch.maximum(torch.minimum(mean, hi), lo))
+        self.log_scale = (nn.Parameter(torch.full((k, *input_size), float(init_log_scale)))
+                          if param == ImageParam.REPARAM else None)
+        self.register_buffer("labels", labels.clone())
+        self.register_buffer("lo", lo.clone())
+        self.register_buffer("hi", hi.clone())
+
+    def forward(self, idx: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+        """Draw images idx, (B, C, H, W): fresh noise per call for the reparameterised option."""
+        x = self.mean[idx]
+        if noise and self.log_scale is not None:
+            z = torch.randn(x.shape, generator=generator, device=x.device)
+            x = x + self.log_scale[idx].exp() * z
+        return torch.maximum(torch.minimum(x, self.hi), self.lo)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.mean.copy_(torch.maximum(torch.minimum(self.mean, self.hi), self.lo))
+        if self.log_scale is not None:
+            self.log_scale.clamp_(max=1.0)
+
+    @torch.no_grad()
+    def to_uint8(self, idx: torch.Tensor | None = None, mean=None, std=None) -> np.ndarray:
+        """The image means as (N, H, W, C) uint8 pixels."""
+        m = self.mean if idx is None else self.mean[idx]
+        mean_t = torch.tensor(mean, device=m.device).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, device=m.device).view(1, -1, 1, 1)
+        px = (m * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return px.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def balanced_labels(num: int, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """num labels covering the classes as evenly as possible, (num,) int64."""
+    reps = math.ceil(num / num_classes)
+    labels = torch.cat([torch.randperm(num_classes, generator=generator) for _ in range(reps)])[:num]
+    return labels[torch.randperm(num, generator=generator)]
+
+
+def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random roll by up to `jitter` pixels (one shift per batch) and per-image horizontal flips."""
+    if jitter > 0:
+        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if flip:
+        mask = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(mask, x.flip(3), x)
+    return x
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def kl_teacher_student(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, mean over the batch."""
+    return (p_log.exp() * (p_log - q_log)).sum(1).mean()
+
+
+def ensemble_log_probs(student_logits: list[torch.Tensor]) -> torch.Tensor:
+    """log( (1/M) sum_i softmax(q_i) ), (B, K)."""
+    stacked = torch.stack([F.log_softmax(q, 1) for q in student_logits])   # (M, B, K)
+    return torch.logsumexp(stacked, 0) - math.log(len(student_logits))
+
+
+@dataclass
+class SynthResult:
+    images: SyntheticImages
+    train_idx: torch.Tensor       # images the students may train on
+    holdout_idx: torch.Tensor     # images no student ever trains on (fresh evaluation set)
+    students_calibrated: bool
+    steps_done: int
+    history: dict[str, list]
+
+
+def _make_student_optimizer(student: nn.Module, lr: float, lr_quant: float):
+    weights, quant = quant_param_groups(student)
+    return torch.optim.Adam([{"params": weights, "lr": lr}, {"params": quant, "lr": lr_quant}])
+
+
+def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
+                    seed: int = 0, stop: Callable[[], bool] = lambda: False,
+                    calibration: dict | None = None) -> Iterator:
+    """Optimise the synthetic images (and train the students in alternation). Yields events; returns SynthResult.
+
+    Args:
+        students: name -> fake-quant student (trained in place once the warm-up ends).
+        calibration: kwargs for calibrate_ when the students join (method, percentile).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    k, hold = cfg.num_images, cfg.holdout_images
+    labels = balanced_labels(k, teacher.num_classes, gen)
+    images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,
+                             cfg.init_log_scale, gen).to(device)
+    holdout_mask = torch.zeros(k, dtype=torch.bool, device=device)
+    holdout_mask[k - hold:] = True
+    groups = [{"params": [images.mean], "lr": cfg.lr}]
+    if images.log_scale is not None:
+        groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
+    opt = torch.optim.Adam(groups, betas=(0.5, 0.9))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+    s_opts = {n: _make_student_optimizer(s, cfg.student_lr, cfg.student_lr * 10) for n, s in students.items()}
+    history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": []}
+    calibrated = False
+    batch = min(cfg.batch_size, k)
+    perm = torch.randperm(k, generator=gen)
+    cursor = 0
+    all_idx = torch.arange(k)
+    recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL)
+    yield StageStarted("synthesis", cfg.steps, f"{k} images, {len(students)} students, {cfg.bn_loss.value} BN loss")
+    t0 = time.perf_counter()
+    step = 0
+    try:
+        for step in range(1, cfg.steps + 1):
+            if stop():
+                yield Stopped("synthesis", step)
+                return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history)
+            if cursor + batch > k:
+                perm, cursor = torch.randperm(k, generator=gen), 0
+            idx = perm[cursor:cursor + batch].to(device)
+            cursor += batch
+            x = augment(images(idx, dev_gen), cfg.jitter, cfg.flip, gen)          # (B, C, H, W)
+            logits_t = teacher.model(x)
+            l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight)
+            ce = F.cross_entropy(logits_t, images.labels[idx])
+            loss = cfg.lambda_bn * l_bn + cfg.lambda_ce * ce
+            if cfg.lambda_tv:
+                loss = loss + cfg.lambda_tv * total_variation(x)
+            if cfg.lambda_l2:
+                loss = loss + cfg.lambda_l2 * x.pow(2).mean()
+            losses = {"bn": l_bn.item(), "ce": ce.item()}
+            student_kl = {}
+            train_sel = ~holdout_mask[idx]
+            adversarial = bool(students) and step > cfg.warmup_steps and int(train_sel.sum()) >= 2
+            if adversarial and not calibrated:
+                with torch.no_grad():
+                    calib = [images(perm_i, dev_gen, noise=False) for perm_i in
+                             torch.split(torch.nonzero(~holdout_mask).flatten(), 64)]
+                for s in students.values():
+                    calibrate_(s, calib, **(calibration or {}))
+                calibrated = True
+            opt.zero_grad(set_to_none=True)
+            if adversarial:
+                xs = x[train_sel]
+                p_log = F.log_softmax(logits_t[train_sel], 1)
+                q_logits = {n: s(xs) for n, s in students.items()}
+                kl_ens = kl_teacher_student(p_log, ensemble_log_probs(list(q_logits.values())))
+                loss = loss - cfg.lambda_adv * kl_ens
+                losses["kl_ens"] = kl_ens.item()
+                img_params = [p for p in images.parameters() if p.requires_grad]
+                grads = torch.autograd.grad(loss, img_params, retain_graph=True)
+                for p, g in zip(img_params, grads):
+                    p.grad = g
+                # students: minimise their own KL to the teacher on the same batch (teacher side detached)
+                p_det = p_log.detach()
+                kls = {n: kl_teacher_student(p_det, F.log_softmax(q, 1)) for n, q in q_logits.items()}
+                for o in s_opts.values():
+                    o.zero_grad(set_to_none=True)
+                torch.stack(list(kls.values())).sum().backward(
+                    inputs=[p for s in students.values() for p in s.parameters()])
+                for o in s_opts.values():
+                    o.step()
+                student_kl = {n: v.item() for n, v in kls.items()}
+                history["kl_ens"].append(losses["kl_ens"])
+            else:
+                loss.backward()
+            opt.step()
+            sched.step()
+            images.clamp_()
+            losses["total"] = loss.item()
+            ll = layer_ll.tolist()
+            history["bn_ll"].append(float(np.mean(ll)))
+            history["ce"].append(losses["ce"])
+            yield Progress("synthesis", step, cfg.steps, time.perf_counter() - t0, losses, float(np.mean(ll)), ll,
+                           student_kl)
+            if step % cfg.preview_every == 0 or step == cfg.steps:
+                yield Preview("synthesis", step, images.to_uint8(None, teacher.mean, teacher.std),
+                              images.labels.tolist(), teacher.class_names)
+    finally:
+        recorder.remove()
+        for s in students.values():
+            s.zero_grad(set_to_none=True)
+        images.requires_grad_(False)
+    return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history)
