@@ -145,8 +145,12 @@ def _unknown_model_error(name: str) -> ModelLoadError:
     return ModelLoadError(f"unknown model {name!r}: not 'default' and not a timm architecture{hint}")
 
 
-def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str = "cpu") -> Teacher:
-    """Build the teacher described by `spec`, in eval mode with frozen weights, on `device`."""
+def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str = "cpu", **timm_kwargs) -> Teacher:
+    """Build the teacher described by `spec`, in eval mode with frozen weights, on `device`.
+
+    timm_kwargs go to `timm.create_model` for timm names (e.g. pretrained_cfg_overlay=dict(file=...) to
+    take "pretrained" weights from a local file instead of the hub).
+    """
     import timm
     from timm.data import resolve_model_data_config
 
@@ -173,7 +177,7 @@ def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str =
             raise ModelLoadError(
                 f"{arch} has no BatchNorm layers, and GZNQ synthesises images from BatchNorm statistics; "
                 "pick a CNN with BatchNorm (ResNet, MobileNet, EfficientNet, RegNet...), e.g. resnet18")
-        kwargs = {}
+        kwargs = dict(timm_kwargs)
         if spec.num_classes is not None:
             kwargs["num_classes"] = spec.num_classes
         if spec.in_chans is not None:
@@ -204,6 +208,7 @@ def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str =
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     model.eval().requires_grad_(False).to(device)
     num_classes = getattr(model, "num_classes", None) or _infer_num_classes(model, input_size, device)
+    kwargs.pop("pretrained_cfg_overlay", None)
     return Teacher(model=model, name=spec.name, architecture=arch, model_kwargs=_jsonable(kwargs),
                    input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), num_classes=int(num_classes),
                    class_names=list(class_names) if class_names else None,

@@ -32,9 +32,15 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize with STE rounding; scale/zero_point broadcast against x. zero_point is rounded too."""
-    q = torch.clamp(round_ste(x / scale) + round_ste(zero_point), qmin, qmax)
-    return (q - round_ste(zero_point)) * scale
+    """Quantize-dequantize; scale/zero_point broadcast against x; zero_point is rounded too.
+
+    Forward: exactly ONNX's clamp(round(x / scale) + zero_point). Backward: LSQ's, i.e. the gradient of
+    clamp(x / scale + zero_point) with rounding passed straight through (1 inside the range, 0 where clipped).
+    """
+    zp = round_ste(zero_point)
+    v = torch.clamp(x / scale + zp, qmin, qmax)
+    q = v + (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - v).detach()
+    return (q - zp) * scale
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:

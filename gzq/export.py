@@ -1,0 +1,542 @@
+"""Export a fake-quant student as what it simulates (DESIGN 2.7): ONNX QDQ and integer safetensors.
+
+ONNX. The student is traced by torch's TorchScript exporter with every QuantWrapper swapped for a layer
+that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are then
+rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
+fake-quant translation accepts 8-bit ranges only, DESIGN 6):
+
+    weights      int codes (initializer, per output channel, axis 0) -> DequantizeLinear
+                 8 bit: int8 (uint8 when asymmetric); 4 bit: int4 / uint4 (opset >= 21); other widths: int8
+                 codes that stay inside the bit range
+    activations  QuantizeLinear -> DequantizeLinear, per tensor, at the input of every layer whose wrapper
+                 has an activation quantizer: 8 bit uint8; 4 bit uint4 (opset >= 21); other widths
+                 QuantizeLinear(int8/uint8) -> Clip(qmin, qmax) -> DequantizeLinear
+
+    q = saturate(round_half_even(x / scale) + zero_point)     x_hat = (q - zero_point) * scale
+
+which is `primitives.quantize` / `primitives.dequantize` with the step sizes the fake-quant forward uses
+(LSQ's gradient-scaled, absolute, clamped step: `effective_scale`), so the graph means what the
+PyTorch model means, bit for bit up to float summation order.
+
+Integer safetensors. Per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
+`<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float), `<layer>.input_scale` / `.input_zero_point`
+(per tensor); every other tensor of the student (an unfolded BN, a layer scale) as float under its
+state-dict name; plus a JSON with the quantization spec, the per-layer bit widths and the data config.
+`load_int_weights` rebuilds the fake-quant student from it exactly.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .config import ExportConfig, ExportFormat, QuantSpec
+from .quant.convert import create_student, quant_wrappers
+from .quant.modules import ActQuantizer, QuantWrapper, WeightQuantizer
+from .quant.primitives import dequantize, grad_scale, quantize
+
+log = logging.getLogger(__name__)
+
+INT_FORMAT_VERSION = 1
+MIN_OPSET = 13            # per-channel QuantizeLinear/DequantizeLinear (axis)
+INT4_OPSET = 21           # int4 / uint4 tensor types
+_TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter stops at 20; the QDQ rewrite then declares the target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integer form of a student
+# ----------------------------------------------------------------------------------------------------------
+
+def _lsq_gain(q: nn.Module) -> float:
+    """The gradient gain g that the quantizer's forward passes to `grad_scale` (mirrors quant/modules.py)."""
+    if isinstance(q, WeightQuantizer):
+        return q._g
+    if isinstance(q, ActQuantizer):
+        return 1.0 / math.sqrt(q._numel * q.qmax)
+    raise TypeError(f"not a gzq quantizer: {type(q).__name__}")
+
+
+def _step_from_param(param: torch.Tensor, gain: float) -> torch.Tensor:
+    """The step size a quantizer's forward uses for a raw LSQ parameter. `grad_scale` is the identity in
+    value only up to one float rounding, so the exported scale must be computed the same way."""
+    return grad_scale(param.detach().float(), gain).abs().clamp_min(1e-8)
+
+
+def effective_scale(q: nn.Module) -> torch.Tensor:
+    """Step size(s) the fake-quant forward of `q` really multiplies by: (O,) for weights, () for activations."""
+    return _step_from_param(q.scale, _lsq_gain(q))
+
+
+def _param_for_step(step: torch.Tensor, gain: float, max_ulps: int = 16) -> torch.Tensor:
+    """A raw LSQ parameter p with _step_from_param(p, gain) == step exactly (searched over a few float ulps
+    around `step`; every step a forward produced is reachable that way)."""
+    step = step.float()
+    p = step.clone()
+    ok = _step_from_param(p, gain) == step
+    up, down = step.clone(), step.clone()
+    for _ in range(max_ulps):
+        if bool(ok.all()):
+            break
+        up = torch.nextafter(up, torch.full_like(up, math.inf))
+        down = torch.nextafter(down, torch.zeros_like(down))
+        for cand in (up, down):
+            hit = ~ok & (_step_from_param(cand, gain) == step)
+            p, ok = torch.where(hit, cand, p), ok | hit
+    if not bool(ok.all()):
+        log.warning("%d step size(s) have no exact LSQ parameter; the rebuilt model may differ by one ulp",
+                    int((~ok).sum()))
+    return p
+
+
+@dataclass
+class LayerQuant:
+    """One QuantWrapper in integer form: what the ONNX graph and the integer safetensors store."""
+    name: str
+    op: str                         # "conv" | "linear"
+    codes: torch.Tensor             # (O, ...) int64, in [w_qmin, w_qmax]
+    w_scale: torch.Tensor           # (O,) float32
+    w_zero_point: torch.Tensor      # (O,) int64
+    w_bits: int
+    w_qmin: int
+    w_qmax: int
+    w_symmetric: bool
+    bias: torch.Tensor | None       # (O,) float32
+    a_bits: int | None = None
+    a_scale: torch.Tensor | None = None   # () float32
+    a_zero_point: int | None = None
+    a_qmin: int | None = None
+    a_qmax: int | None = None
+    a_numel: int | None = None      # per-sample input size; sets the activation LSQ gain
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(O, ...) float: equal to the fake-quant student's quantized weight."""
+        view = (-1,) + (1,) * (self.codes.ndim - 1)
+        return dequantize(self.codes.float(), self.w_scale.view(view), self.w_zero_point.float().view(view))
+
+    def meta(self) -> dict[str, Any]:
+        return dict(op=self.op, w_bits=self.w_bits, w_symmetric=self.w_symmetric, w_qmin=self.w_qmin,
+                    w_qmax=self.w_qmax, a_bits=self.a_bits, a_qmin=self.a_qmin, a_qmax=self.a_qmax,
+                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None)
+
+
+@torch.no_grad()
+def find_layer_quants(student: nn.Module) -> list[LayerQuant]:
+    """The integer form of every quantized layer of `student`, in module order."""
+    out = []
+    for name, w in quant_wrappers(student):
+        wq, mod = w.w_quant, w.module
+        weight = mod.weight.detach().float().cpu()                                   # (O, ...)
+        view = (-1,) + (1,) * (weight.ndim - 1)
+        scale = effective_scale(wq).cpu()                                            # (O,)
+        zp = torch.round(wq.zero_point.detach().float().cpu())                       # (O,)
+        codes = quantize(weight, scale.view(view), zp.view(view), wq.qmin, wq.qmax)
+        lq = LayerQuant(name=name, op="conv" if isinstance(mod, nn.Conv2d) else "linear",
+                        codes=codes.to(torch.int64), w_scale=scale, w_zero_point=zp.to(torch.int64),
+                        w_bits=wq.bits, w_qmin=wq.qmin, w_qmax=wq.qmax, w_symmetric=wq.symmetric,
+                        bias=None if mod.bias is None else mod.bias.detach().float().cpu().clone())
+        aq = w.a_quant
+        if aq is not None:
+            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = aq.bits, aq.qmin, aq.qmax, int(aq._numel)
+            lq.a_scale = effective_scale(aq).cpu()
+            lq.a_zero_point = int(torch.round(aq.zero_point.detach().float()).item())
+        out.append(lq)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ONNX
+# ----------------------------------------------------------------------------------------------------------
+
+class _Mark(torch.autograd.Function):
+    """Identity that the TorchScript exporter writes as a `gzq::Mark(key)` placeholder node."""
+
+    @staticmethod
+    def forward(ctx, x, key: str):
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, key: str):
+        out = g.op("gzq::Mark", x, key_s=key)
+        out.setType(x.type())
+        return out
+
+
+class _ExportLayer(nn.Module):
+    """Stands in for a QuantWrapper while tracing: marks its input (if quantized) and its weight."""
+
+    def __init__(self, module: nn.Module, key: int, weight: torch.Tensor, quant_input: bool):
+        super().__init__()
+        self.module, self.key, self.quant_input = module, key, quant_input
+        self.register_buffer("qweight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_input:
+            x = _Mark.apply(x, f"a:{self.key}")
+        w = _Mark.apply(self.qweight, f"w:{self.key}")
+        return functional_call(self.module, {"weight": w}, (x,), strict=False)
+
+
+def _int_type(lo: int, hi: int, bits: int, opset: int, prefer_signed: bool) -> int:
+    """Smallest ONNX integer type holding [lo, hi]: 4-bit types for 4-bit codes (opset >= 21), else 8, else 16."""
+    from onnx import TensorProto as T
+    ranges = {T.INT4: (-8, 7), T.UINT4: (0, 15), T.INT8: (-128, 127), T.UINT8: (0, 255),
+              T.INT16: (-32768, 32767), T.UINT16: (0, 65535)}
+    cands = []
+    if bits == 4 and opset >= INT4_OPSET:
+        cands += [T.INT4, T.UINT4] if prefer_signed else [T.UINT4, T.INT4]
+    cands += [T.INT8, T.UINT8, T.INT16, T.UINT16] if prefer_signed else [T.UINT8, T.INT8, T.UINT16, T.INT16]
+    for t in cands:
+        if ranges[t][0] <= lo and hi <= ranges[t][1]:
+            return t
+    raise ValueError(f"integer range [{lo}, {hi}] does not fit a 16-bit ONNX type")
+
+
+def _int_tensor(name: str, values: torch.Tensor, onnx_type: int):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    arr = values.detach().cpu().numpy()
+    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):       # make_tensor packs two codes per byte
+        return helper.make_tensor(name, onnx_type, list(arr.shape), arr.astype(np.int64).flatten().tolist())
+    np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+               TensorProto.UINT16: np.uint16}[onnx_type]
+    return numpy_helper.from_array(arr.astype(np_type), name)
+
+
+def _float_tensor(name: str, values: torch.Tensor):
+    from onnx import numpy_helper
+    return numpy_helper.from_array(values.detach().cpu().float().numpy(), name)
+
+
+def _weight_nodes(lq: LayerQuant, out: str, opset: int):
+    """Initializers and the DequantizeLinear node that produce the layer's quantized weight as `out`."""
+    from onnx import helper
+    lo = min(lq.w_qmin, int(lq.w_zero_point.min()))
+    hi = max(lq.w_qmax, int(lq.w_zero_point.max()))
+    t = _int_type(lo, hi, lq.w_bits, opset, prefer_signed=lq.w_symmetric)
+    n = lq.name
+    inits = [_int_tensor(f"{n}.weight_quantized", lq.codes, t), _float_tensor(f"{n}.weight_scale", lq.w_scale),
+             _int_tensor(f"{n}.weight_zero_point", lq.w_zero_point, t)]
+    node = helper.make_node("DequantizeLinear", [i.name for i in inits], [out], name=f"{n}/weight_dq", axis=0)
+    return inits, [node], t
+
+
+def _act_nodes(lq: LayerQuant, inp: str, out: str, opset: int):
+    """QuantizeLinear -> [Clip] -> DequantizeLinear of the layer's input, per tensor."""
+    import numpy as np
+    from onnx import TensorProto as T, helper
+    n, zp, qmin, qmax = lq.name, lq.a_zero_point, lq.a_qmin, lq.a_qmax
+    native = (lq.a_bits == 8 and 0 <= zp <= 255) or (lq.a_bits == 4 and opset >= INT4_OPSET and 0 <= zp <= 15)
+    t = _int_type(min(qmin, zp), max(qmax, zp), lq.a_bits if native else 8, opset, prefer_signed=False)
+    if not native and qmax <= 127 and -128 <= zp <= 127:
+        t = T.INT8                                     # the Quantize-Clip-Dequantize pattern, int8 codes
+    s_name, z_name = f"{n}.input_scale", f"{n}.input_zero_point"
+    inits = [_float_tensor(s_name, lq.a_scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
+    q_out = f"{n}/input_q"
+    nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{n}/input_quantize")]
+    if native:
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{n}/input_dq"))
+    elif t in (T.INT8, T.UINT8):                       # clip the codes to the bit range, then dequantize
+        lo_name, hi_name, c_out = f"{n}.input_qmin", f"{n}.input_qmax", f"{n}/input_q_clipped"
+        inits += [_int_tensor(lo_name, torch.tensor(qmin), t), _int_tensor(hi_name, torch.tensor(qmax), t)]
+        nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{n}/input_clip"),
+                  helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{n}/input_dq")]
+    else:                                              # 16-bit codes (zero point far out): clip after dequantizing,
+        dq_out = f"{n}/input_dq_unclipped"              # bounds computed as DequantizeLinear does, so still exact
+        s = lq.a_scale.float().numpy()
+        lo = (np.float32(qmin - zp) * s).astype(np.float32)
+        hi = (np.float32(qmax - zp) * s).astype(np.float32)
+        lo_name, hi_name = f"{n}.input_min", f"{n}.input_max"
+        inits += [_float_tensor(lo_name, torch.from_numpy(np.array(lo))),
+                  _float_tensor(hi_name, torch.from_numpy(np.array(hi)))]
+        nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{n}/input_dq"),
+                  helper.make_node("Clip", [dq_out, lo_name, hi_name], [out], name=f"{n}/input_clip")]
+    return inits, nodes, t
+
+
+def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, **kw) -> None:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)   # legacy exporter: needs no onnxscript
+        warnings.filterwarnings("ignore", message=".*[Oo]pset.*")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+
+
+def _set_metadata(model, meta: dict[str, Any]) -> None:
+    from onnx import helper
+    del model.metadata_props[:]
+    helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+
+
+def _onnx_meta(data_config: dict | None, spec: QuantSpec | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"producer": "gzq"}
+    if data_config:
+        meta.update({k: data_config[k] for k in ("architecture", "input_size", "mean", "std", "class_names")
+                     if k in data_config})
+    if spec is not None:
+        meta["quant_spec"] = spec.to_dict()
+    return meta
+
+
+@torch.no_grad()
+def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 21,
+                data_config: dict | None = None, spec: QuantSpec | None = None) -> dict[str, Any]:
+    """Write `student` as an ONNX QDQ model with a dynamic batch axis (input "input", output "logits").
+
+    Args:
+        input_size: (C, H, W) of one image, normalised as the teacher expects.
+        opset: >= 13; 4-bit codes are stored as int4/uint4 from 21 on, as int8 below.
+    Returns:
+        {"path", "bytes", "opset", "layers": {layer: {"weight": type, "input": type | None}}}.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset must be >= {MIN_OPSET} (per-channel QuantizeLinear), got {opset}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = find_layer_quants(student)
+    if not layers:
+        raise ValueError("the model has no QuantWrapper layers; use export_fp32_onnx for a float model")
+    model = copy.deepcopy(student).cpu().float().eval()
+    for key, lq in enumerate(layers):
+        w: QuantWrapper = model.get_submodule(lq.name)
+        model.set_submodule(lq.name, _ExportLayer(w.module, key, lq.dequantized_weight(), w.a_quant is not None))
+    example = torch.zeros(1, *input_size)
+    _torchscript_export(model, example, path, min(opset, _TORCHSCRIPT_MAX_OPSET),
+                        do_constant_folding=True, custom_opsets={"gzq": 1})
+
+    m = onnx.load(str(path))
+    g = m.graph
+    new_nodes, new_inits, types = [], [], {}
+    for node in g.node:
+        if node.domain != "gzq":
+            new_nodes.append(node)
+            continue
+        kind, key = node.attribute[0].s.decode().split(":")
+        lq = layers[int(key)]
+        if kind == "w":
+            inits, nodes, t = _weight_nodes(lq, node.output[0], opset)
+            types.setdefault(lq.name, {})["weight"] = TensorProto.DataType.Name(t).lower()
+        else:
+            inits, nodes, t = _act_nodes(lq, node.input[0], node.output[0], opset)
+            types.setdefault(lq.name, {})["input"] = TensorProto.DataType.Name(t).lower()
+        new_nodes += nodes
+        new_inits += inits
+    missing = [lq.name for lq in layers if "weight" not in types.get(lq.name, {})]
+    if missing:
+        raise RuntimeError(f"the traced graph lost the quantized weights of {missing}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    kept = [i for i in g.initializer if i.name in used]      # drops the float copies of the quantized weights
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    for vi in list(g.value_info):                              # stale shapes of the placeholders' outputs
+        g.value_info.remove(vi)
+    opsets = [o for o in m.opset_import if o.domain not in ("gzq",)]
+    del m.opset_import[:]
+    m.opset_import.extend(opsets)
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    if opset >= INT4_OPSET:
+        m.ir_version = max(m.ir_version, 10)          # int4 / uint4 need IR 10
+    _set_metadata(m, _onnx_meta(data_config, spec))
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(path))
+    for lq in layers:
+        types[lq.name].setdefault("input", None)
+    return dict(path=str(path), bytes=path.stat().st_size, opset=opset, layers=types)
+
+
+@torch.no_grad()
+def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int = 21,
+                     data_config: dict | None = None) -> dict[str, Any]:
+    """The float model (e.g. the teacher) as ONNX, for comparison: same input/output names and batch axis."""
+    import onnx
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().float().eval()
+    _torchscript_export(model, torch.zeros(1, *input_size), path, min(opset, _TORCHSCRIPT_MAX_OPSET),
+                        do_constant_folding=True)
+    m = onnx.load(str(path))
+    _set_metadata(m, _onnx_meta(data_config, None))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return dict(path=str(path), bytes=path.stat().st_size, opset=min(opset, _TORCHSCRIPT_MAX_OPSET))
+
+
+def onnx_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
+    """An onnxruntime CPU session (optional thread count, optional dump of the optimised graph)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session_or_path, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Logits (N, classes) of an ONNX classifier on x (N, C, H, W), in batches."""
+    sess = session_or_path if hasattr(session_or_path, "run") else onnx_session(session_or_path)
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + batch].detach().cpu().float().numpy()})[0] for i in range(0, len(x), batch)]
+    return torch.from_numpy(__import__("numpy").concatenate(outs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integer safetensors
+# ----------------------------------------------------------------------------------------------------------
+
+def _int_json_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+@torch.no_grad()
+def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data_config: dict) -> dict[str, Any]:
+    """Integer weights, scales, zero points and float remainder of `student` (+ `<stem>.json` beside it).
+
+    Returns:
+        {"path", "bytes", "json"}.
+    """
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = find_layer_quants(student)
+    tensors: dict[str, torch.Tensor] = {}
+    prefixes = tuple(f"{lq.name}." for lq in layers)
+    for k, v in student.state_dict().items():                 # what is not a quantized layer stays float
+        if not k.startswith(prefixes):
+            tensors[k] = v.detach().cpu().contiguous()
+    for lq in layers:
+        n = lq.name
+        code_type = torch.int8 if lq.w_qmin < 0 else torch.uint8   # codes always lie in [qmin, qmax]
+        tensors[f"{n}.weight"] = lq.codes.to(code_type).contiguous()
+        tensors[f"{n}.weight_scale"] = lq.w_scale.contiguous()
+        tensors[f"{n}.weight_zero_point"] = lq.w_zero_point.to(torch.int32).contiguous()
+        if lq.bias is not None:
+            tensors[f"{n}.bias"] = lq.bias.contiguous()
+        if lq.a_bits is not None:
+            tensors[f"{n}.input_scale"] = lq.a_scale.reshape(()).contiguous()
+            tensors[f"{n}.input_zero_point"] = torch.tensor(lq.a_zero_point, dtype=torch.int32)
+    meta = dict(format="gzq-int", version=INT_FORMAT_VERSION, quant_spec=spec.to_dict(), data_config=data_config,
+                layers={lq.name: lq.meta() for lq in layers},
+                formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
+                        "qmin, qmax); weights per output channel (axis 0), inputs per tensor")
+    save_file(tensors, str(path), metadata={"format": "gzq-int", "version": str(INT_FORMAT_VERSION)})
+    jpath = _int_json_path(path)
+    jpath.write_text(json.dumps(meta, indent=2) + "\n")
+    return dict(path=str(path), bytes=path.stat().st_size, json=str(jpath))
+
+
+@torch.no_grad()
+def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, QuantSpec, dict]:
+    """Rebuild the fake-quant student from integer safetensors: architecture from timm, BN folded,
+    quantizers, then weights = dequantized codes and step sizes whose forward value is the stored scale.
+
+    Returns:
+        (student in eval mode, its QuantSpec, the data config).
+    """
+    import timm
+    from safetensors.torch import load_file
+    path = Path(path)
+    meta = json.loads(_int_json_path(path).read_text())
+    if meta.get("format") != "gzq-int":
+        raise ValueError(f"{path} is not a gzq integer-weights file (its JSON has no format 'gzq-int')")
+    spec = QuantSpec.from_dict(meta["quant_spec"])
+    dc = meta["data_config"]
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dc["model_kwargs"].items()}
+    model = timm.create_model(dc["architecture"], pretrained=False, **kwargs).eval()
+    student = create_student(model, spec, torch.zeros(1, *dc["input_size"]), dc.get("classifier"))
+    tensors = load_file(str(path))
+    wrappers = dict(quant_wrappers(student))
+    if set(wrappers) != set(meta["layers"]):
+        raise ValueError(f"{path.name} does not fit {dc['architecture']}: quantized layers differ "
+                         f"({sorted(set(wrappers) ^ set(meta['layers']))[:3]}...)")
+    sd = {}
+    prefixes = tuple(f"{n}." for n in wrappers)
+    for k, v in tensors.items():
+        if not k.startswith(prefixes):
+            sd[k] = v
+    for n, w in wrappers.items():
+        lm = meta["layers"][n]
+        codes = tensors[f"{n}.weight"].to(torch.int64)
+        scale, zp = tensors[f"{n}.weight_scale"].float(), tensors[f"{n}.weight_zero_point"].float()
+        if (w.w_quant.bits, w.w_quant.symmetric) != (lm["w_bits"], lm["w_symmetric"]):
+            raise ValueError(f"layer {n}: file has w{lm['w_bits']} symmetric={lm['w_symmetric']}, "
+                             f"the spec rebuilds w{w.w_quant.bits} symmetric={w.w_quant.symmetric}")
+        view = (-1,) + (1,) * (codes.ndim - 1)
+        sd[f"{n}.module.weight"] = dequantize(codes.float(), scale.view(view), zp.view(view))
+        if f"{n}.bias" in tensors:
+            sd[f"{n}.module.bias"] = tensors[f"{n}.bias"]
+        sd[f"{n}.w_quant.scale"] = _param_for_step(scale, _lsq_gain(w.w_quant))
+        sd[f"{n}.w_quant.zero_point"] = zp
+        if w.a_quant is not None:
+            w.a_quant._numel = int(lm["a_numel"])                    # sets the LSQ gain of the step size
+            s = tensors[f"{n}.input_scale"].float()
+            sd[f"{n}.a_quant.scale"] = _param_for_step(s, _lsq_gain(w.a_quant))
+            sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
+    student.load_state_dict(sd, strict=True)
+    return student.to(device).eval().requires_grad_(False), spec, dc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder
+# ----------------------------------------------------------------------------------------------------------
+
+def _rel(folder: Path, info: dict) -> dict:
+    return {**info, "path": str(Path(info["path"]).relative_to(folder))}
+
+
+def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, students: dict, specs: dict) -> None:
+    """Write the downloads of a run into `folder` and record them in `report` (in place).
+
+    students/<name>.onnx, students/<name>_int.safetensors (+ .json), teacher_fp32.onnx; each student row
+    of the report gets "files": {format: {"path", "bytes", ...} or {"error"}}, the teacher row too.
+    A format that fails for an architecture is recorded as an error instead of losing the finished run.
+    """
+    folder = Path(folder)
+    formats = set(ExportFormat(f) for f in cfg.formats)
+    dc = teacher.data_config()
+    rows = {r["name"]: r for r in report.get("students", [])}
+    if ExportFormat.ONNX in formats:
+        try:
+            info = export_fp32_onnx(teacher.model, folder / "teacher_fp32.onnx", teacher.input_size, cfg.opset, dc)
+            report.setdefault("teacher", {})["files"] = {"onnx": _rel(folder, info)}
+        except Exception as e:  # noqa: BLE001 - recorded in the report
+            log.warning("FP32 ONNX export of the teacher failed: %s", e)
+            report.setdefault("teacher", {})["files"] = {"onnx": {"error": f"{type(e).__name__}: {e}"}}
+    for name, s in students.items():
+        files: dict[str, Any] = {}
+        if ExportFormat.ONNX in formats:
+            try:
+                info = export_onnx(s, folder / "students" / f"{name}.onnx", teacher.input_size, cfg.opset, dc,
+                                   specs[name])
+                info.pop("layers")
+                files["onnx"] = _rel(folder, info)
+            except Exception as e:  # noqa: BLE001
+                log.warning("ONNX export of %s failed: %s", name, e)
+                files["onnx"] = {"error": f"{type(e).__name__}: {e}"}
+        if ExportFormat.SAFETENSORS in formats:
+            try:
+                info = save_int_weights(s, folder / "students" / f"{name}_int.safetensors", specs[name], dc)
+                info["json"] = str(Path(info["json"]).relative_to(folder))
+                files["safetensors_int"] = _rel(folder, info)
+            except Exception as e:  # noqa: BLE001
+                log.warning("integer safetensors export of %s failed: %s", name, e)
+                files["safetensors_int"] = {"error": f"{type(e).__name__}: {e}"}
+        if name in rows:
+            rows[name]["files"] = files

@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from gzq.config import Protocol, QuantSpec
+from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, dequantize, fake_quantize, fold_bn_,
+                       quant_range, quantize)
+from gzq.quant.convert import model_size_bytes, quant_wrappers
+
+
+def test_quant_range():
+    assert quant_range(8, True) == (-128, 127)
+    assert quant_range(4, False) == (0, 15)
+    assert quant_range(2, True) == (-2, 1)
+    with pytest.raises(ValueError, match="bits must be in 2..8, got 9"):
+        quant_range(9, True)
+
+
+def test_fake_quantize_matches_formula_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 3
+    scale, zp = torch.tensor(0.07), torch.tensor(5.0)
+    for qmin, qmax in [(0, 15), (-8, 7), (0, 255), (-128, 127), (0, 3)]:
+        ref = (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+        assert torch.equal(fake_quantize(x, scale, zp, qmin, qmax), ref)
+        assert torch.equal(dequantize(quantize(x, scale, zp, qmin, qmax), scale, zp), ref)
+    # round half to even, like ONNX QuantizeLinear
+    assert quantize(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), -8, 7).tolist() == [0, 2, 2]
+
+
+def test_fake_quantize_straight_through_and_lsq_gradients():
+    x = torch.tensor([-1.3, 0.2, 0.45, 5.0], requires_grad=True)
+    scale = torch.tensor(0.5, requires_grad=True)
+    y = fake_quantize(x, scale, torch.tensor(0.0), -2, 1)          # codes -2..1: range [-1, 0.5]
+    assert y.tolist() == [-1.0, 0.0, 0.5, 0.5]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]                 # STE inside the range, zero where clipped
+    # LSQ: d/ds [s * round(clamp(x/s))] = round(x/s) - x/s inside, qmin / qmax where clipped
+    expected = -2.0 + (round(0.4) - 0.4) + (round(0.9) - 0.9) + 1.0
+    assert scale.grad.item() == pytest.approx(expected, abs=1e-6)
+
+
+def _models():
+    torch.manual_seed(0)
+    out = []
+    for name in ("test_resnet", "test_efficientnet"):
+        m = timm.create_model(name, num_classes=7)
+        m.train()
+        with torch.no_grad():
+            for _ in range(3):
+                m(torch.randn(8, 3, 32, 32))
+        out.append(m.eval())
+    return out
+
+
+@pytest.mark.parametrize("idx", [0, 1])
+def test_fold_bn_leaves_outputs_unchanged(idx):
+    model = _models()[idx]
+    x = torch.randn(4, 3, 32, 32)
+    ref = model(x)
+    folded = copy.deepcopy(model)
+    pairs = fold_bn_(folded, x[:1])
+    assert len(pairs) > 0
+    remaining = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(remaining) < len([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+    torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+def test_quantize_wraps_every_layer_generically(protocol):
+    model = _models()[1]
+    x = torch.randn(4, 3, 32, 32)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    student = create_student(model, QuantSpec(4, 3, protocol), x[:2], model.pretrained_cfg.get("classifier"))
+    wrappers = dict(quant_wrappers(student))
+    assert len(wrappers) == n_layers
+    first, last = "conv_stem", "classifier"
+    assert wrappers[first].a_quant is None                      # the network input stays float
+    expect = 8 if protocol == Protocol.FIRST_LAST_8BIT else 4
+    assert wrappers[first].w_quant.bits == expect and wrappers[last].w_quant.bits == expect
+    assert wrappers[last].a_quant.bits == (8 if protocol == Protocol.FIRST_LAST_8BIT else 3)
+    others = [w for n, w in wrappers.items() if n not in (first, last)]
+    assert all(w.w_quant.bits == 4 and w.a_quant.bits == 3 for w in others)
+    calibrate_(student, [x])
+    assert torch.isfinite(student(x)).all()
+    # deployed size: 4-bit weights are about 8x smaller than float ones
+    assert model_size_bytes(student) < 0.4 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_quantized_weights_take_at_most_2_pow_bits_values():
+    model = _models()[0]
+    x = torch.randn(2, 3, 32, 32)
+    student = create_student(model, QuantSpec(3, 3), x)
+    for _, w in quant_wrappers(student):
+        wq = w.quantized_weight().detach()
+        for row in wq.flatten(1)[:4]:
+            assert len(torch.unique(row)) <= 8
+
+
+def test_w8a8_student_tracks_the_teacher():
+    model = _models()[0]
+    x = torch.randn(16, 3, 32, 32)
+    student = create_student(model, QuantSpec(8, 8), x[:2])
+    calibrate_(student, [x])
+    ref, out = model(x), student(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_act_quantizer_calibration_methods():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(10000))
+    for method in ("mse", "percentile"):
+        q = ActQuantizer(4)
+        q.calibrating = True
+        q(x)
+        q.calibrating = False
+        q.init_from_calibration_(method, 99.9)
+        assert q.zero_point.item() == 0.0                           # non-negative input: zero maps to code 0
+        err = (q(x) - x).pow(2).mean()
+        assert err < 0.01 * x.pow(2).mean()
+    with pytest.raises(RuntimeError, match="saw no data"):
+        ActQuantizer(4).init_from_calibration_()
+
+
+def test_quant_wrapper_handles_linear():
+    lin = nn.Linear(6, 3)
+    w = QuantWrapper(lin, 8, 8)
+    w.a_quant.calibrating = True
+    x = torch.randn(5, 6)
+    w(x)
+    w.a_quant.calibrating = False
+    w.a_quant.init_from_calibration_()
+    torch.testing.assert_close(w(x), lin(x), rtol=0.05, atol=0.05)
