@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 (repeatable)")
     r.add_argument("--data", help="labelled ImageFolder for real accuracy (the default model uses its test set)")
     r.add_argument("--max-real-images", type=int)
+    r.add_argument("--export", default="onnx,safetensors",
+                   help="downloads to write: comma-separated onnx,safetensors, or 'none' (default: both)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="run folder to write")
@@ -73,7 +75,8 @@ def build_config(args):
         synth["num_students"] = args.num_students
     if args.epochs is not None:
         train["epochs"] = args.epochs
-    sections = {"synth": synth, "train": train, "eval": evalc}
+    formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
+    sections = {"synth": synth, "train": train, "eval": evalc, "export": {"formats": formats}}
     for item in args.set:
         key, _, val = item.partition("=")
         section, _, fld = key.partition(".")

@@ -198,6 +198,7 @@ class SynthConfig(_Serialisable):
     jitter: int = 2
     flip: bool = True
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
+    adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
     preview_every: int = 10
 
@@ -261,6 +262,7 @@ class RunConfig(_Serialisable):
     seed: int = 0
     device: str = "auto"
     preset: str | None = None
+    export: ExportConfig = field(default_factory=lambda: ExportConfig())  # defined below (gzq.export)
 
     def __post_init__(self):
         if not self.students:
@@ -282,3 +284,31 @@ _NESTED = {
     ("RunConfig", "train"): TrainConfig,
     ("RunConfig", "eval"): EvalConfig,
 }
+
+
+# --- export (gzq/export.py, DESIGN 2.7) -------------------------------------------------------------------
+
+class ExportFormat(str, enum.Enum):
+    """What a run writes next to its float student checkpoints."""
+    ONNX = "onnx"                # students/<name>.onnx (QDQ) and teacher_fp32.onnx
+    SAFETENSORS = "safetensors"  # students/<name>_int.safetensors (+ .json): integer codes, scales, zero points
+
+
+@dataclass
+class ExportConfig(_Serialisable):
+    """Downloads of a run. formats: empty = none; opset: ONNX opset (>= 13; int4/uint4 codes from 21)."""
+    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.ONNX, ExportFormat.SAFETENSORS])
+    opset: int = 21
+
+    def __post_init__(self):
+        try:
+            self.formats = [ExportFormat(f) for f in self.formats]
+        except ValueError:
+            raise ValueError(f"export formats must be among {[f.value for f in ExportFormat]}, "
+                             f"got {list(self.formats)}") from None
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"export formats repeat: {[f.value for f in self.formats]}")
+        _check_range("opset", self.opset, 13, 23)
+
+
+_NESTED[("RunConfig", "export")] = ExportConfig

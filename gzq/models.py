@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "default_model.safetensors"
-DEFAULT_META = ASSETS / "default_model.json"
 
 
 class ModelLoadError(ValueError):
@@ -145,75 +144,83 @@ def _unknown_model_error(name: str) -> ModelLoadError:
     return ModelLoadError(f"unknown model {name!r}: not 'default' and not a timm architecture{hint}")
 
 
+def read_model_card(checkpoint: str | Path) -> dict:
+    """The JSON card saved next to a checkpoint (<name>.json: architecture, timm kwargs, input size, mean/std,
+    class names, dataset), or {} when there is none. scripts/train_default_model.py writes one."""
+    path = Path(checkpoint).with_suffix(".json")
+    if not path.exists():
+        return {}
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"model card {path.name} is not valid JSON: {e}") from None
+    return card if isinstance(card, dict) and "architecture" in card else {}
+
+
 def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str = "cpu", **timm_kwargs) -> Teacher:
     """Build the teacher described by `spec`, in eval mode with frozen weights, on `device`.
 
-    timm_kwargs go to `timm.create_model` for timm names (e.g. pretrained_cfg_overlay=dict(file=...) to
-    take "pretrained" weights from a local file instead of the hub).
+    "default" is the bundled checkpoint assets/default_model.safetensors with its card. A checkpoint with a
+    card (same name, .json) brings its architecture kwargs, input size, mean/std, class names and dataset;
+    ModelSpec fields override them. timm_kwargs go to `timm.create_model` (e.g.
+    pretrained_cfg_overlay=dict(file=...) to take "pretrained" weights from a local file instead of the hub).
     """
     import timm
     from timm.data import resolve_model_data_config
 
     if isinstance(spec, str):
         spec = ModelSpec(name=spec)
-    if spec.name == "default":
-        meta = json.loads(DEFAULT_META.read_text())
-        arch, kwargs = meta["architecture"], dict(meta["model_kwargs"])
-        if "channels" in kwargs:
-            kwargs["channels"] = tuple(kwargs["channels"])
+    checkpoint = Path(spec.checkpoint) if spec.checkpoint else (DEFAULT_WEIGHTS if spec.name == "default" else None)
+    card = read_model_card(checkpoint) if checkpoint else {}
+    arch = card["architecture"] if spec.name == "default" else spec.name
+    if card and card["architecture"] != arch:
+        card = {}  # a card for another architecture says nothing about this one
+    if not timm.is_model(arch):
+        if any(ch in arch for ch in "*?["):
+            raise ModelLoadError(f"model name {arch!r} is a pattern; give one timm architecture name")
+        raise _unknown_model_error(arch)
+    if not has_batchnorm(arch):
+        raise ModelLoadError(
+            f"{arch} has no BatchNorm layers, and GZNQ synthesises images from BatchNorm statistics; "
+            "pick a CNN with BatchNorm (ResNet, MobileNet, EfficientNet, RegNet...), e.g. resnet18")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card.get("model_kwargs", {}).items()}
+    kwargs.update(timm_kwargs)
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    if spec.in_chans is not None:
+        kwargs["in_chans"] = spec.in_chans
+    if checkpoint is not None:
+        sd = _read_state_dict(checkpoint)
         model = timm.create_model(arch, pretrained=False, **kwargs)
-        _load_weights_(model, _read_state_dict(Path(spec.checkpoint) if spec.checkpoint else DEFAULT_WEIGHTS),
-                       arch, "default")
-        input_size = tuple(meta["input_size"])
-        mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        class_names, dataset, ref = meta["class_names"], meta.get("dataset"), meta.get("test_accuracy")
+        _load_weights_(model, sd, arch, spec.name if spec.name == "default" else checkpoint.name)
     else:
-        arch = spec.name
-        if not timm.is_model(arch):
-            if any(ch in arch for ch in "*?["):
-                raise ModelLoadError(f"model name {arch!r} is a pattern; give one timm architecture name")
-            raise _unknown_model_error(arch)
-        if not has_batchnorm(arch):
+        try:
+            model = timm.create_model(arch, pretrained=spec.pretrained, **kwargs)
+        except Exception as e:
             raise ModelLoadError(
-                f"{arch} has no BatchNorm layers, and GZNQ synthesises images from BatchNorm statistics; "
-                "pick a CNN with BatchNorm (ResNet, MobileNet, EfficientNet, RegNet...), e.g. resnet18")
-        kwargs = dict(timm_kwargs)
-        if spec.num_classes is not None:
-            kwargs["num_classes"] = spec.num_classes
-        if spec.in_chans is not None:
-            kwargs["in_chans"] = spec.in_chans
-        if spec.checkpoint:
-            sd = _read_state_dict(Path(spec.checkpoint))
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-            _load_weights_(model, sd, arch, Path(spec.checkpoint).name)
-        else:
-            try:
-                model = timm.create_model(arch, pretrained=spec.pretrained, **kwargs)
-            except Exception as e:
-                raise ModelLoadError(
-                    f"could not download pretrained weights for {arch} ({type(e).__name__}); check the network, "
-                    "or upload a checkpoint of the architecture instead") from None
-            if not spec.pretrained:
-                log.warning("%s is randomly initialised (pretrained=False): synthesis will mirror a random net", arch)
-        dc = resolve_model_data_config(model)
-        in_chans = spec.in_chans or kwargs.get("in_chans") or dc["input_size"][0]
-        input_size = spec.input_size or (in_chans, *dc["input_size"][1:])
-        mean = spec.mean or _fit_channels(dc["mean"], in_chans)
-        std = spec.std or _fit_channels(dc["std"], in_chans)
-        num_classes = model.num_classes if hasattr(model, "num_classes") else None
-        class_names = _imagenet_names() if num_classes == 1000 else None
-        dataset, ref = None, None
+                f"could not download pretrained weights for {arch} ({type(e).__name__}); check the network, "
+                "or upload a checkpoint of the architecture instead") from None
+        if not spec.pretrained:
+            log.warning("%s is randomly initialised (pretrained=False): synthesis will mirror a random net", arch)
+    dc = resolve_model_data_config(model)
+    in_chans = spec.in_chans or kwargs.get("in_chans") or dc["input_size"][0]
+    input_size = spec.input_size or tuple(card.get("input_size", ())) or (in_chans, *dc["input_size"][1:])
+    mean = spec.mean or tuple(card.get("mean", ())) or _fit_channels(dc["mean"], in_chans)
+    std = spec.std or tuple(card.get("std", ())) or _fit_channels(dc["std"], in_chans)
     if len(mean) != input_size[0] or len(std) != input_size[0]:
         raise ModelLoadError(f"mean/std have {len(mean)}/{len(std)} entries but the model takes {input_size[0]} channels")
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     model.eval().requires_grad_(False).to(device)
     num_classes = getattr(model, "num_classes", None) or _infer_num_classes(model, input_size, device)
+    class_names = card.get("class_names") or (_imagenet_names() if num_classes == 1000 else None)
+    if class_names and len(class_names) != num_classes:
+        class_names = None
     kwargs.pop("pretrained_cfg_overlay", None)
     return Teacher(model=model, name=spec.name, architecture=arch, model_kwargs=_jsonable(kwargs),
                    input_size=tuple(input_size), mean=tuple(mean), std=tuple(std), num_classes=int(num_classes),
                    class_names=list(class_names) if class_names else None,
                    first_conv=cfg.get("first_conv"), classifier=cfg.get("classifier"),
-                   dataset=dataset, reference_accuracy=ref)
+                   dataset=card.get("dataset"), reference_accuracy=card.get("test_accuracy"))
 
 
 def _fit_channels(values, n: int) -> tuple[float, ...]:

@@ -120,8 +120,12 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
-             stop: Callable[[], bool] | threading.Event | None = None) -> Iterator:
-    """Run GZNQ end to end, yielding events; the last one is Done(report) (or Stopped)."""
+             stop: Callable[[], bool] | threading.Event | None = None,
+             synth_source: Callable[[Teacher, torch.device], SynthResult] | None = None) -> Iterator:
+    """Run GZNQ end to end, yielding events; the last one is Done(report) (or Stopped).
+
+    synth_source replaces synthesis with a given image set (the benchmarks' real-data and noise baselines).
+    """
     if isinstance(stop, threading.Event):
         stop_fn = stop.is_set
     else:
@@ -152,9 +156,14 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
 
         t = time.perf_counter()
         calib = dict(method=cfg.students[0].act_init.value, percentile=cfg.students[0].act_percentile)
-        synth: SynthResult = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib)
+        seeds = {n for n in students if n not in {s.name for s in cfg.students}}
+        if synth_source is not None:
+            yield StageStarted("synthesis", 0, "images from a given source")
+            synth = synth_source(teacher, device)
+        else:
+            synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds)
         timings["synthesis"] = time.perf_counter() - t
-        if synth.steps_done < cfg.synth.steps:
+        if synth_source is None and synth.steps_done < cfg.synth.steps:
             return
         if not synth.students_calibrated:
             t = time.perf_counter()
@@ -253,3 +262,6 @@ def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, stude
     (img_dir / "labels.json").write_text(json.dumps(index, indent=1) + "\n")
     for name, s in students.items():
         save_student(folder / "students" / f"{name}.safetensors", s, specs[name], teacher)
+    if cfg.export.formats:  # ONNX QDQ + integer safetensors (gzq/export.py); records files in the report
+        from .export import export_run
+        export_run(folder, cfg.export, report, teacher, students, specs)

@@ -97,15 +97,71 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
-def kl_teacher_student(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) from log-probabilities, mean over the batch."""
-    return (p_log.exp() * (p_log - q_log)).sum(1).mean()
+def kl_teacher_student(p_log: torch.Tensor, q_log: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, mean over the batch (weighted mean with per-sample `weights`)."""
+    kl = (p_log.exp() * (p_log - q_log)).sum(1)
+    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum().clamp_min(1e-8)
 
 
 def ensemble_log_probs(student_logits: list[torch.Tensor]) -> torch.Tensor:
     """log( (1/M) sum_i softmax(q_i) ), (B, K)."""
     stacked = torch.stack([F.log_softmax(q, 1) for q in student_logits])   # (M, B, K)
     return torch.logsumexp(stacked, 0) - math.log(len(student_logits))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `scale` (a gradient-reversal layer when < 0)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: torch.Tensor,
+                           students: dict[str, nn.Module], images: nn.Module, lambda_adv: float,
+                           boot_gens: dict[str, torch.Generator]) -> tuple[float, dict[str, float]]:
+    """Gradients of one alternation step: the images get d/dx [img_loss - lambda_adv KL(p_T || mean_i q_i)],
+    each student gets d/dtheta KL(p_T || q_i) with the teacher side detached.
+
+    With one student the ensemble KL is that student's KL, so a single backward serves both: the student
+    sees the images through a gradient-reversal layer (x -lambda_adv), and the teacher side of the KL is
+    added with the student side detached. With several students the two objectives differ at the
+    logits, so the images' gradient and the students' gradient take two backward passes.
+
+    Returns:
+        the ensemble KL and each student's KL (floats).
+    """
+    p_log = F.log_softmax(logits_t, 1)
+    p_det = p_log.detach()
+
+    def own_kl(name, q):
+        w = None
+        if name in boot_gens:
+            w = torch.poisson(torch.ones(len(q)), generator=boot_gens[name]).to(q.device)
+        return kl_teacher_student(p_det, F.log_softmax(q, 1), w)
+
+    if len(students) == 1:
+        (name, student), = students.items()
+        q = student(_ScaleGrad.apply(xs, -lambda_adv))
+        kl_own = own_kl(name, q)
+        kl_t_side = kl_teacher_student(p_log, F.log_softmax(q.detach(), 1))
+        (img_loss - lambda_adv * kl_t_side + kl_own).backward()
+        return kl_t_side.item(), {name: kl_own.item()}
+
+    q_logits = {n: s(xs) for n, s in students.items()}
+    kl_ens = kl_teacher_student(p_log, ensemble_log_probs(list(q_logits.values())))
+    img_params = [p for p in images.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(img_loss - lambda_adv * kl_ens, img_params, retain_graph=True)
+    for p, g in zip(img_params, grads):
+        p.grad = g
+    kls = {n: own_kl(n, q) for n, q in q_logits.items()}
+    torch.stack(list(kls.values())).sum().backward(inputs=[p for s in students.values() for p in s.parameters()])
+    return kl_ens.item(), {n: v.item() for n, v in kls.items()}
 
 
 @dataclass
@@ -125,13 +181,19 @@ def _make_student_optimizer(student: nn.Module, lr: float, lr_quant: float):
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
                     seed: int = 0, stop: Callable[[], bool] = lambda: False,
-                    calibration: dict | None = None) -> Iterator:
+                    calibration: dict | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
     """Optimise the synthetic images (and train the students in alternation). Yields events; returns SynthResult.
 
     Args:
-        students: name -> fake-quant student (trained in place once the warm-up ends).
+        students: name -> fake-quant student (trained in place once the warm-up ends; ignored when
+            cfg.adversarial is False).
         calibration: kwargs for calibrate_ when the students join (method, percentile).
+        bootstrap: students (extra seeds of a configuration) that weight each image of their own KL by a
+            Poisson(1) draw from their own generator, so copies of one configuration drift apart.
     """
+    if not cfg.adversarial:
+        students = {}
+    boot_gens = {n: torch.Generator().manual_seed(seed * 1000 + i + 11) for i, n in enumerate(students) if n in bootstrap}
     gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
     k, hold = cfg.num_images, cfg.holdout_images
@@ -187,27 +249,15 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 calibrated = True
             opt.zero_grad(set_to_none=True)
             if adversarial:
-                xs = x[train_sel]
-                p_log = F.log_softmax(logits_t[train_sel], 1)
-                q_logits = {n: s(xs) for n, s in students.items()}
-                kl_ens = kl_teacher_student(p_log, ensemble_log_probs(list(q_logits.values())))
-                loss = loss - cfg.lambda_adv * kl_ens
-                losses["kl_ens"] = kl_ens.item()
-                img_params = [p for p in images.parameters() if p.requires_grad]
-                grads = torch.autograd.grad(loss, img_params, retain_graph=True)
-                for p, g in zip(img_params, grads):
-                    p.grad = g
-                # students: minimise their own KL to the teacher on the same batch (teacher side detached)
-                p_det = p_log.detach()
-                kls = {n: kl_teacher_student(p_det, F.log_softmax(q, 1)) for n, q in q_logits.items()}
                 for o in s_opts.values():
                     o.zero_grad(set_to_none=True)
-                torch.stack(list(kls.values())).sum().backward(
-                    inputs=[p for s in students.values() for p in s.parameters()])
+                kl_ens, student_kl = _adversarial_backward_(loss, x[train_sel], logits_t[train_sel], students, images,
+                                                            cfg.lambda_adv, boot_gens)
+                losses["kl_ens"] = kl_ens
+                history["kl_ens"].append(kl_ens)
                 for o in s_opts.values():
                     o.step()
-                student_kl = {n: v.item() for n, v in kls.items()}
-                history["kl_ens"].append(losses["kl_ens"])
+                loss = loss.detach() - cfg.lambda_adv * kl_ens
             else:
                 loss.backward()
             opt.step()

@@ -1,10 +1,11 @@
 """Train the bundled default teacher: a narrow timm ResNet-18 on Fashion-MNIST.
 
-    python scripts/train_default_model.py            # ~10 min on 2 CPU cores, writes assets/default_model.*
+    python scripts/train_default_model.py            # ~6 min on 2 idle CPU cores, writes assets/default_model.*
+    python scripts/train_default_model.py --arch mobilenetv2_050 --name mobilenetv2_fmnist   # benchmark's 2nd family
 
-Deterministic given --seed. The weights go to assets/default_model.safetensors and the data config
-(architecture, timm kwargs, input size, mean/std, class names, measured test accuracy) to
-assets/default_model.json, which is everything `gzq.models.load_teacher("default")` needs.
+Deterministic given --seed. The weights go to assets/<name>.safetensors and the model card (architecture,
+timm kwargs, input size, mean/std, class names, dataset, measured test accuracy) to assets/<name>.json,
+which is everything `gzq.models.load_teacher` needs (ModelSpec(name=arch, checkpoint=...safetensors)).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.data import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_input  # noqa: E402
 
-ARCH = "resnet18"
-MODEL_KWARGS = dict(num_classes=10, in_chans=1, channels=(32, 64, 128, 256), stem_width=32)
+ARCHS = {  # timm kwargs per architecture trained here
+    "resnet18": dict(num_classes=10, in_chans=1, channels=(32, 64, 128, 256), stem_width=32),
+}
+GENERIC_KWARGS = dict(num_classes=10, in_chans=1)
 INPUT_SIZE = (1, 28, 28)
 MEAN, STD = (0.2860,), (0.3530,)
 
@@ -50,6 +53,8 @@ def main(argv=None):
     from safetensors.torch import save_file
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18", help="timm architecture with BatchNorm")
+    p.add_argument("--name", default="default_model", help="file stem in --out")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
@@ -67,7 +72,8 @@ def main(argv=None):
     xte_u8, yte = load_fashion_mnist("test")
     xtr, xte = to_model_input(xtr_u8, MEAN, STD, INPUT_SIZE), to_model_input(xte_u8, MEAN, STD, INPUT_SIZE)
 
-    model = timm.create_model(ARCH, **MODEL_KWARGS)
+    model_kwargs = ARCHS.get(args.arch, GENERIC_KWARGS)
+    model = timm.create_model(args.arch, **model_kwargs)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1]
     no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
@@ -97,16 +103,16 @@ def main(argv=None):
     print(f"test top-1: {acc:.2f}% ({time.time() - t0:.0f}s)")
     args.out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out / "default_model.safetensors"))
+    save_file(state, str(args.out / f"{args.name}.safetensors"))
     meta = dict(
-        architecture=ARCH, model_kwargs=MODEL_KWARGS, input_size=list(INPUT_SIZE), mean=list(MEAN), std=list(STD),
+        architecture=args.arch, model_kwargs=model_kwargs, input_size=list(INPUT_SIZE), mean=list(MEAN), std=list(STD),
         interpolation="bilinear", class_names=list(FASHION_MNIST_CLASSES), dataset="fashion-mnist",
         test_accuracy=round(acc, 2), train_command="python scripts/train_default_model.py "
-        f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}",
+        f"--arch {args.arch} --name {args.name} --epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}",
         train_seconds=round(time.time() - t0, 1),
     )
-    (args.out / "default_model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {args.out / 'default_model.safetensors'}")
+    (args.out / f"{args.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {args.out / (args.name + '.safetensors')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""Real-data accuracy of GZNQ against its baselines, on models trained on Fashion-MNIST.
+
+    python benchmarks/accuracy.py                       # default model, W4A4, 3 seeds, every method
+    python benchmarks/accuracy.py --bits w8a8,w4a4,w3a3,w4a4_fl8 --models default,mobilenetv2
+    python benchmarks/accuracy.py --quick               # smoke test (tiny budget, one seed)
+
+Methods (every row: same quantizer, same calibration, same KD fine-tuning recipe and budget; only the
+images differ):
+    noise       Gaussian-noise images, no synthesis
+    mse         DeepInversion / ZeroQ synthesis: squared-error BN loss + CE, no students
+    gznq_m0     GZNQ BN likelihood + CE, no students (M = 0)
+    gznq_m1     GZNQ with one student of the target configuration (M = 1, the default for one configuration)
+    gznq_m3     GZNQ with three students (the target configuration and two bootstrap seeds of it)
+    pixel_m1    gznq_m1 with plain-pixel images instead of the reparameterised f_I(z)
+    real        N real training images (N = the synthetic image count): the upper bound
+Methods without students share one run across all requested bit-widths (one set of images, one student
+per configuration). Prints one table (mean, spread over seeds, wall time) and writes it as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec  # noqa: E402
+from gzq.data import load_fashion_mnist, to_model_input  # noqa: E402
+from gzq.events import Done  # noqa: E402
+from gzq.pipeline import iter_run, make_config  # noqa: E402
+from gzq.synthesis import SynthResult, SyntheticImages  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MODELS = {
+    "default": ModelSpec("default"),
+    "mobilenetv2": ModelSpec("mobilenetv2_050", checkpoint=str(ASSETS / "mobilenetv2_fmnist.safetensors")),
+}
+SHARED = {  # methods without students: one run serves every bit-width
+    "noise": dict(steps=0, image_param="pixel", adversarial=False),
+    "mse": dict(bn_loss="mse", adversarial=False),
+    "gznq_m0": dict(adversarial=False),
+    "real": None,
+}
+PER_BITS = {
+    "gznq_m1": dict(num_students=1),
+    "gznq_m3": dict(num_students=3),
+    "pixel_m1": dict(num_students=1, image_param="pixel"),
+}
+METHODS = ["noise", "mse", "gznq_m0", "gznq_m1", "gznq_m3", "pixel_m1", "real"]
+MSE_LAMBDA_BN = 0.05  # squared-error norms are ~10x smaller than the likelihood's NLL at the start
+
+
+def parse_bits(text: str) -> QuantSpec:
+    if text.endswith("_fl8"):
+        return QuantSpec.parse(text[:-4], Protocol.FIRST_LAST_8BIT)
+    return QuantSpec.parse(text)
+
+
+def real_source(num: int, holdout: int, seed: int):
+    """A SynthResult holding `num` real Fashion-MNIST training images (labels kept), as plain pixels."""
+    def make(teacher, device) -> SynthResult:
+        xs, ys = load_fashion_mnist("train")
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(ys), generator=g)[:num]
+        x = to_model_input(xs[idx], teacher.mean, teacher.std, teacher.input_size)
+        images = SyntheticImages(ys[idx], teacher.input_size, teacher.pixel_bounds, ImageParam.PIXEL, 0.0, g)
+        with torch.no_grad():
+            images.mean.copy_(x)
+        all_idx = torch.arange(num)
+        return SynthResult(images.to(device), all_idx[:num - holdout], all_idx[num - holdout:], False, 0, {"bn_ll": [], "ce": []})
+    return make
+
+
+def run_once(model: str, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str) -> tuple[dict, float]:
+    synth = dict(budget["synth"])
+    source = None
+    if method == "real":
+        synth.update(adversarial=False)
+        source = real_source(synth["num_images"], synth["holdout_images"], seed)
+    else:
+        synth.update(SHARED.get(method) or PER_BITS[method])
+    if method == "mse":
+        synth["lambda_bn"] = MSE_LAMBDA_BN
+    cfg = make_config(budget.get("preset", "cpu"), device, model=MODELS[model], students=students, seed=seed,
+                      synth=synth, train=budget.get("train", {}), eval=budget.get("eval", {}))
+    t = time.perf_counter()
+    report = None
+    for ev in iter_run(cfg, None, synth_source=source):
+        if isinstance(ev, Done):
+            report = ev.report
+    return report, time.perf_counter() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="default")
+    p.add_argument("--bits", default="w4a4")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny budget, one seed: checks the benchmark runs")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    budget = {"preset": "cpu", "synth": {}, "train": {}, "eval": {}}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
+                  "train": dict(epochs=1), "eval": dict(max_real_images=300)}
+        seeds = seeds[:1]
+    bits = [parse_bits(b) for b in args.bits.split(",")]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; known: {METHODS}")
+    rows: dict[tuple, dict] = {}
+    fp: dict[str, list] = {}
+    for model in args.models.split(","):
+        if model not in MODELS:
+            p.error(f"unknown model {model!r}; known: {list(MODELS)}")
+        for method in methods:
+            groups = [bits] if method in SHARED else [[b] for b in bits]
+            for group in groups:
+                for seed in seeds:
+                    report, secs = run_once(model, group, method, seed, budget, args.device)
+                    fp.setdefault(model, []).append(report["teacher"]["accuracy"])
+                    for s in report["students"]:
+                        key = (model, s["name"], method)
+                        r = rows.setdefault(key, {"acc": [], "agree": [], "secs": []})
+                        r["acc"].append(s["accuracy"])
+                        r["agree"].append(s["real_agreement"])
+                        r["secs"].append(secs)
+                    print(f"  {model} {method} {'+'.join(b.name for b in group)} seed {seed}: "
+                          + ", ".join(f"{s['name']} {s['accuracy']}" for s in report["students"])
+                          + f" ({secs:.0f}s)", flush=True)
+    table = []
+    for (model, name, method), r in rows.items():
+        table.append(dict(model=model, bits=name, method=method, fp=fp[model][0],
+                          mean=round(statistics.mean(r["acc"]), 2),
+                          spread=round(statistics.pstdev(r["acc"]), 2) if len(r["acc"]) > 1 else 0.0,
+                          min=min(r["acc"]), seeds=r["acc"], real_agreement=round(statistics.mean(r["agree"]), 2),
+                          wall_s=round(statistics.mean(r["secs"]), 1), shared_run=method in SHARED))
+    order = {m: i for i, m in enumerate(METHODS)}
+    table.sort(key=lambda t: (t["model"], t["bits"], order[t["method"]]))
+    print(f"\n{'model':<12}{'bits':<10}{'method':<10}{'top-1 mean':>11}{'spread':>8}{'min':>7}{'FP':>7}"
+          f"{'vs real':>9}{'wall s':>8}")
+    for t in table:
+        real = next((u["mean"] for u in table if u["model"] == t["model"] and u["bits"] == t["bits"]
+                     and u["method"] == "real"), None)
+        gap = f"{t['mean'] - real:+.2f}" if real is not None else "-"
+        print(f"{t['model']:<12}{t['bits']:<10}{t['method']:<10}{t['mean']:>11.2f}{t['spread']:>8.2f}{t['min']:>7.2f}"
+              f"{t['fp']:>7.2f}{gap:>9}{t['wall_s']:>8.1f}{' *' if t['shared_run'] else ''}")
+    print("* one run served every bit-width; its wall time covers all of them")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, budget=budget, seeds=seeds,
+                                        rows=table), indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

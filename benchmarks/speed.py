@@ -1,0 +1,98 @@
+"""Synthesis step time against its floor, measured side by side in one run.
+
+    python benchmarks/speed.py                 # CPU preset on the default model, and timm resnet18 at 224 px
+
+floor = teacher forward+backward (gradient to the input) + each student's forward+backward (gradients to
+its weights and input) on the same batch, with no hooks and no losses. A GZNQ step in its adversarial
+phase does all of that plus the BN statistics, the losses, the image and student optimiser steps.
+Also: images per second and peak memory (RSS on CPU, allocator peak on CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
+from gzq.events import Progress  # noqa: E402
+from gzq.models import load_teacher  # noqa: E402
+from gzq.pipeline import PRESETS, resolve_device  # noqa: E402
+from gzq.quant import calibrate_, create_student  # noqa: E402
+from gzq.synthesis import iter_synthesize  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor_step(teacher, students, x, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    xi = x.clone().requires_grad_(True)
+    teacher.model(xi).sum().backward()
+    for s in students.values():
+        xs = x.clone().requires_grad_(True)
+        s(xs).sum().backward()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def measure(spec: ModelSpec, input_size, batch: int, n_students: int, steps: int, device) -> dict:
+    teacher = load_teacher(spec, device)
+    if input_size:
+        teacher.input_size = input_size
+    ex = torch.zeros(2, *teacher.input_size, device=device)
+    names = ["w4a4", "w8a8", "w3a3", "w2a4"][:n_students]
+    students = {n: create_student(teacher.model, QuantSpec.parse(n), ex, teacher.classifier) for n in names}
+    warm = 3
+    cfg = SynthConfig(num_images=batch, holdout_images=0, batch_size=batch, steps=steps + warm, warmup_steps=1,
+                      preview_every=10_000)
+    times = []
+    last = time.perf_counter()
+    for ev in iter_synthesize(teacher, students, cfg, device, seed=0):
+        if isinstance(ev, Progress):
+            _sync(device)
+            now = time.perf_counter()
+            if ev.step > warm:
+                times.append(now - last)
+            last = now
+    x = torch.randn(batch, *teacher.input_size, device=device)
+    for s in students.values():
+        calibrate_(s, [x])
+    floors = [floor_step(teacher, students, x, device) for _ in range(warm + steps)][warm:]
+    step, floor = statistics.median(times), statistics.median(floors)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(model=spec.name, res=teacher.input_size[-1], batch=batch, students=n_students, step_s=step,
+                floor_s=floor, ratio=step / floor, img_per_s=batch / step, peak_mb=peak)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    batch = PRESETS["cpu"]["synth"]["batch_size"]
+    cases = [(ModelSpec("default"), None, batch, 1), (ModelSpec("default"), None, batch, 2)]
+    if not args.quick:
+        cases.append((ModelSpec("resnet18"), (3, 224, 224), 16, 1))
+    rows = [measure(*c, steps=2 if args.quick else args.steps, device=device) for c in cases]
+    print(f"device: {device}, threads: {torch.get_num_threads()}")
+    print(f"{'model':<10}{'res':>5}{'batch':>6}{'M':>3}{'step s':>9}{'floor s':>9}{'step/floor':>11}{'img/s':>8}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['model']:<10}{r['res']:>5}{r['batch']:>6}{r['students']:>3}{r['step_s']:>9.3f}{r['floor_s']:>9.3f}"
+              f"{r['ratio']:>11.2f}{r['img_per_s']:>8.1f}{r['peak_mb']:>9.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
