@@ -118,7 +118,7 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     student = copy.deepcopy(teacher)
     fold_bn_(student, example)
     quantize_(student, spec, example, classifier)
-    student.eval().requires_grad_(True)
+    student.to(example.device).eval().requires_grad_(True)   # new quantizer tensors follow the model's device
     return student
 
 
