@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.convert import create_student, quant_wrappers
@@ -176,12 +175,13 @@ class _ExportLayer(nn.Module):
         super().__init__()
         self.module, self.key, self.quant_input = module, key, quant_input
         self.register_buffer("qweight", weight)
+        del module._parameters["weight"]     # set per call below (torch.func's functional_call cannot be traced)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_input:
             x = _Mark.apply(x, f"a:{self.key}")
-        w = _Mark.apply(self.qweight, f"w:{self.key}")
-        return functional_call(self.module, {"weight": w}, (x,), strict=False)
+        self.module.weight = _Mark.apply(self.qweight, f"w:{self.key}")
+        return self.module(x)
 
 
 def _int_type(lo: int, hi: int, bits: int, opset: int, prefer_signed: bool) -> int:
@@ -201,13 +201,14 @@ def _int_type(lo: int, hi: int, bits: int, opset: int, prefer_signed: bool) -> i
 
 def _int_tensor(name: str, values: torch.Tensor, onnx_type: int):
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-    arr = values.detach().cpu().numpy()
-    if onnx_type in (TensorProto.INT4, TensorProto.UINT4):       # make_tensor packs two codes per byte
-        return helper.make_tensor(name, onnx_type, list(arr.shape), arr.astype(np.int64).flatten().tolist())
-    np_type = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-               TensorProto.UINT16: np.uint16}[onnx_type]
-    return numpy_helper.from_array(arr.astype(np_type), name)
+    from onnx import TensorProto, numpy_helper
+    import ml_dtypes   # onnx's own dependency: numpy int4/uint4, packed two codes per byte in raw_data
+    arr = values.detach().cpu().numpy().astype(np.int64)
+    np_type = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT8: np.int8,
+               TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16, TensorProto.UINT16: np.uint16}[onnx_type]
+    t = numpy_helper.from_array(arr.astype(np_type), name)
+    assert t.data_type == onnx_type, (t.data_type, onnx_type)
+    return t
 
 
 def _float_tensor(name: str, values: torch.Tensor):
@@ -261,6 +262,51 @@ def _act_nodes(lq: LayerQuant, inp: str, out: str, opset: int):
     return inits, nodes, t
 
 
+def _live_nodes(nodes, outputs: set[str]) -> list:
+    """Nodes that contribute to the graph outputs. The TorchScript exporter de-duplicates equal initializers
+    through Identity nodes; once their placeholder consumers are rewritten those are dead and would keep
+    the float weights in the file."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    return live[::-1]
+
+
+def _integer_kernel_layer(lq: LayerQuant, types: dict) -> bool:
+    """Whether onnxruntime can run the layer as an integer kernel (8-bit QDQ input and weight)."""
+    t = types.get(lq.name, {})
+    return t.get("input") == "uint8" and t.get("weight") in ("int8", "uint8") and lq.a_bits == 8 and lq.w_bits == 8
+
+
+def _split_float_biases(nodes, layers: list[LayerQuant], types: dict):
+    """Move the float bias of each quantized-input Conv/Gemm that cannot run as an integer kernel into an Add.
+
+    onnxruntime's WeightBiasQuantization rounds the float bias of every DQ -> Conv/Gemm unit to int32 with
+    step input_scale * weight_scale; at 4 bit that step is coarse and changes the logits (not what the
+    fake-quant model computes). A separate Add keeps the bias float. 8-bit layers keep the bias in the
+    Conv: its int32 rounding is negligible there and is what lets onnxruntime pick QLinearConv.
+    """
+    from onnx import helper
+    by_weight = {f"{lq.name}/weight_dq": lq for lq in layers}
+    producer = {o: n.name for n in nodes for o in n.output}
+    out, inits = [], []
+    for node in nodes:
+        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2
+        lq = by_weight.get(producer.get(node.input[1])) if has_bias else None
+        if lq is None or lq.a_bits is None or lq.bias is None or _integer_kernel_layer(lq, types) or not node.input[2]:
+            out.append(node)
+            continue
+        shape = (-1, 1, 1) if node.op_type == "Conv" else (-1,)      # broadcast over (N, O, H, W) / (N, O)
+        b_name, y = f"{lq.name}.bias", node.output[0]
+        inits.append(_float_tensor(b_name, lq.bias.reshape(shape)))
+        del node.input[2]
+        node.output[0] = f"{y}_nobias"
+        out += [node, helper.make_node("Add", [node.output[0], b_name], [y], name=f"{lq.name}/bias_add")]
+    return out, inits
+
+
 def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, **kw) -> None:
     import warnings
     with warnings.catch_warnings():
@@ -274,7 +320,7 @@ def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, ops
 def _set_metadata(model, meta: dict[str, Any]) -> None:
     from onnx import helper
     del model.metadata_props[:]
-    helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})   # every value is JSON
 
 
 def _onnx_meta(data_config: dict | None, spec: QuantSpec | None) -> dict[str, Any]:
@@ -336,8 +382,10 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     missing = [lq.name for lq in layers if "weight" not in types.get(lq.name, {})]
     if missing:
         raise RuntimeError(f"the traced graph lost the quantized weights of {missing}")
+    new_nodes, bias_inits = _split_float_biases(new_nodes, layers, types)
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(_live_nodes(new_nodes, {o.name for o in g.output}))
+    new_inits += bias_inits
     used = {i for n in g.node for i in n.input}
     kept = [i for i in g.initializer if i.name in used]      # drops the float copies of the quantized weights
     del g.initializer[:]
@@ -391,10 +439,11 @@ def onnx_session(path: str | Path, threads: int | None = None, optimized_path: s
 
 def run_onnx(session_or_path, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """Logits (N, classes) of an ONNX classifier on x (N, C, H, W), in batches."""
+    import numpy as np
     sess = session_or_path if hasattr(session_or_path, "run") else onnx_session(session_or_path)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch].detach().cpu().float().numpy()})[0] for i in range(0, len(x), batch)]
-    return torch.from_numpy(__import__("numpy").concatenate(outs))
+    return torch.from_numpy(np.concatenate(outs))
 
 
 # ----------------------------------------------------------------------------------------------------------

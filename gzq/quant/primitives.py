@@ -21,14 +21,19 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
+def _straight_through(value: torch.Tensor, grad_source: torch.Tensor) -> torch.Tensor:
+    """Exactly `value` forward (the added term is y - y = 0), the gradient of `grad_source` backward."""
+    return value.detach() + (grad_source - grad_source.detach())
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() forward, identity backward."""
-    return (x.round() - x).detach() + x
+    return _straight_through(x.round(), x)
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """Value of x, gradient multiplied by g (LSQ's step-size gradient scaling)."""
-    return (x - x * g).detach() + x * g
+    return _straight_through(x, x * g)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -38,8 +43,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     clamp(x / scale + zero_point) with rounding passed straight through (1 inside the range, 0 where clipped).
     """
     zp = round_ste(zero_point)
-    v = torch.clamp(x / scale + zp, qmin, qmax)
-    q = v + (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - v).detach()
+    q = _straight_through(torch.clamp(torch.round(x / scale) + zp, qmin, qmax), torch.clamp(x / scale + zp, qmin, qmax))
     return (q - zp) * scale
 
 

@@ -1,0 +1,400 @@
+"""gzq.export: ONNX QDQ and integer safetensors reproduce the fake-quant student (DESIGN 2.7).
+
+onnxruntime is run twice: with graph optimisations off (what the ONNX graph means: equal to PyTorch up to
+float summation order, which can flip a rare rounding) and with its defaults (what a user gets: 8-bit QDQ
+units become integer kernels that requantize in fixed point, one activation step at most).
+"""
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from gzq.config import ExportConfig, ExportFormat, QuantSpec, RunConfig
+from gzq.export import (effective_scale, export_fp32_onnx, export_onnx, export_run, find_layer_quants,
+                        load_int_weights, onnx_session, run_onnx, save_int_weights)
+from gzq.quant.convert import calibrate_, create_student, quant_wrappers
+from gzq.quant.primitives import fake_quantize
+
+SPECS = [QuantSpec(8, 8), QuantSpec(4, 4), QuantSpec(3, 5)]
+EFF_INPUT = (3, 64, 64)
+
+
+def _session(path, optimise: bool = True):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    if not optimise:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _assert_logits_match(onnx_out: torch.Tensor, ref: torch.Tensor, exact_frac: float, p95_rel: float):
+    """Most images equal to float precision; the rest within a rounding flip; top-1 nearly always equal."""
+    scale = ref.abs().max().item()
+    per_image = (onnx_out - ref).abs().amax(1)                          # (N,)
+    exact = (per_image <= 1e-4 * scale).float().mean().item()
+    p95 = per_image.quantile(0.95).item()
+    agree = (onnx_out.argmax(1) == ref.argmax(1)).float().mean().item()
+    msg = f"exact {exact:.3f}, p95 {p95:.3g}, max {per_image.max():.3g}, logit scale {scale:.3g}, agree {agree:.3f}"
+    assert exact >= exact_frac, msg
+    assert p95 <= p95_rel * scale, msg
+    assert per_image.max() <= 0.25 * scale, msg
+    assert agree >= 0.98, msg
+
+
+# ---------------------------------------------------------------- fixtures: students of two architectures
+
+@pytest.fixture(scope="module")
+def fmnist(default_teacher):
+    from gzq.data import load_fashion_mnist, to_model_input
+    t = default_teacher
+    train, _ = load_fashion_mnist("train")
+    test, labels = load_fashion_mnist("test")
+    return dict(calib=to_model_input(train[:256], t.mean, t.std, t.input_size),
+                test=to_model_input(test, t.mean, t.std, t.input_size), labels=labels)
+
+
+@pytest.fixture(scope="module")
+def default_students(default_teacher, fmnist):
+    t = default_teacher
+    out = {}
+    for spec in SPECS:
+        s = create_student(t.model, spec, torch.zeros(2, *t.input_size), t.classifier)
+        calibrate_(s, [fmnist["calib"]])
+        out[spec.name] = s.eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def eff_teacher():
+    """timm's tiny EfficientNet (SiLU, squeeze-excite, depthwise, edge residuals), random weights with BN
+    running statistics from a few train-mode batches."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("test_efficientnet", num_classes=10, in_chans=EFF_INPUT[0])
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, *EFF_INPUT))
+    dc = dict(architecture="test_efficientnet", model_kwargs=dict(num_classes=10, in_chans=EFF_INPUT[0]),
+              input_size=list(EFF_INPUT), mean=[0.5] * 3, std=[0.25] * 3, num_classes=10, class_names=None,
+              first_conv="conv_stem", classifier="classifier")
+    return m.eval().requires_grad_(False), dc
+
+
+@pytest.fixture(scope="module")
+def eff_students(eff_teacher):
+    model, dc = eff_teacher
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn(64, *EFF_INPUT, generator=g)
+    out = {}
+    for spec in SPECS:
+        s = create_student(model, spec, torch.zeros(2, *EFF_INPUT), dc["classifier"])
+        calibrate_(s, [calib])
+        out[spec.name] = s.eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory, default_teacher, default_students, eff_teacher, eff_students):
+    d = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for name, s in default_students.items():
+        files["default", name] = export_onnx(s, d / f"default_{name}.onnx", default_teacher.input_size, 21,
+                                             default_teacher.data_config(), QuantSpec.parse(name))
+    for name, s in eff_students.items():
+        files["eff", name] = export_onnx(s, d / f"eff_{name}.onnx", EFF_INPUT, 21, eff_teacher[1])
+    return files
+
+
+def _inputs(arch, fmnist):
+    if arch == "default":
+        return fmnist["test"][:128]
+    return torch.randn(128, *EFF_INPUT, generator=torch.Generator().manual_seed(2))
+
+
+def _students(arch, default_students, eff_students):
+    return default_students if arch == "default" else eff_students
+
+
+# ---------------------------------------------------------------- ONNX
+
+@pytest.mark.parametrize("arch", ["default", "eff"])
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_onnx_matches_fake_quant_model(arch, name, onnx_files, default_students, eff_students, fmnist):
+    s = _students(arch, default_students, eff_students)[name]
+    x = _inputs(arch, fmnist)
+    with torch.no_grad():
+        ref = s(x)
+    path = onnx_files[arch, name]["path"]
+    # what the graph means: the same arithmetic, float summation order aside
+    _assert_logits_match(run_onnx(_session(path, optimise=False), x), ref, exact_frac=0.5, p95_rel=1e-2)
+    # what onnxruntime runs by default (8-bit units as integer kernels): within about one activation step
+    _assert_logits_match(run_onnx(_session(path), x), ref, exact_frac=0.0 if name == "w8a8" else 0.8,
+                         p95_rel=0.03)
+
+
+@pytest.mark.parametrize("arch", ["default", "eff"])
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_onnx_graph_holds_integer_weights_and_qdq(arch, name, onnx_files, default_students, eff_students):
+    s = _students(arch, default_students, eff_students)[name]
+    spec = QuantSpec.parse(name)
+    m = onnx.load(onnx_files[arch, name]["path"])
+    onnx.checker.check_model(m, full_check=True)
+    assert {o.domain: o.version for o in m.opset_import}.get("", None) == 21
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    inits = {i.name: i for i in m.graph.initializer}
+    w_type = {8: TensorProto.INT8, 4: TensorProto.INT4}.get(spec.w_bits, TensorProto.INT8)
+    a_type = {8: TensorProto.UINT8, 4: TensorProto.UINT4}.get(spec.a_bits, TensorProto.INT8)
+    layers = find_layer_quants(s)
+    for lq in layers:
+        codes = inits[f"{lq.name}.weight_quantized"]
+        assert codes.data_type == w_type
+        arr = numpy_helper.to_array(codes).astype("int64")
+        assert arr.min() >= lq.w_qmin and arr.max() <= lq.w_qmax
+        assert (torch.from_numpy(arr) == lq.codes).all()
+        assert inits[f"{lq.name}.weight_scale"].data_type == TensorProto.FLOAT
+        assert list(inits[f"{lq.name}.weight_scale"].dims) == [lq.codes.shape[0]]       # per channel
+        if lq.a_bits is not None:
+            assert inits[f"{lq.name}.input_zero_point"].data_type == a_type
+    # no float copy of a quantized weight is left behind
+    shapes = {tuple(lq.codes.shape) for lq in layers}
+    assert not any(i.data_type == TensorProto.FLOAT and tuple(i.dims) in shapes and len(i.dims) > 1
+                   for i in m.graph.initializer)
+    if spec.a_bits not in (4, 8):
+        assert "Clip" in ops                                     # Quantize -> Clip -> Dequantize
+    assert sum(n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")
+               for n in m.graph.node) == len(layers)
+
+
+def test_onnx_batch_axis_is_dynamic(onnx_files, default_students, fmnist):
+    path = onnx_files["default", "w4a4"]["path"]
+    m = onnx.load(path)
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    sess = onnx_session(path, threads=1)
+    with torch.no_grad():
+        for n in (1, 3):
+            x = fmnist["test"][:n]
+            assert run_onnx(sess, x).shape == (n, 10)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["quant_spec"])["w_bits"] == 4 and json.loads(meta["mean"]) == [0.286]
+
+
+@pytest.mark.parametrize("name", ["w4a4", "w8a8"])
+def test_onnx_real_accuracy_and_agreement_on_10k(name, onnx_files, default_students, fmnist):
+    """The acceptance number: the downloaded file, run by onnxruntime with its defaults (integer kernels for
+    W8A8), reproduces the student on all 10k Fashion-MNIST test images."""
+    from gzq.evaluate import predict_logits, top1
+    s = default_students[name]
+    x, y = fmnist["test"], fmnist["labels"]
+    ref = predict_logits(s, x, torch.device("cpu"), batch=1000)
+    out = run_onnx(onnx_session(onnx_files["default", name]["path"], threads=1), x, batch=1000)
+    agree = 100.0 * (out.argmax(1) == ref.argmax(1)).float().mean().item()
+    assert agree >= 99.5
+    assert abs(top1(out, y) - top1(ref, y)) <= 0.1
+    assert top1(ref, y) > 80.0                                   # a working student, not a degenerate one
+
+
+def test_readme_snippet_runs_the_download_with_plain_onnxruntime(onnx_files, default_students):
+    """The five lines of docs_export_section.md: numpy preprocessing from the file's own metadata."""
+    import numpy as np
+    from gzq.data import load_fashion_mnist
+    images_u8 = load_fashion_mnist("test")[0][:500].numpy()
+    path = onnx_files["default", "w4a4"]["path"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
+    mean, std = (np.reshape(meta[k], (1, -1, 1, 1)) for k in ("mean", "std"))
+    x = (images_u8.reshape(-1, *meta["input_size"]) / 255 - mean) / std
+    labels = [meta["class_names"][i] for i in sess.run(None, {"input": x.astype(np.float32)})[0].argmax(1)]
+    from gzq.data import to_model_input
+    with torch.no_grad():
+        ref = default_students["w4a4"](to_model_input(torch.from_numpy(images_u8), meta["mean"], meta["std"],
+                                                      meta["input_size"]))
+    agree = np.mean([a == meta["class_names"][b] for a, b in zip(labels, ref.argmax(1).tolist())])
+    assert agree >= 0.99 and meta["quant_spec"]["a_bits"] == 4
+
+
+def test_out_of_range_zero_points_fall_back_exactly(default_teacher, default_students, fmnist, tmp_path):
+    """LSQ can move a zero point outside the code range; the exporter then widens the code type and keeps
+    the clamp (int8 + Clip, or int16 + float Clip), so the graph still means the same."""
+    import copy
+    s8, s4 = copy.deepcopy(default_students["w8a8"]), copy.deepcopy(default_students["w4a4"])
+    ws8, ws4 = [w for _, w in quant_wrappers(s8) if w.a_quant is not None], \
+        [w for _, w in quant_wrappers(s4) if w.a_quant is not None]
+    with torch.no_grad():
+        ws8[0].a_quant.zero_point.fill_(-2.0)         # 8-bit, zp < 0: int16 codes, float Clip after DQ
+        ws4[0].a_quant.zero_point.fill_(-3.0)         # 4-bit, zp < 0: int8 codes, Clip(0, 15)
+        ws4[1].a_quant.zero_point.fill_(20.0)         # 4-bit, zp > 15: int8 codes, Clip(0, 15)
+    x = fmnist["test"][:64]
+    for s, name in ((s8, "w8a8"), (s4, "w4a4")):
+        info = export_onnx(s, tmp_path / f"{name}.onnx", default_teacher.input_size)
+        types = {v["input"] for v in info["layers"].values()}
+        assert ("int16" if name == "w8a8" else "int8") in types
+        with torch.no_grad():
+            ref = s(x)
+        _assert_logits_match(run_onnx(_session(info["path"], optimise=False), x), ref, 0.5, 1e-2)
+
+
+def test_equal_weights_leave_no_float_copy(default_teacher, default_students, tmp_path):
+    """The TorchScript exporter de-duplicates equal tensors through Identity nodes; none may survive."""
+    import copy
+    s = copy.deepcopy(default_students["w8a8"])
+    with torch.no_grad():
+        a, b = s.get_submodule("layer1.0.conv2"), s.get_submodule("layer1.1.conv2")
+        b.module.weight.copy_(a.module.weight)
+        b.w_quant.scale.copy_(a.w_quant.scale)
+    info = export_onnx(s, tmp_path / "dup.onnx", default_teacher.input_size)
+    m = onnx.load(info["path"])
+    assert not any(i.data_type == TensorProto.FLOAT and len(i.dims) == 4 for i in m.graph.initializer)
+    assert "Identity" not in {n.op_type for n in m.graph.node}
+
+
+def test_asymmetric_weights_use_unsigned_codes(default_teacher, fmnist, tmp_path):
+    t = default_teacher
+    spec = QuantSpec(4, 4, w_symmetric=False)
+    s = create_student(t.model, spec, torch.zeros(2, *t.input_size), t.classifier)
+    calibrate_(s, [fmnist["calib"]])
+    s.eval()
+    info = export_onnx(s, tmp_path / "asym.onnx", t.input_size)
+    assert {v["weight"] for v in info["layers"].values()} == {"uint4"}
+    x = fmnist["test"][:64]
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"], optimise=False), x), ref, 0.5, 1e-2)
+
+
+def test_low_opset_stores_4bit_codes_as_int8(default_students, default_teacher, fmnist, tmp_path):
+    s = default_students["w4a4"]
+    info = export_onnx(s, tmp_path / "w4a4_op17.onnx", default_teacher.input_size, opset=17)
+    assert {v["weight"] for v in info["layers"].values()} == {"int8"}
+    assert {v["input"] for v in info["layers"].values()} <= {"int8", None}
+    x = fmnist["test"][:64]
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"], optimise=False), x), ref, 0.5, 1e-2)
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(s, tmp_path / "bad.onnx", default_teacher.input_size, opset=11)
+
+
+def test_fp32_teacher_onnx_matches(default_teacher, fmnist, tmp_path):
+    t = default_teacher
+    info = export_fp32_onnx(t.model, tmp_path / "teacher.onnx", t.input_size, data_config=t.data_config())
+    x = fmnist["test"][:64]
+    with torch.no_grad():
+        ref = t.model(x)
+    out = run_onnx(onnx_session(info["path"], threads=1), x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load(info["path"]).graph.node}
+
+
+# ---------------------------------------------------------------- integer safetensors
+
+def test_effective_scale_is_what_the_forward_uses(default_students, fmnist):
+    """The exporter's step sizes (LSQ's gradient-scaled parameter) reproduce each quantizer exactly."""
+    s = default_students["w4a4"]
+    for _, w in quant_wrappers(s):
+        wq = w.w_quant
+        view = (-1,) + (1,) * (w.module.weight.ndim - 1)
+        with torch.no_grad():
+            expect = fake_quantize(w.module.weight, effective_scale(wq).view(view), wq.zero_point.view(view),
+                                   wq.qmin, wq.qmax)
+            assert torch.equal(wq(w.module.weight), expect)
+            if w.a_quant is not None:
+                x = torch.randn(1000) * 3
+                aq = w.a_quant
+                assert torch.equal(aq(x), fake_quantize(x, effective_scale(aq), aq.zero_point, aq.qmin, aq.qmax))
+
+
+@pytest.mark.parametrize("arch", ["default", "eff"])
+@pytest.mark.parametrize("name", [s.name for s in SPECS])
+def test_int_safetensors_round_trip_is_exact(arch, name, default_teacher, default_students, eff_teacher,
+                                             eff_students, fmnist, tmp_path):
+    from safetensors.torch import load_file
+    s = _students(arch, default_students, eff_students)[name]
+    dc = default_teacher.data_config() if arch == "default" else eff_teacher[1]
+    info = save_int_weights(s, tmp_path / f"{name}_int.safetensors", QuantSpec.parse(name), dc)
+    tensors = load_file(info["path"])
+    layers = find_layer_quants(s)
+    for lq in layers:
+        codes = tensors[f"{lq.name}.weight"]
+        assert codes.dtype == torch.int8                        # symmetric codes: int8 storage
+        assert torch.equal(codes.long(), lq.codes)
+        assert tensors[f"{lq.name}.weight_scale"].shape == (lq.codes.shape[0],)
+        assert tensors[f"{lq.name}.weight_zero_point"].dtype == torch.int32
+        assert (f"{lq.name}.input_scale" in tensors) == (lq.a_bits is not None)
+    meta = json.loads((tmp_path / f"{name}_int.json").read_text())
+    assert meta["quant_spec"]["w_bits"] == QuantSpec.parse(name).w_bits and len(meta["layers"]) == len(layers)
+    rebuilt, spec, dc2 = load_int_weights(info["path"])
+    assert spec.name == name and dc2["architecture"] == dc["architecture"]
+    x = _inputs(arch, fmnist)[:32]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), s(x))                    # bit for bit
+
+
+def test_int_safetensors_rejects_a_foreign_json(tmp_path, default_students, default_teacher):
+    info = save_int_weights(default_students["w8a8"], tmp_path / "w_int.safetensors", QuantSpec(8, 8),
+                            default_teacher.data_config())
+    (tmp_path / "w_int.json").write_text(json.dumps({"quant_spec": {}}))
+    with pytest.raises(ValueError, match="gzq-int"):
+        load_int_weights(info["path"])
+
+
+# ---------------------------------------------------------------- run folder, config, CLI
+
+def test_export_run_writes_and_records_files(tmp_path, default_teacher, default_students):
+    students = {n: default_students[n] for n in ("w8a8", "w4a4")}
+    specs = {n: QuantSpec.parse(n) for n in students}
+    report = dict(teacher=dict(name="default"), students=[dict(name=n) for n in students])
+    export_run(tmp_path, ExportConfig(), report, default_teacher, students, specs)
+    assert (tmp_path / "teacher_fp32.onnx").exists()
+    assert report["teacher"]["files"]["onnx"]["path"] == "teacher_fp32.onnx"
+    for row in report["students"]:
+        f = row["files"]
+        assert f["onnx"]["path"] == f"students/{row['name']}.onnx"
+        assert f["onnx"]["bytes"] == (tmp_path / f["onnx"]["path"]).stat().st_size
+        assert (tmp_path / f["safetensors_int"]["path"]).exists() and (tmp_path / f["safetensors_int"]["json"]).exists()
+    sizes = {r["name"]: r["files"]["onnx"]["bytes"] for r in report["students"]}
+    fp32 = report["teacher"]["files"]["onnx"]["bytes"]
+    assert sizes["w4a4"] < sizes["w8a8"] < fp32 / 3              # int4 packs two codes a byte
+
+    only = tmp_path / "only_st"
+    report2 = dict(students=[dict(name="w8a8")])
+    export_run(only, ExportConfig(formats=["safetensors"]), report2, default_teacher,
+               {"w8a8": default_students["w8a8"]}, {"w8a8": QuantSpec(8, 8)})
+    assert set(report2["students"][0]["files"]) == {"safetensors_int"} and not (only / "teacher_fp32.onnx").exists()
+
+
+def test_export_config_validates_and_round_trips():
+    cfg = RunConfig()
+    assert cfg.export.formats == [ExportFormat.ONNX, ExportFormat.SAFETENSORS] and cfg.export.opset == 21
+    d = cfg.to_dict()
+    assert d["export"] == {"formats": ["onnx", "safetensors"], "opset": 21}
+    d["export"] = {"formats": ["safetensors"], "opset": 17}
+    back = RunConfig.from_dict(d)
+    assert back.export.formats == [ExportFormat.SAFETENSORS] and back.export.opset == 17
+    legacy = cfg.to_dict()
+    legacy.pop("export")                                         # config.json of runs written before export
+    assert RunConfig.from_dict(legacy).export == ExportConfig()
+    with pytest.raises(ValueError, match="tflite"):
+        ExportConfig(formats=["tflite"])
+    with pytest.raises(ValueError, match="opset"):
+        ExportConfig(opset=9)
+
+
+def test_cli_export_flag():
+    from gzq.cli import _parser, build_config
+    p = _parser()
+    cfg = build_config(p.parse_args(["run", "--out", "x", "--device", "cpu"]))
+    assert cfg.export.formats == [ExportFormat.ONNX, ExportFormat.SAFETENSORS]
+    cfg = build_config(p.parse_args(["run", "--out", "x", "--device", "cpu", "--export", "none"]))
+    assert cfg.export.formats == []
+    cfg = build_config(p.parse_args(["run", "--out", "x", "--device", "cpu", "--export", "onnx",
+                                     "--set", "export.opset=17"]))
+    assert cfg.export.formats == [ExportFormat.ONNX] and cfg.export.opset == 17
+    with pytest.raises(ValueError, match="export formats"):
+        build_config(p.parse_args(["run", "--out", "x", "--device", "cpu", "--export", "tflite"]))
