@@ -77,16 +77,12 @@ def real_source(num: int, holdout: int, seed: int):
 
 def run_once(model: str, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str) -> tuple[dict, float]:
     synth = dict(budget["synth"])
-    source = None
-    if method == "real":
-        synth.update(adversarial=False)
-        source = real_source(synth["num_images"], synth["holdout_images"], seed)
-    else:
-        synth.update(SHARED.get(method) or PER_BITS[method])
+    synth.update(SHARED.get(method) or PER_BITS.get(method) or dict(adversarial=False))
     if method == "mse":
         synth["lambda_bn"] = MSE_LAMBDA_BN
     cfg = make_config(budget.get("preset", "cpu"), device, model=MODELS[model], students=students, seed=seed,
                       synth=synth, train=budget.get("train", {}), eval=budget.get("eval", {}))
+    source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
     report = None
     for ev in iter_run(cfg, None, synth_source=source):
@@ -104,6 +100,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny budget, one seed: checks the benchmark runs")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy.json")
+    p.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy_runs.jsonl",
+                   help="finished runs (JSON lines); runs already there are not repeated")
     args = p.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     budget = {"preset": "cpu", "synth": {}, "train": {}, "eval": {}}
@@ -119,6 +117,11 @@ def main(argv=None):
         p.error(f"unknown methods {sorted(unknown)}; known: {METHODS}")
     rows: dict[tuple, dict] = {}
     fp: dict[str, list] = {}
+    cache = {}  # finished runs, so an interrupted benchmark resumes where it stopped
+    if args.cache.exists() and not args.quick:
+        for line in args.cache.read_text().splitlines():
+            rec = json.loads(line)
+            cache[rec["key"]] = rec
     for model in args.models.split(","):
         if model not in MODELS:
             p.error(f"unknown model {model!r}; known: {list(MODELS)}")
@@ -126,7 +129,16 @@ def main(argv=None):
             groups = [bits] if method in SHARED else [[b] for b in bits]
             for group in groups:
                 for seed in seeds:
-                    report, secs = run_once(model, group, method, seed, budget, args.device)
+                    key = json.dumps([model, [b.name for b in group], method, seed, budget], sort_keys=True)
+                    if key in cache:
+                        report, secs = cache[key]["report"], cache[key]["secs"]
+                    else:
+                        report, secs = run_once(model, group, method, seed, budget, args.device)
+                        report = {"teacher": report["teacher"], "students": report["students"]}
+                        if not args.quick:
+                            args.cache.parent.mkdir(parents=True, exist_ok=True)
+                            with args.cache.open("a") as f:
+                                f.write(json.dumps({"key": key, "report": report, "secs": secs}) + "\n")
                     fp.setdefault(model, []).append(report["teacher"]["accuracy"])
                     for s in report["students"]:
                         key = (model, s["name"], method)
@@ -142,7 +154,8 @@ def main(argv=None):
         table.append(dict(model=model, bits=name, method=method, fp=fp[model][0],
                           mean=round(statistics.mean(r["acc"]), 2),
                           spread=round(statistics.pstdev(r["acc"]), 2) if len(r["acc"]) > 1 else 0.0,
-                          min=min(r["acc"]), seeds=r["acc"], real_agreement=round(statistics.mean(r["agree"]), 2),
+                          min=min(r["acc"]), seeds=r["acc"], real_agreement=round(statistics.mean(a for a in r["agree"] if a is not None), 2)
+                          if any(a is not None for a in r["agree"]) else None,
                           wall_s=round(statistics.mean(r["secs"]), 1), shared_run=method in SHARED))
     order = {m: i for i, m in enumerate(METHODS)}
     table.sort(key=lambda t: (t["model"], t["bits"], order[t["method"]]))
@@ -156,7 +169,7 @@ def main(argv=None):
               f"{t['fp']:>7.2f}{gap:>9}{t['wall_s']:>8.1f}{' *' if t['shared_run'] else ''}")
     print("* one run served every bit-width; its wall time covers all of them")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(args=vars(args) | {"out": str(args.out)}, budget=budget, seeds=seeds,
+    args.out.write_text(json.dumps(dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, budget=budget, seeds=seeds,
                                         rows=table), indent=2) + "\n")
     print(f"wrote {args.out}")
     return table
