@@ -15,7 +15,7 @@ fake-quant translation accepts 8-bit ranges only, DESIGN 6):
     q = saturate(round_half_even(x / scale) + zero_point)     x_hat = (q - zero_point) * scale
 
 which is `primitives.quantize` / `primitives.dequantize` with the step sizes the fake-quant forward uses
-(LSQ's gradient-scaled, absolute, clamped step: `effective_scale`), so the graph means what the
+(the absolute, clamped LSQ step: `effective_scale`), so the graph means what the
 PyTorch model means, bit for bit up to float summation order.
 
 Integer safetensors. Per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from torch import nn
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.convert import create_student, quant_wrappers
 from .quant.modules import ActQuantizer, QuantWrapper, WeightQuantizer
-from .quant.primitives import dequantize, grad_scale, quantize
+from .quant.primitives import dequantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -54,45 +53,11 @@ _TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter stops at 20; the QDQ rew
 # Integer form of a student
 # ----------------------------------------------------------------------------------------------------------
 
-def _lsq_gain(q: nn.Module) -> float:
-    """The gradient gain g that the quantizer's forward passes to `grad_scale` (mirrors quant/modules.py)."""
-    if isinstance(q, WeightQuantizer):
-        return q._g
-    if isinstance(q, ActQuantizer):
-        return 1.0 / math.sqrt(q._numel * q.qmax)
-    raise TypeError(f"not a gzq quantizer: {type(q).__name__}")
-
-
-def _step_from_param(param: torch.Tensor, gain: float) -> torch.Tensor:
-    """The step size a quantizer's forward uses for a raw LSQ parameter. `grad_scale` is the identity in
-    value only up to one float rounding, so the exported scale must be computed the same way."""
-    return grad_scale(param.detach().float(), gain).abs().clamp_min(1e-8)
-
-
 def effective_scale(q: nn.Module) -> torch.Tensor:
     """Step size(s) the fake-quant forward of `q` really multiplies by: (O,) for weights, () for activations."""
-    return _step_from_param(q.scale, _lsq_gain(q))
-
-
-def _param_for_step(step: torch.Tensor, gain: float, max_ulps: int = 16) -> torch.Tensor:
-    """A raw LSQ parameter p with _step_from_param(p, gain) == step exactly (searched over a few float ulps
-    around `step`; every step a forward produced is reachable that way)."""
-    step = step.float()
-    p = step.clone()
-    ok = _step_from_param(p, gain) == step
-    up, down = step.clone(), step.clone()
-    for _ in range(max_ulps):
-        if bool(ok.all()):
-            break
-        up = torch.nextafter(up, torch.full_like(up, math.inf))
-        down = torch.nextafter(down, torch.zeros_like(down))
-        for cand in (up, down):
-            hit = ~ok & (_step_from_param(cand, gain) == step)
-            p, ok = torch.where(hit, cand, p), ok | hit
-    if not bool(ok.all()):
-        log.warning("%d step size(s) have no exact LSQ parameter; the rebuilt model may differ by one ulp",
-                    int((~ok).sum()))
-    return p
+    if not isinstance(q, (WeightQuantizer, ActQuantizer)):
+        raise TypeError(f"not a gzq quantizer: {type(q).__name__}")
+    return q.effective_scale()
 
 
 @dataclass
@@ -531,12 +496,12 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
         sd[f"{n}.module.weight"] = dequantize(codes.float(), scale.view(view), zp.view(view))
         if f"{n}.bias" in tensors:
             sd[f"{n}.module.bias"] = tensors[f"{n}.bias"]
-        sd[f"{n}.w_quant.scale"] = _param_for_step(scale, _lsq_gain(w.w_quant))
+        sd[f"{n}.w_quant.scale"] = scale.float()
         sd[f"{n}.w_quant.zero_point"] = zp
         if w.a_quant is not None:
             w.a_quant._numel = int(lm["a_numel"])                    # sets the LSQ gain of the step size
             s = tensors[f"{n}.input_scale"].float()
-            sd[f"{n}.a_quant.scale"] = _param_for_step(s, _lsq_gain(w.a_quant))
+            sd[f"{n}.a_quant.scale"] = s.float()
             sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
     student.load_state_dict(sd, strict=True)
     return student.to(device).eval().requires_grad_(False), spec, dc

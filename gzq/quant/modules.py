@@ -34,6 +34,10 @@ class WeightQuantizer(nn.Module):
     def _view(self, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return t.view(-1, *([1] * (w.ndim - 1)))
 
+    def effective_scale(self) -> torch.Tensor:
+        """The step sizes the forward multiplies by, (O,) (grad_scale changes gradients, never values)."""
+        return self.scale.detach().abs().clamp_min(1e-8)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         scale = grad_scale(self.scale, self._g).abs().clamp_min(1e-8)
         return fake_quantize(w, self._view(scale, w), self._view(self.zero_point, w), self.qmin, self.qmax)
@@ -69,8 +73,12 @@ class ActQuantizer(nn.Module):
             self._numel = x[0].numel()
             return x
         g = 1.0 / math.sqrt(self._numel * self.qmax)
-        scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)
+        scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
+
+    def effective_scale(self) -> torch.Tensor:
+        """The step size the forward multiplies by, () (grad_scale changes gradients, never values)."""
+        return self.scale.detach().abs().clamp_min(1e-8)
 
     @torch.no_grad()
     def init_from_calibration_(self, method: str = "mse", percentile: float = 99.99) -> None:
