@@ -12,6 +12,8 @@ images differ):
     gznq_m1     GZNQ with one student of the target configuration (M = 1, the default for one configuration)
     gznq_m3     GZNQ with three students (the target configuration and two bootstrap seeds of it)
     pixel_m1    gznq_m1 with plain-pixel images instead of the reparameterised f_I(z)
+    vemp_m1     gznq_m1 with V = the batch's empirical 4th moment (instead of 2 sigma^4)   [on request]
+    nbhw_m1     gznq_m1 with N = batch x height x width (instead of the batch size)        [on request]
     real        N real training images (N = the synthetic image count): the upper bound
 Methods without students share one run across all requested bit-widths (one set of images, one student
 per configuration). Prints one table (mean, spread over seeds, wall time) and writes it as JSON.
@@ -49,8 +51,11 @@ PER_BITS = {
     "gznq_m1": dict(num_students=1),
     "gznq_m3": dict(num_students=3),
     "pixel_m1": dict(num_students=1, image_param="pixel"),
+    "vemp_m1": dict(num_students=1, v_rule="empirical"),
+    "nbhw_m1": dict(num_students=1, n_rule="batch_spatial"),
 }
 METHODS = ["noise", "mse", "gznq_m0", "gznq_m1", "gznq_m3", "pixel_m1", "real"]
+OPTIONS = ["vemp_m1", "nbhw_m1"]  # the likelihood's V and N rules, run on request (--methods)
 MSE_LAMBDA_BN = 0.05  # squared-error norms are ~10x smaller than the likelihood's NLL at the start
 
 
@@ -112,9 +117,9 @@ def main(argv=None):
         seeds = seeds[:1]
     bits = [parse_bits(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS + OPTIONS)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; known: {METHODS}")
+        p.error(f"unknown methods {sorted(unknown)}; known: {METHODS + OPTIONS}")
     rows: dict[tuple, dict] = {}
     fp: dict[str, list] = {}
     cache = {}  # finished runs, so an interrupted benchmark resumes where it stopped
@@ -157,7 +162,7 @@ def main(argv=None):
                           min=min(r["acc"]), seeds=r["acc"], real_agreement=round(statistics.mean(a for a in r["agree"] if a is not None), 2)
                           if any(a is not None for a in r["agree"]) else None,
                           wall_s=round(statistics.mean(r["secs"]), 1), shared_run=method in SHARED))
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(METHODS + OPTIONS)}
     table.sort(key=lambda t: (t["model"], t["bits"], order[t["method"]]))
     print(f"\n{'model':<12}{'bits':<10}{'method':<10}{'top-1 mean':>11}{'spread':>8}{'min':>7}{'FP':>7}"
           f"{'vs real':>9}{'wall s':>8}")
