@@ -200,6 +200,7 @@ class SynthConfig(_Serialisable):
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
+    student_lr_quant: float = 1e-2  # quantizer step sizes: relative change per Adam step
     preview_every: int = 10
 
     def __post_init__(self):
@@ -211,7 +212,7 @@ class SynthConfig(_Serialisable):
         _check_positive("steps", self.steps, allow_zero=True)
         _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("num_students", self.num_students, allow_zero=True)
-        for nm in ("lr", "lr_log_scale", "student_lr", "first_bn_weight"):
+        for nm in ("lr", "lr_log_scale", "student_lr", "student_lr_quant", "first_bn_weight"):
             _check_positive(nm, getattr(self, nm))
         for nm in ("lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2"):
             _check_positive(nm, getattr(self, nm), allow_zero=True)
@@ -227,7 +228,7 @@ class TrainConfig(_Serialisable):
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-4          # weights
-    lr_quant: float = 1e-3    # step sizes and zero points
+    lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
 

@@ -16,7 +16,7 @@ from torch import nn
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
 from .models import Teacher
-from .quant.convert import quant_param_groups
+from .quant.convert import student_optimizer
 from .synthesis import SyntheticImages, augment
 
 
@@ -40,8 +40,7 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: Synth
     total = cfg.epochs * steps_per_epoch
     opts, scheds = {}, {}
     for name, s in students.items():
-        weights, quant = quant_param_groups(s)
-        opts[name] = torch.optim.Adam([{"params": weights, "lr": cfg.lr}, {"params": quant, "lr": cfg.lr_quant}])
+        opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
         scheds[name] = torch.optim.lr_scheduler.LambdaLR(
             opts[name], lambda i: 0.5 * (1 + math.cos(math.pi * i / max(total, 1))))
         s.eval().requires_grad_(True)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Presets: what fits a 2-core CPU in a few minutes on the bundled model, and a GPU budget near the paper's.
 PRESETS: dict[str, dict] = {
     "cpu": dict(synth=dict(num_images=256, holdout_images=32, batch_size=96, steps=300, warmup_steps=100),
-                train=dict(epochs=20, batch_size=64)),
+                train=dict(epochs=40, batch_size=64)),
     "gpu": dict(synth=dict(num_images=1024, holdout_images=128, batch_size=256, steps=2000, warmup_steps=500),
                 train=dict(epochs=100, batch_size=128)),
 }

@@ -27,7 +27,7 @@ from .bn import BNStatsRecorder, bn_losses
 from .config import ImageParam, SynthConfig, VRule
 from .events import Preview, Progress, StageStarted, Stopped
 from .models import Teacher
-from .quant.convert import calibrate_, quant_param_groups
+from .quant.convert import calibrate_, student_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,6 @@ class SynthResult:
     history: dict[str, list]
 
 
-def _make_student_optimizer(student: nn.Module, lr: float, lr_quant: float):
-    weights, quant = quant_param_groups(student)
-    return torch.optim.Adam([{"params": weights, "lr": lr}, {"params": quant, "lr": lr_quant}])
-
-
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
                     seed: int = 0, stop: Callable[[], bool] = lambda: False,
                     calibration: dict | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
@@ -207,7 +202,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
     opt = torch.optim.Adam(groups, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
-    s_opts = {n: _make_student_optimizer(s, cfg.student_lr, cfg.student_lr * 10) for n, s in students.items()}
+    s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
     history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": []}
     calibrated = False
     batch = min(cfg.batch_size, k)
@@ -244,8 +239,9 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 with torch.no_grad():
                     calib = [images(perm_i, dev_gen, noise=False) for perm_i in
                              torch.split(torch.nonzero(~holdout_mask).flatten(), 64)]
-                for s in students.values():
+                for n, s in students.items():
                     calibrate_(s, calib, **(calibration or {}))
+                    s_opts[n] = student_optimizer(s, cfg.student_lr, cfg.student_lr_quant)
                 calibrated = True
             opt.zero_grad(set_to_none=True)
             if adversarial:

@@ -142,12 +142,23 @@ def calibrate_(model: nn.Module, batches, method: str = "mse", percentile: float
         a.init_from_calibration_(method, percentile)
 
 
-def quant_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights and biases, step sizes and zero points) of a student, for separate learning rates."""
-    quant, other = [], []
+def student_optimizer(model: nn.Module, lr: float, lr_quant: float) -> torch.optim.Adam:
+    """Adam over a student's weights (step `lr`) and its quantizers (step sizes relative to their values).
+
+    Adam's step does not depend on the gradient's scale, so a fixed learning rate would move an 8-bit
+    weight step size of 1e-3 by as much as a 4-bit one of 5e-2. Each quantizer's step sizes therefore get
+    `lr_quant` times their current mean magnitude (create the optimizer after calibration); zero points
+    are in code units and take `lr_quant` as is.
+    """
+    weights, groups = [], []
     for n, p in model.named_parameters():
-        (quant if n.endswith(("scale", "zero_point")) else other).append(p)
-    return other, quant
+        if n.endswith("scale"):
+            groups.append({"params": [p], "lr": lr_quant * float(p.detach().abs().mean().clamp_min(1e-8))})
+        elif n.endswith("zero_point"):
+            groups.append({"params": [p], "lr": lr_quant})
+        else:
+            weights.append(p)
+    return torch.optim.Adam([{"params": weights, "lr": lr}] + groups)
 
 
 def model_size_bytes(model: nn.Module) -> int:
