@@ -763,7 +763,7 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                                    info="other bit-widths trained on the same images; comma-separated w<bits>a<bits>")
                 protocol = gr.Radio(PROTOCOLS, value="all_layers", label="Protocol")
                 preset = gr.Radio(list(UI_PRESETS), value=preset0, label="Preset",
-                                  info="quick CPU ≈ 15 s, standard ≈ 1 min on a CPU (default model); "
+                                  info="quick CPU ≈ 15 s, standard ≈ 1.5 min on a CPU (default model); "
                                        "paper-scale wants a GPU")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
