@@ -54,8 +54,7 @@ class BNStatsRecorder:
         def hook(module, args):
             x = args[0]  # (B, C, H, W) or (B, C)
             dims = [0] + list(range(2, x.ndim))
-            mean = x.mean(dims)
-            var = x.var(dims, unbiased=False)
+            var, mean = torch.var_mean(x, dims, unbiased=False)
             m4 = None
             if self.need_m4:
                 with torch.no_grad():
@@ -119,10 +118,14 @@ def bn_losses(recorder: BNStatsRecorder, kind: BNLoss, n_rule: NRule = NRule.BAT
         n, v = _n_and_v(s, sigma2, n_rule, v_rule)
         if kind == BNLoss.MSE:
             losses.append(torch.norm(s.mean - mu, 2) + torch.norm(s.var - bn.running_var, 2))
+            with torch.no_grad():
+                lls.append(gaussian_stat_log_likelihood(s.mean, s.var, mu, sigma2, n, v).mean())
         else:
-            losses.append(gaussian_stat_nll(s.mean, s.var, mu, sigma2, n, v).mean())
-        with torch.no_grad():
-            lls.append(gaussian_stat_log_likelihood(s.mean, s.var, mu, sigma2, n, v).mean())
+            nll = gaussian_stat_nll(s.mean, s.var, mu, sigma2, n, v).mean()
+            losses.append(nll)
+            with torch.no_grad():  # the same log-density as gaussian_stat_log_likelihood, sharing the NLL
+                log_norm = -0.5 * (2 * _LOG_2PI + torch.log(sigma2 / n) + torch.log(v / n))
+                lls.append(log_norm.mean() - nll.detach())
         weights.append(first_weight if i == 0 else 1.0)
     w = torch.tensor(weights, device=losses[0].device)
     loss = (torch.stack(losses) * w).sum() / w.sum()

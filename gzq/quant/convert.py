@@ -158,7 +158,7 @@ def student_optimizer(model: nn.Module, lr: float, lr_quant: float) -> torch.opt
             groups.append({"params": [p], "lr": lr_quant})
         else:
             weights.append(p)
-    return torch.optim.Adam([{"params": weights, "lr": lr}] + groups)
+    return torch.optim.Adam([{"params": weights, "lr": lr}] + groups, foreach=True)
 
 
 def model_size_bytes(model: nn.Module) -> int:
