@@ -135,6 +135,9 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
     timings: dict[str, float] = {}
     final = Path(out_dir) if out_dir else None
     partial = final.with_name(final.name + ".partial") if final else None
+    if final is not None and final.exists() and (not final.is_dir() or (any(final.iterdir())
+                                                                        and not (final / "config.json").exists())):
+        raise ValueError(f"output folder {final} exists and is not a GZQ run folder; choose a new --out")
     if partial is not None:
         if partial.exists():
             shutil.rmtree(partial)

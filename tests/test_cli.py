@@ -113,3 +113,11 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg):
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_cli_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path):
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    r = _cli("run", "--steps", "2", "--images", "8", "--epochs", "1", "--out", str(tmp_path))
+    assert r.returncode == 2 and "is not a GZQ run folder" in r.stderr
+    assert keep.read_text() == "mine"
