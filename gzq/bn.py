@@ -49,6 +49,7 @@ class BNStatsRecorder:
         self.need_m4 = need_m4
         self.stats: list[BatchStats | None] = [None] * len(self.layers)
         self._handles = [m.register_forward_pre_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)]
+        self._constants: dict[str, torch.Tensor] | None = None
 
     def _make_hook(self, i: int):
         def hook(module, args):
@@ -64,6 +65,20 @@ class BNStatsRecorder:
             self.stats[i] = BatchStats(mean, var, m4, x.shape[0], spatial)
         return hook
 
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The running statistics of all layers as one vector each, (sum C,), and each channel's layer index.
+        Cached: the teacher is frozen."""
+        if self._constants is None:
+            bns = [bn for _, bn in self.layers]
+            counts = torch.tensor([bn.num_features for bn in bns], device=bns[0].running_mean.device)
+            self._constants = dict(
+                mu=torch.cat([bn.running_mean for bn in bns]),
+                sigma2=torch.cat([bn.running_var + bn.eps for bn in bns]),
+                seg=torch.repeat_interleave(torch.arange(len(bns), device=counts.device), counts),
+                counts=counts.to(bns[0].running_mean.dtype),
+            )
+        return self._constants
+
     def remove(self):
         for h in self._handles:
             h.remove()
@@ -74,15 +89,6 @@ class BNStatsRecorder:
 
     def __exit__(self, *exc):
         self.remove()
-
-
-def _n_and_v(s: BatchStats, sigma2: torch.Tensor, n_rule: NRule, v_rule: VRule):
-    n = s.batch * s.spatial if n_rule == NRule.BATCH_SPATIAL else s.batch
-    if v_rule == VRule.EMPIRICAL and s.m4 is not None:
-        v = (s.m4 - s.var.detach().pow(2)).clamp_min(1e-3 * sigma2.pow(2))
-    else:
-        v = 2 * sigma2.pow(2)
-    return n, v
 
 
 def gaussian_stat_nll(mu_hat, var_hat, mu, sigma2, n, v) -> torch.Tensor:
@@ -99,34 +105,48 @@ def gaussian_stat_log_likelihood(mu_hat, var_hat, mu, sigma2, n, v) -> torch.Ten
     return log_norm - gaussian_stat_nll(mu_hat, var_hat, mu, sigma2, n, v)
 
 
+def _segment_mean(values: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (sum C,) within each layer's segment -> (L,)."""
+    return torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add(0, seg, values) / counts
+
+
 def bn_losses(recorder: BNStatsRecorder, kind: BNLoss, n_rule: NRule = NRule.BATCH,
               v_rule: VRule = VRule.GAUSSIAN, first_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The synthesis loss L_BN and the per-layer log-likelihood (for plotting) of the latest forward.
 
     L_BN is the w_l-weighted mean over layers of each layer's channel-mean NLL (or DeepInversion's
     squared-error norm for BNLoss.MSE). The log-likelihood is always the GZNQ Gaussian one, so curves of
-    both losses can be compared on one axis.
+    both losses can be compared on one axis. All layers' channels are handled as one concatenated
+    vector, (sum C,), so the cost does not grow with the number of small per-layer ops.
 
     Returns:
         loss: scalar with grad; log_likelihood: (L,) detached, mean over channels per layer.
     """
-    losses, lls, weights = [], [], []
-    for i, ((_, bn), s) in enumerate(zip(recorder.layers, recorder.stats)):
+    for i, s in enumerate(recorder.stats):
         if s is None:
             raise RuntimeError(f"BN layer {recorder.layers[i][0]} saw no input in the last forward")
-        mu, sigma2 = bn.running_mean, bn.running_var + bn.eps
-        n, v = _n_and_v(s, sigma2, n_rule, v_rule)
-        if kind == BNLoss.MSE:
-            losses.append(torch.norm(s.mean - mu, 2) + torch.norm(s.var - bn.running_var, 2))
-            with torch.no_grad():
-                lls.append(gaussian_stat_log_likelihood(s.mean, s.var, mu, sigma2, n, v).mean())
-        else:
-            nll = gaussian_stat_nll(s.mean, s.var, mu, sigma2, n, v).mean()
-            losses.append(nll)
-            with torch.no_grad():  # the same log-density as gaussian_stat_log_likelihood, sharing the NLL
-                log_norm = -0.5 * (2 * _LOG_2PI + torch.log(sigma2 / n) + torch.log(v / n))
-                lls.append(log_norm.mean() - nll.detach())
-        weights.append(first_weight if i == 0 else 1.0)
-    w = torch.tensor(weights, device=losses[0].device)
-    loss = (torch.stack(losses) * w).sum() / w.sum()
-    return loss, torch.stack(lls)
+    c = recorder.constants()
+    stats = recorder.stats
+    mu_hat = torch.cat([s.mean for s in stats])                                   # (sum C,)
+    var_hat = torch.cat([s.var for s in stats])
+    per_layer_n = [s.batch * s.spatial if n_rule == NRule.BATCH_SPATIAL else s.batch for s in stats]
+    n = torch.tensor(per_layer_n, dtype=mu_hat.dtype, device=mu_hat.device)[c["seg"]]
+    if v_rule == VRule.EMPIRICAL and all(s.m4 is not None for s in stats):
+        m4 = torch.cat([s.m4 for s in stats])
+        v = (m4 - var_hat.detach().pow(2)).clamp_min(1e-3 * c["sigma2"].pow(2))
+    else:
+        v = 2 * c["sigma2"].pow(2)
+    nll = gaussian_stat_nll(mu_hat, var_hat, c["mu"], c["sigma2"], n, v)              # (sum C,)
+    layer_nll = _segment_mean(nll, c["seg"], c["counts"])                          # (L,)
+    if kind == BNLoss.MSE:
+        layer_loss = torch.stack([torch.norm(s.mean - bn.running_mean, 2) + torch.norm(s.var - bn.running_var, 2)
+                                  for (_, bn), s in zip(recorder.layers, stats)])
+    else:
+        layer_loss = layer_nll
+    w = torch.ones(len(stats), device=mu_hat.device)
+    w[0] = first_weight
+    loss = (layer_loss * w).sum() / w.sum()
+    with torch.no_grad():  # log N(mu_hat; mu, sigma^2/N) + log N(var_hat; sigma^2, V/N), channel mean per layer
+        log_norm = -0.5 * (2 * _LOG_2PI + torch.log(c["sigma2"] / n) + torch.log(v / n))
+        ll = _segment_mean(log_norm, c["seg"], c["counts"]) - layer_nll.detach()
+    return loss, ll
