@@ -17,15 +17,13 @@ from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
 from .models import Teacher
 from .quant.convert import student_optimizer
-from .synthesis import SyntheticImages, augment
+from .synthesis import SyntheticImages, augment, kl_teacher_student
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
     t = temperature
-    p_log = F.log_softmax(teacher_logits / t, 1)
-    q_log = F.log_softmax(student_logits / t, 1)
-    return (p_log.exp() * (p_log - q_log)).sum(1).mean() * t * t
+    return kl_teacher_student(F.log_softmax(teacher_logits / t, 1), F.log_softmax(student_logits / t, 1)) * t * t
 
 
 def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: SyntheticImages, train_idx: torch.Tensor,

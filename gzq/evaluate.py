@@ -11,6 +11,7 @@ from torch import nn
 from .config import EvalConfig
 from .data import load_fashion_mnist, load_image_folder, to_model_input
 from .models import Teacher
+from .synthesis import kl_teacher_student
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,7 @@ def agreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> flo
 
 def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
     """KL(teacher || student) averaged over images."""
-    p_log, q_log = F.log_softmax(teacher_logits, 1), F.log_softmax(student_logits, 1)
-    return (p_log.exp() * (p_log - q_log)).sum(1).mean().item()
+    return kl_teacher_student(F.log_softmax(teacher_logits, 1), F.log_softmax(student_logits, 1)).item()
 
 
 def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, str] | None:

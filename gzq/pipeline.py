@@ -198,12 +198,12 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
             yield StageStarted("save", 0, f"writing {final}")
             save_run(partial, cfg, report, teacher, students, specs, synth)
             timings["save"] = time.perf_counter() - t
-            timings["total"] = sum(v for k, v in timings.items() if k != "total")
+            timings["total"] = sum(timings.values())
             (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
-        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        timings.setdefault("total", sum(timings.values()))
         finished = True
         yield Done(report, str(final) if final else None)
     finally:
@@ -256,12 +256,13 @@ def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, stude
     pixels = synth.images.to_uint8(None, teacher.mean, teacher.std)
     labels = synth.images.labels.tolist()
     names = teacher.class_names
+    holdout = set(synth.holdout_idx.tolist())
     index = []
     for i, (px, y) in enumerate(zip(pixels, labels)):
         fname = f"{i:04d}_{y}.png"
         Image.fromarray(px[..., 0] if px.shape[-1] == 1 else px).save(img_dir / fname)
         index.append(dict(file=fname, label=y, class_name=names[y] if names else None,
-                          split="holdout" if i in set(synth.holdout_idx.tolist()) else "train"))
+                          split="holdout" if i in holdout else "train"))
     (img_dir / "labels.json").write_text(json.dumps(index, indent=1) + "\n")
     for name, s in students.items():
         save_student(folder / "students" / f"{name}.safetensors", s, specs[name], teacher)
