@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                       # default model, W4A4, 3 seeds, every method
     python benchmarks/accuracy.py --bits w8a8,w4a4,w3a3,w4a4_fl8 --models default,mobilenetv2
     python benchmarks/accuracy.py --quick               # smoke test (tiny budget, one seed)
+    python benchmarks/accuracy.py --set synth.lambda_bn=0.02   # every method with a changed default
 
 Methods (every row: same quantizer, same calibration, same KD fine-tuning recipe and budget; only the
 images differ):
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gzq.cli import apply_overrides  # noqa: E402
 from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec  # noqa: E402
 from gzq.data import load_fashion_mnist, to_model_input  # noqa: E402
 from gzq.events import Done  # noqa: E402
@@ -104,6 +106,9 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny budget, one seed: checks the benchmark runs")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change a default for every method, e.g. --set synth.init_log_scale=-1 (repeatable; "
+                        "part of the cache key)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy.json")
     p.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy_runs.jsonl",
                    help="finished runs (JSON lines); runs already there are not repeated")
@@ -115,6 +120,10 @@ def main(argv=None):
         budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
                   "train": dict(epochs=1), "eval": dict(max_real_images=300)}
         seeds = seeds[:1]
+    try:
+        apply_overrides({k: budget[k] for k in ("synth", "train", "eval")}, args.set)
+    except ValueError as e:
+        p.error(str(e))
     bits = [parse_bits(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS + OPTIONS)

@@ -77,13 +77,18 @@ def build_config(args):
         train["epochs"] = args.epochs
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
     sections = {"synth": synth, "train": train, "eval": evalc, "export": {"formats": formats}}
-    for item in args.set:
-        key, _, val = item.partition("=")
+    apply_overrides(sections, args.set)
+    return make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
+
+
+def apply_overrides(sections: dict[str, dict], items: list[str]) -> None:
+    """Apply "section.field=value" strings (the CLI's --set) to per-section override dicts, in place."""
+    for item in items:
+        key, eq, val = item.partition("=")
         section, _, fld = key.partition(".")
-        if section not in sections or not fld or not _:
+        if section not in sections or not fld or not eq:
             raise ValueError(f"--set {item!r} must look like synth.lr=0.1 (sections: {', '.join(sections)})")
         sections[section][fld] = _parse_value(val)
-    return make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
 
 
 def _format_table(report: dict) -> str:

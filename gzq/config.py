@@ -185,7 +185,7 @@ class SynthConfig(_Serialisable):
     lr: float = 0.1
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
-    init_log_scale: float = -1.0   # s_0: initial per-pixel log std of f_I(z) noise
+    init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
     n_rule: NRule = NRule.BATCH

@@ -24,3 +24,25 @@ def test_speed_benchmark_quick():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step/floor" in r.stdout and r.stdout.count("default") == 2
+
+
+def test_accuracy_benchmark_set_overrides(tmp_path):
+    out = tmp_path / "acc.json"
+    cmd = [sys.executable, "benchmarks/accuracy.py", "--quick", "--methods", "gznq_m0", "--out", str(out)]
+    r = subprocess.run(cmd + ["--set", "synth.init_log_scale=-1", "--set", "train.lr=2e-4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    budget = json.loads(out.read_text())["budget"]
+    assert budget["synth"]["init_log_scale"] == -1 and budget["train"]["lr"] == 2e-4
+    bad = subprocess.run(cmd + ["--set", "synth.lr"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "must look like synth.lr=0.1" in bad.stderr
+
+
+def test_stages_benchmark_quick(tmp_path):
+    out = tmp_path / "stages.json"
+    r = subprocess.run([sys.executable, "benchmarks/stages.py", "--quick", "--model", "default", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 10 and {(row["calibration"], row["kd"]) for row in rows} >= {("real", "gznq"), ("gznq", None)}
+    assert all(0 < row["mean"] <= 100 for row in rows)
