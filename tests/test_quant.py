@@ -113,24 +113,50 @@ def test_act_quantizer_calibration_methods():
     torch.manual_seed(0)
     x = torch.relu(torch.randn(10000))
     for method in ("mse", "percentile"):
-        q = ActQuantizer(4)
-        q.calibrating = True
-        q(x)
-        q.calibrating = False
-        q.init_from_calibration_(method, 99.9)
+        q = _calibrated(ActQuantizer(4), [x[:5000], x[5000:]], method, 99.9)
         assert q.zero_point.item() == 0.0                           # non-negative input: zero maps to code 0
         err = (q(x) - x).pow(2).mean()
         assert err < 0.01 * x.pow(2).mean()
     with pytest.raises(RuntimeError, match="saw no data"):
         ActQuantizer(4).init_from_calibration_()
+    with pytest.raises(RuntimeError, match="saw no data"):
+        ActQuantizer(4).start_histogram_()
+
+
+def _calibrated(q: ActQuantizer, batches, method="mse", percentile=99.99) -> ActQuantizer:
+    q.calibrating = True
+    for x in batches:
+        q(x)
+    q.start_histogram_()
+    for x in batches:
+        q(x)
+    q.calibrating = False
+    q.init_from_calibration_(method, percentile)
+    return q
+
+
+def test_act_calibration_histogram_matches_exhaustive_search():
+    """The histogram search finds the clipping an exhaustive search over every sample finds, for skewed,
+    signed and 8-bit data, and the percentile method clips where torch.quantile says."""
+    from gzq.quant.primitives import mse_search
+    torch.manual_seed(0)
+    cases = [(torch.relu(torch.randn(40000)) ** 3, 4), (torch.randn(40000) * 2 - 0.5, 4),
+             (torch.relu(torch.randn(40000)), 8)]
+    for x, bits in cases:
+        q = _calibrated(ActQuantizer(bits), list(x.chunk(3)))
+        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+        ref_scale, ref_zp = mse_search(x[None], lo[None], hi[None], q.qmin, q.qmax, False, bits)
+        assert abs(q.scale.item() - ref_scale.item()) <= 0.03 * ref_scale.item()
+        ref_err = (fake_quantize(x, ref_scale[0], ref_zp[0], q.qmin, q.qmax) - x).pow(2).mean()
+        assert (q(x) - x).pow(2).mean() <= 1.02 * ref_err
+    x = torch.relu(torch.randn(100000))
+    q = _calibrated(ActQuantizer(8), [x], "percentile", 99.0)
+    assert abs(q.scale.item() * 255 - torch.quantile(x, 0.99).item()) < 0.01
 
 
 def test_quant_wrapper_handles_linear():
     lin = nn.Linear(6, 3)
     w = QuantWrapper(lin, 8, 8)
-    w.a_quant.calibrating = True
     x = torch.randn(5, 6)
-    w(x)
-    w.a_quant.calibrating = False
-    w.a_quant.init_from_calibration_()
+    calibrate_(w, [x])
     torch.testing.assert_close(w(x), lin(x), rtol=0.05, atol=0.05)

@@ -128,11 +128,19 @@ def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
 
 @torch.no_grad()
 def calibrate_(model: nn.Module, batches, method: str = "mse", percentile: float = 99.99) -> None:
-    """Initialise every activation quantizer's range from `batches` (an iterable of input tensors)."""
+    """Initialise every activation quantizer's range from `batches` (an iterable of input tensors).
+
+    Two passes over the batches: the first finds each quantizer's range, the second fills its histogram.
+    """
+    batches = list(batches)
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     for a in acts:
         a.calibrating = True
     try:
+        for x in batches:
+            model(x)
+        for a in acts:
+            a.start_histogram_()
         for x in batches:
             model(x)
     finally:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .primitives import affine_params, fake_quantize, grad_scale, mse_search, quant_range, symmetric_scale
+from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range, symmetric_scale
 
 
 class WeightQuantizer(nn.Module):
@@ -49,55 +49,70 @@ class WeightQuantizer(nn.Module):
 class ActQuantizer(nn.Module):
     """Per-tensor asymmetric activation quantizer (unsigned codes, zero point 0 after a ReLU), LSQ step size.
 
-    Calibration: while `calibrating` it passes x through unchanged and keeps a random subsample of it;
-    `init_from_calibration_()` then sets the range (MSE-optimal or percentile clipping).
+    Calibration sees the data twice (`gzq.quant.calibrate_` drives it): while `calibrating`, x passes
+    through unchanged; the first pass records the exact range, and after `start_histogram_()` the second
+    counts every value in `bins` equal bins over that range. `init_from_calibration_()` then sets the range
+    (MSE-optimal or percentile clipping) from the histogram: all the data, no random subsample, so the
+    result does not depend on the random state.
     """
 
-    def __init__(self, bits: int, max_samples: int = 200_000):
+    def __init__(self, bits: int, bins: int = 4096):
         super().__init__()
         self.bits = bits
         self.qmin, self.qmax = quant_range(bits, signed=False)
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.zero_point = nn.Parameter(torch.tensor(0.0))
         self.calibrating = False
-        self.max_samples = max_samples
-        self._samples: list[torch.Tensor] = []
+        self.bins = bins
+        self._range: tuple[float, float] | None = None
+        self._hist: torch.Tensor | None = None
         self._numel = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            flat = x.detach().flatten()
-            if flat.numel() > self.max_samples // 4:
-                flat = flat[torch.randint(0, flat.numel(), (self.max_samples // 4,), device=flat.device)]
-            self._samples.append(flat.float())
+            self._observe(x.detach().float())
             self._numel = x[0].numel()
             return x
         g = 1.0 / math.sqrt(self._numel * self.qmax)
         scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
 
-    def effective_scale(self) -> torch.Tensor:
-        """The step size the forward multiplies by, () (grad_scale changes gradients, never values)."""
-        return self.scale.detach().abs().clamp_min(1e-8)
+    def _observe(self, x: torch.Tensor) -> None:
+        if self._hist is None:
+            lo, hi = x.min().item(), x.max().item()
+            self._range = (lo, hi) if self._range is None else (min(self._range[0], lo), max(self._range[1], hi))
+        else:
+            lo, hi = self._range
+            self._hist += torch.histc(x, self.bins, lo, hi)
+
+    def start_histogram_(self) -> None:
+        """End the range pass: the next calibration pass counts values over the range seen, widened to hold 0."""
+        if self._range is None:
+            raise RuntimeError("activation quantizer saw no data during calibration")
+        lo, hi = min(self._range[0], 0.0), max(self._range[1], 0.0)
+        self._range = (lo, hi if hi > lo else lo + 1e-6)
+        self._hist = torch.zeros(self.bins, device=self.scale.device)
 
     @torch.no_grad()
     def init_from_calibration_(self, method: str = "mse", percentile: float = 99.99) -> None:
-        if not self._samples:
-            raise RuntimeError("activation quantizer saw no data during calibration")
-        x = torch.cat(self._samples)
-        self._samples = []
-        lo, hi = x.min(), x.max()
+        if self._hist is None or self._hist.sum() == 0:
+            raise RuntimeError("activation quantizer saw no data during calibration (or only the range pass)")
+        hist, (lo, hi) = self._hist, self._range
+        self._hist, self._range = None, None
         if method == "percentile":
-            k = min(x.numel(), 1_000_000)
-            xs = x[:k]
-            hi = torch.quantile(xs, percentile / 100)
-            lo = torch.quantile(xs, 1 - percentile / 100) if lo < 0 else lo
-            scale, zp = affine_params(lo, hi, self.qmin, self.qmax)
+            cdf = hist.double().cumsum(0) / hist.sum()
+            edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64, device=hist.device)
+            top = edges[1 + int(torch.searchsorted(cdf, percentile / 100))].clamp(max=hi)
+            bottom = edges[int(torch.searchsorted(cdf, 1 - percentile / 100))] if lo < 0 else torch.tensor(lo)
+            scale, zp = affine_params(bottom.float(), top.float(), self.qmin, self.qmax)
         else:
-            scale, zp = mse_search(x[None], lo[None], hi[None], self.qmin, self.qmax, False, self.bits)
-            scale, zp = scale[0], zp[0]
+            scale, zp = mse_search_hist(hist, lo, hi, self.qmin, self.qmax)
         self.scale.copy_(scale)
         self.zero_point.copy_(zp)
+
+    def effective_scale(self) -> torch.Tensor:
+        """The step size the forward multiplies by, () (grad_scale changes gradients, never values)."""
+        return self.scale.detach().abs().clamp_min(1e-8)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_tensor"

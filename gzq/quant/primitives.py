@@ -95,3 +95,24 @@ def mse_search(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmin: int, q
         best_scale = torch.where(better, scale, best_scale)
         best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
+
+
+def mse_search_hist(counts: torch.Tensor, lo: float, hi: float, qmin: int, qmax: int, grid: int = 80,
+                    min_ratio: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric clipping range minimising the quantization MSE of a histogram, over shrunk [alpha lo, alpha hi].
+
+    Args:
+        counts: (bins,) value counts in equal bins over [lo, hi] (lo <= 0 <= hi); each bin's values are
+            taken at its centre.
+    Returns:
+        scale, zero_point: () each.
+    """
+    bins = counts.numel()
+    width = (hi - lo) / bins
+    centers = lo + width * (torch.arange(bins, device=counts.device, dtype=torch.float64) + 0.5)   # (N,)
+    alphas = torch.linspace(min_ratio, 1.0, grid, device=counts.device, dtype=torch.float64)[:, None]
+    scale, zp = affine_params(lo * alphas, hi * alphas, qmin, qmax)                                  # (A, 1)
+    xq = dequantize(quantize(centers, scale, zp, qmin, qmax), scale, zp)                             # (A, N)
+    err = ((xq - centers).pow(2) * counts.double()).sum(1)                                          # (A,)
+    best = int(err.argmin())
+    return scale[best, 0].float(), zp[best, 0].float()
