@@ -138,7 +138,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)                  # calibration subsamples activations at random
     specs = [QuantSpec.parse(s) for s in args.students.split(",") if s.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -201,6 +201,8 @@ class SynthConfig(_Serialisable):
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
     student_lr_quant: float = 1e-2  # quantizer step sizes: relative change per Adam step
+    keep_students: bool = False    # fine-tune the students trained during synthesis (True), or fresh copies
+                                   # calibrated on the final images (False; the adversaries only shape images)
     preview_every: int = 10
 
     def __post_init__(self):

@@ -164,7 +164,13 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
             yield StageStarted("synthesis", 0, "images from a given source")
             synth = synth_source(teacher, device)
         else:
+            initial = ({n: copy.deepcopy(s.state_dict()) for n, s in students.items()}
+                       if cfg.synth.adversarial and not cfg.synth.keep_students else None)
             synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds)
+            if initial is not None:   # the adversaries have shaped the images; fine-tuning starts afresh
+                for n, s in students.items():
+                    s.load_state_dict(initial[n])
+                synth.students_calibrated = False
         timings["synthesis"] = time.perf_counter() - t
         if synth_source is None and synth.steps_done < cfg.synth.steps:
             return
