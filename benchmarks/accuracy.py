@@ -11,7 +11,8 @@ images differ):
     mse         DeepInversion / ZeroQ synthesis: squared-error BN loss + CE, no students
     gznq_m0     GZNQ BN likelihood + CE, no students (M = 0)
     gznq_m1     GZNQ with one student of the target configuration (M = 1, the default for one configuration)
-    gznq_m3     GZNQ with three students (the target configuration and two bootstrap seeds of it)
+    gznq_m3     GZNQ with three students (the target configuration and two bootstrap seeds of it; the
+                seeds are adversaries during synthesis only)
     pixel_m1    gznq_m1 with plain-pixel images instead of the reparameterised f_I(z)
     vemp_m1     gznq_m1 with V = the batch's empirical 4th moment (instead of 2 sigma^4)   [on request]
     nbhw_m1     gznq_m1 with N = batch x height x width (instead of the batch size)        [on request]
@@ -155,6 +156,8 @@ def main(argv=None):
                                 f.write(json.dumps({"key": key, "report": report, "secs": secs}) + "\n")
                     fp.setdefault(model, []).append(report["teacher"]["accuracy"])
                     for s in report["students"]:
+                        if s["name"] not in {b.name for b in group}:
+                            continue  # only the requested configurations are fine-tuned and reported
                         key = (model, s["name"], method)
                         r = rows.setdefault(key, {"acc": [], "agree": [], "secs": []})
                         r["acc"].append(s["accuracy"])

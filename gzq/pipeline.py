@@ -168,6 +168,9 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
                        if cfg.synth.adversarial and not cfg.synth.keep_students else None)
             synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds)
             if initial is not None:   # the adversaries have shaped the images; fine-tuning starts afresh
+                # extra seeds of a configuration would now train into copies of it: they end with synthesis
+                students = {n: s for n, s in students.items() if n not in seeds}
+                specs = {n: specs[n] for n in students}
                 for n, s in students.items():
                     s.load_state_dict(initial[n])
                 synth.students_calibrated = False

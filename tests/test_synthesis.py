@@ -133,3 +133,29 @@ def test_single_student_fused_backward_equals_two_pass_reference(default_teacher
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
     for g, r in zip(got_w, ref_w):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch):
+    """After synthesis the adversaries are set back to their initial weights and calibrated on the final
+    images; extra seeds of a configuration end with synthesis. keep_students carries them all on."""
+    import gzq.pipeline as pipeline
+    from gzq.events import Done
+    seen = {}
+    real_distill = pipeline.iter_distill
+
+    def spy(teacher, students, *a, **k):
+        seen["names"] = list(students)
+        seen["weights"] = {n: s.get_submodule("conv1").module.weight.detach().clone() for n, s in students.items()}
+        return (yield from real_distill(teacher, students, *a, **k))
+
+    monkeypatch.setattr(pipeline, "iter_distill", spy)
+    synth = dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2, num_students=2)
+    for keep in (False, True):
+        cfg = pipeline.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
+                                   train=dict(epochs=1), eval=dict(max_real_images=200))
+        report = next(ev.report for ev in pipeline.iter_run(cfg) if isinstance(ev, Done))
+        names = [s["name"] for s in report["students"]]
+        assert names == seen["names"] == (["w4a4", "w4a4_s1"] if keep else ["w4a4"])
+        teacher = pipeline.load_teacher(cfg.model, torch.device("cpu"))
+        fresh = _students(teacher)["w4a4"].get_submodule("conv1").module.weight
+        assert torch.equal(seen["weights"]["w4a4"], fresh) != keep   # trained during synthesis only if kept
