@@ -15,7 +15,7 @@ images differ):
                 seeds are adversaries during synthesis only)
     pixel_m1    gznq_m1 with plain-pixel images instead of the reparameterised f_I(z)
     vemp_m1     gznq_m1 with V = the batch's empirical 4th moment (instead of 2 sigma^4)   [on request]
-    nbhw_m1     gznq_m1 with N = batch x height x width (instead of the batch size)        [on request]
+    nb_m1       gznq_m1 with N = the batch size (instead of batch x height x width)        [on request]
     real        N real training images (N = the synthetic image count): the upper bound
 Methods without students share one run across all requested bit-widths (one set of images, one student
 per configuration). Prints one table (mean, spread over seeds, wall time) and writes it as JSON.
@@ -55,10 +55,10 @@ PER_BITS = {
     "gznq_m3": dict(num_students=3),
     "pixel_m1": dict(num_students=1, image_param="pixel"),
     "vemp_m1": dict(num_students=1, v_rule="empirical"),
-    "nbhw_m1": dict(num_students=1, n_rule="batch_spatial"),
+    "nb_m1": dict(num_students=1, n_rule="batch"),
 }
 METHODS = ["noise", "mse", "gznq_m0", "gznq_m1", "gznq_m3", "pixel_m1", "real"]
-OPTIONS = ["vemp_m1", "nbhw_m1"]  # the likelihood's V and N rules, run on request (--methods)
+OPTIONS = ["vemp_m1", "nb_m1"]  # the likelihood's V and N rules, run on request (--methods)
 MSE_LAMBDA_BN = 0.05  # squared-error norms are ~10x smaller than the likelihood's NLL at the start
 
 

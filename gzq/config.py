@@ -188,7 +188,7 @@ class SynthConfig(_Serialisable):
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
-    n_rule: NRule = NRule.BATCH
+    n_rule: NRule = NRule.BATCH_SPATIAL
     first_bn_weight: float = 1.0   # w_l of the first BN layer (the others are 1); L_BN averages over layers
     lambda_bn: float = 0.01
     lambda_ce: float = 1.0
