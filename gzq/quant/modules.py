@@ -79,7 +79,7 @@ class ActQuantizer(nn.Module):
 
     def _observe(self, x: torch.Tensor) -> None:
         if self._hist is None:
-            lo, hi = x.min().item(), x.max().item()
+            lo, hi = (v.item() for v in torch.aminmax(x))   # one pass over x
             self._range = (lo, hi) if self._range is None else (min(self._range[0], lo), max(self._range[1], hi))
         else:
             lo, hi = self._range
