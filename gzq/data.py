@@ -56,6 +56,31 @@ def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> t
     return images, labels
 
 
+def colourise(images_u8: torch.Tensor, seed: int) -> torch.Tensor:
+    """Grey images (N, H, W) -> RGB (N, 3, H, W) uint8, each image tinted by its own per-channel gains in
+    [0.35, 1] drawn from `seed`: a deterministic 3-channel variant of a grey data set, whose channels are
+    correlated but differ in their statistics, as in natural RGB images."""
+    g = torch.Generator().manual_seed(seed)
+    gains = torch.rand(len(images_u8), 3, 1, 1, generator=g) * 0.65 + 0.35          # (N, 3, 1, 1)
+    return (images_u8.unsqueeze(1).float() * gains).round().clamp(0, 255).to(torch.uint8)
+
+
+#: labelled data sets a model card can name (`dataset`), each loaded offline: name -> (split -> uint8, labels)
+LABELLED_DATASETS = {
+    "fashion-mnist": lambda split: load_fashion_mnist(split),
+    # tinted RGB Fashion-MNIST; the train and test splits draw their tints from different seeds
+    "fashion-mnist-rgb": lambda split: (lambda x, y: (colourise(x, 0 if split == "train" else 1), y))(
+        *load_fashion_mnist(split)),
+}
+
+
+def load_dataset(name: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """A named labelled data set (see LABELLED_DATASETS) as uint8 images (N, [C,] H, W) and labels (N,)."""
+    if name not in LABELLED_DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(LABELLED_DATASETS)}")
+    return LABELLED_DATASETS[name](split)
+
+
 def to_model_input(images_u8: torch.Tensor, mean, std, input_size) -> torch.Tensor:
     """uint8 images (N, H, W) or (N, C, H, W) -> normalised float (N, C, H', W') at the model's input size."""
     x = images_u8.float().div_(255.0)

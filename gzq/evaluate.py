@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvalConfig
-from .data import load_fashion_mnist, load_image_folder, to_model_input
+from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_input
 from .models import Teacher
 from .synthesis import kl_teacher_student
 
@@ -51,13 +51,13 @@ def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> tuple[torch.Tensor,
         if teacher.class_names and len(classes) == teacher.num_classes:
             log.info("class folders %s map to model classes by sorted order", classes[:3])
         source = f"image folder {cfg.data} ({len(labels)} images)"
-    elif teacher.dataset == "fashion-mnist":
+    elif teacher.dataset in LABELLED_DATASETS:
         try:
-            images, labels = load_fashion_mnist("test")
+            images, labels = load_dataset(teacher.dataset, "test")
         except FileNotFoundError as e:
             log.warning("%s", e)
             return None
-        source = f"Fashion-MNIST test set ({len(labels)} images)"
+        source = f"{teacher.dataset} test set ({len(labels)} images)"
     else:
         return None
     if cfg.max_real_images is not None:
