@@ -23,6 +23,7 @@ per configuration). Prints one table (mean, spread over seeds, wall time) and wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.cli import apply_overrides  # noqa: E402
 from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec  # noqa: E402
-from gzq.data import load_fashion_mnist, to_model_input  # noqa: E402
+from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.events import Done  # noqa: E402
 from gzq.pipeline import iter_run, make_config  # noqa: E402
 from gzq.synthesis import SynthResult, SyntheticImages  # noqa: E402
@@ -69,9 +70,9 @@ def parse_bits(text: str) -> QuantSpec:
 
 
 def real_source(num: int, holdout: int, seed: int):
-    """A SynthResult holding `num` real Fashion-MNIST training images (labels kept), as plain pixels."""
+    """A SynthResult holding `num` real training images of the teacher's data set (labels kept), as plain pixels."""
     def make(teacher, device) -> SynthResult:
-        xs, ys = load_fashion_mnist("train")
+        xs, ys = load_dataset(teacher.dataset, "train")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(ys), generator=g)[:num]
         x = to_model_input(xs[idx], teacher.mean, teacher.std, teacher.input_size)
@@ -83,13 +84,18 @@ def real_source(num: int, holdout: int, seed: int):
     return make
 
 
-def run_once(model: str, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str) -> tuple[dict, float]:
+def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str,
+             method_overrides: dict | None = None) -> tuple[dict, float]:
+    """One pipeline run of `method` at a fixed budget (no time fitting), returning (report, wall seconds)."""
     synth = dict(budget["synth"])
-    synth.update(SHARED.get(method) or PER_BITS.get(method) or dict(adversarial=False))
+    synth.update((method_overrides or {}).get(method) or SHARED.get(method) or PER_BITS.get(method)
+                 or dict(adversarial=False))
     if method == "mse":
         synth["lambda_bn"] = MSE_LAMBDA_BN
-    cfg = make_config(budget.get("preset", "cpu"), device, model=MODELS[model], students=students, seed=seed,
+    spec = MODELS[model] if isinstance(model, str) else model
+    cfg = make_config(budget.get("preset", "cpu"), device, model=spec, students=students, seed=seed,
                       synth=synth, train=budget.get("train", {}), eval=budget.get("eval", {}))
+    cfg = dataclasses.replace(cfg, time_budget_s=None)   # every method runs the same, fixed budget
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
     report = None

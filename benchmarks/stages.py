@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accuracy import MODELS, MSE_LAMBDA_BN, parse_bits, real_source  # noqa: E402
-from gzq.config import EvalConfig, SynthConfig, TrainConfig  # noqa: E402
+from gzq.config import EvalConfig, FlipMode, SynthConfig, TrainConfig  # noqa: E402
 from gzq.distill import iter_distill  # noqa: E402
 from gzq.evaluate import load_labelled_data, predict_logits, top1  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import PRESETS, resolve_device  # noqa: E402
 from gzq.quant import calibrate_, create_student  # noqa: E402
-from gzq.synthesis import iter_synthesize  # noqa: E402
+from gzq.synthesis import iter_synthesize, jitter_pixels  # noqa: E402
 
 ROWS = [("gznq", None), ("mse", None), ("real", None),
         ("gznq", "gznq"), ("mse", "mse"), ("real", "real"),
@@ -86,7 +86,8 @@ def main(argv=None):
             if kd is not None:
                 images, idx = sets[kd]
                 _drain(iter_distill(teacher, {spec.name: student}, images, idx, train, device,
-                                    synth_defaults.jitter, synth_defaults.flip, seed))
+                                    jitter_pixels(synth_defaults.jitter, teacher.input_size),
+                                    synth_defaults.flip != FlipMode.OFF, seed))
             acc = round(top1(predict_logits(student, xs, device), ys), 2)
             results.setdefault((calib, kd), []).append(acc)
             print(f"  seed {seed}: calibrate on {calib:<5} fine-tune on {kd or '-':<5} top-1 {acc:6.2f}", flush=True)

@@ -151,11 +151,16 @@ def _segment_mean(values: torch.Tensor, seg: torch.Tensor, counts: torch.Tensor)
 
 
 def bn_losses(recorder: BNStatsRecorder, kind: BNLoss, n_rule: NRule = NRule.BATCH,
-              v_rule: VRule = VRule.GAUSSIAN, first_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              v_rule: VRule = VRule.GAUSSIAN, first_weight: float = 1.0,
+              normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The synthesis loss L_BN and the per-layer log-likelihood (for plotting) of the latest forward.
 
     L_BN is the w_l-weighted mean over layers of each layer's channel-mean NLL (or DeepInversion's
-    squared-error norm for BNLoss.MSE). The log-likelihood is always the GZNQ Gaussian one, so curves of
+    squared-error norm for BNLoss.MSE). The NLL grows linearly with N, so its raw scale depends on the
+    batch size and (with N = B x H x W) on the resolution: a 64-px network's likelihood starts hundreds of
+    times above a 28-px one's. `normalize` divides it by the layers' mean N, which keeps the relative
+    weight the N rule gives each layer but makes the scale that of one value's squared z-scores, O(1) for
+    any batch, resolution, depth or width. The log-likelihood is always the GZNQ Gaussian one, so curves of
     both losses can be compared on one axis. All layers' channels are handled as one concatenated
     vector, (sum C,), so the cost does not grow with the number of small per-layer ops.
 
@@ -181,6 +186,8 @@ def bn_losses(recorder: BNStatsRecorder, kind: BNLoss, n_rule: NRule = NRule.BAT
     if kind == BNLoss.MSE:
         layer_loss = torch.stack([torch.norm(s.mean - bn.running_mean, 2) + torch.norm(s.var - bn.running_var, 2)
                                   for (_, bn), s in zip(recorder.layers, stats)])
+    elif normalize:
+        layer_loss = layer_nll / torch.tensor(per_layer_n, dtype=mu_hat.dtype).mean()
     else:
         layer_loss = layer_nll
     w = torch.ones(len(stats), device=mu_hat.device)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="synthesis steps")
     r.add_argument("--images", type=int, help="number of synthetic images")
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    r.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="shrink images and steps to fit about this many seconds, measured on this device before the "
+                        "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 (repeatable)")
     r.add_argument("--data", help="labelled ImageFolder for real accuracy (the default model uses its test set)")
@@ -65,12 +69,9 @@ def build_config(args):
                       num_classes=args.num_classes, in_chans=args.in_chans, input_size=args.input_size,
                       mean=args.mean, std=args.std)
     synth, train, evalc = {}, {}, {"data": args.data, "max_real_images": args.max_real_images}
-    if args.steps is not None:
-        synth["steps"] = args.steps
-        synth["warmup_steps"] = min(args.steps // 3, args.steps)
-    if args.images is not None:
-        synth["num_images"] = args.images
-        synth["holdout_images"] = max(args.images // 8, 1) if args.images > 2 else 0
+    if args.steps is not None or args.images is not None:
+        from .budget import with_budget
+        synth.update(with_budget(make_config(args.preset, args.device).synth, args.images, args.steps))
     if args.num_students is not None:
         synth["num_students"] = args.num_students
     if args.epochs is not None:
@@ -78,7 +79,11 @@ def build_config(args):
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
     sections = {"synth": synth, "train": train, "eval": evalc, "export": {"formats": formats}}
     apply_overrides(sections, args.set)
-    return make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
+    cfg = make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
+    if args.time_budget is not None or args.steps is not None or args.images is not None:
+        # an explicit budget is run as given unless a time budget is asked for too
+        cfg = dataclasses.replace(cfg, time_budget_s=args.time_budget or None)
+    return cfg
 
 
 def apply_overrides(sections: dict[str, dict], items: list[str]) -> None:
@@ -103,6 +108,16 @@ def _format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_health(report: dict) -> str:
+    h = report.get("synthesis", {}).get("health")
+    if not h:
+        return "synthetic images: from a given source"
+    ll = h["final_bn_log_likelihood"]
+    line = (f"synthetic images: the teacher gives {h['label_agreement']:.1f} % of them their intended class; "
+            f"BN log-likelihood {'-' if ll is None else f'{ll:.2f}'}; flips {'on' if h['flip'] else 'off'}")
+    return "\n".join([line] + [f"WARNING: {w}" for w in report.get("warnings", [])])
+
+
 def cmd_run(args) -> int:
     from .pipeline import iter_run
     try:
@@ -118,7 +133,7 @@ def cmd_run(args) -> int:
             if isinstance(ev, StageStarted):
                 print(f"== {ev.stage} {ev.message}", flush=True)
             elif isinstance(ev, Message):
-                print(ev.text, flush=True)
+                print(("WARNING: " if ev.level == "warning" else "") + ev.text, flush=True)
             elif isinstance(ev, Progress) and (time.time() - last_print > 2 or ev.step == ev.total_steps):
                 last_print = time.time()
                 parts = [f"{ev.stage} {ev.step}/{ev.total_steps}", f"eta {ev.eta:.0f}s"]
@@ -132,6 +147,7 @@ def cmd_run(args) -> int:
                 return 1
             elif isinstance(ev, Done):
                 print(_format_table(ev.report))
+                print(_format_health(ev.report))
                 print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ev.report["timings"].items()))
                 print(f"wrote {ev.out_dir}")
             elif isinstance(ev, Preview):

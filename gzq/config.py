@@ -35,6 +35,14 @@ class NRule(str, enum.Enum):
     BATCH_SPATIAL = "batch_spatial"  # N = B * H * W
 
 
+class FlipMode(str, enum.Enum):
+    """Horizontal flips during synthesis and fine-tuning. Only valid where the teacher is mirror-invariant
+    (digits and text are not): AUTO measures it on the images as they form (gzq.synthesis.flip_check)."""
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class Protocol(str, enum.Enum):
     """Which layers get the target bits (recorded in every result)."""
     ALL_LAYERS = "all_layers"          # GDFQ / SynQ: every conv and linear at target bits
@@ -190,13 +198,20 @@ class SynthConfig(_Serialisable):
     v_rule: VRule = VRule.GAUSSIAN
     n_rule: NRule = NRule.BATCH_SPATIAL
     first_bn_weight: float = 1.0   # w_l of the first BN layer (the others are 1); L_BN averages over layers
-    lambda_bn: float = 0.01
-    lambda_ce: float = 1.0
+    bn_normalize: bool = True      # divide the likelihood by the layers' mean N, so its scale does not grow with
+                                   # batch or resolution (lambda_bn then weighs per-value z^2 terms, O(1) each)
+    lambda_bn: float = 25.0        # on the normalised likelihood; = 0.01 on the raw one for the bundled model
+    lambda_ce: float = 1.0         # on CE / log(num_classes), which starts near 1 for any class count
+    ce_target: float = 0.98        # adapt the CE weight until the teacher agrees with this share of the batch's
+                                   # labels (0 = fixed weight): a Lagrange-multiplier-like weight that grows while
+                                   # images miss their class and decays back to lambda_ce once they carry it
+    ce_adapt_rate: float = 0.1     # per-step multiplicative change of the CE weight
+    ce_max_scale: float = 100.0    # the adapted CE weight stays within [lambda_ce, ce_max_scale * lambda_ce]
     lambda_adv: float = 0.5
     lambda_tv: float = 1e-4
     lambda_l2: float = 1e-5
-    jitter: int = 2
-    flip: bool = True
+    jitter: float = 0.07           # random roll by up to this share of the input side (2 px at 28 px, 16 at 224)
+    flip: FlipMode = FlipMode.AUTO
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
@@ -208,6 +223,9 @@ class SynthConfig(_Serialisable):
     def __post_init__(self):
         self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)
         self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)
+        if isinstance(self.flip, bool):   # flip=true/false from the command line or an older config
+            self.flip = FlipMode.ON if self.flip else FlipMode.OFF
+        self.flip = FlipMode(self.flip)
         _check_positive("num_images", self.num_images)
         _check_positive("holdout_images", self.holdout_images, allow_zero=True)
         _check_positive("batch_size", self.batch_size)
@@ -218,7 +236,11 @@ class SynthConfig(_Serialisable):
             _check_positive(nm, getattr(self, nm))
         for nm in ("lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2"):
             _check_positive(nm, getattr(self, nm), allow_zero=True)
-        _check_range("jitter", self.jitter, 0, 64)
+        _check_range("jitter", self.jitter, 0.0, 0.5)
+        _check_range("ce_target", self.ce_target, 0.0, 1.0)
+        _check_positive("ce_adapt_rate", self.ce_adapt_rate, allow_zero=True)
+        if self.ce_max_scale < 1:
+            raise ValueError(f"ce_max_scale must be >= 1, got {self.ce_max_scale}")
         _check_positive("preview_every", self.preview_every)
         if self.num_images < 2:
             raise ValueError(f"num_images must be >= 2 (batch statistics need a batch), got {self.num_images}")
@@ -265,6 +287,8 @@ class RunConfig(_Serialisable):
     seed: int = 0
     device: str = "auto"
     preset: str | None = None
+    time_budget_s: float | None = None   # fit images and steps to about this many seconds, measured on the device
+                                         # before the run (gzq.budget.fit_budget); None = the budget as given
     export: ExportConfig = field(default_factory=lambda: ExportConfig())  # defined below (gzq.export)
 
     def __post_init__(self):
@@ -275,6 +299,8 @@ class RunConfig(_Serialisable):
             raise ValueError(f"student configurations repeat: {names}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.time_budget_s is not None:
+            _check_positive("time_budget_s", self.time_budget_s)
         if self.synth.num_images <= self.synth.holdout_images:
             raise ValueError(
                 f"num_images ({self.synth.num_images}) must exceed holdout_images ({self.synth.holdout_images})")

@@ -7,6 +7,7 @@ leaves nothing half-written behind.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -18,22 +19,24 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import ModelSpec, QuantSpec, RunConfig, SynthConfig, TrainConfig
+from .config import FlipMode, ModelSpec, QuantSpec, RunConfig, SynthConfig, TrainConfig
+from .budget import estimate, fit_budget, measure_costs
 from .distill import iter_distill
 from .evaluate import agreement, load_labelled_data, mean_kl, predict_logits, top1
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .quant.convert import calibrate_, create_student, model_size_bytes
-from .synthesis import SynthResult, iter_synthesize
+from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
 
 log = logging.getLogger(__name__)
 
 # Presets: what fits a 2-core CPU in a few minutes on the bundled model, and a GPU budget near the paper's.
+# time_budget_s caps the run: on a costlier model the images and steps shrink to fit (gzq.budget).
 PRESETS: dict[str, dict] = {
     "cpu": dict(synth=dict(num_images=256, holdout_images=32, batch_size=96, steps=300, warmup_steps=100),
-                train=dict(epochs=40, batch_size=64)),
+                train=dict(epochs=40, batch_size=64), time_budget_s=600),
     "gpu": dict(synth=dict(num_images=1024, holdout_images=128, batch_size=256, steps=2000, warmup_steps=500),
-                train=dict(epochs=100, batch_size=128)),
+                train=dict(epochs=100, batch_size=128), time_budget_s=3600),
 }
 
 
@@ -59,6 +62,7 @@ def make_config(preset: str | None = None, device: str = "auto", **sections) -> 
     d = RunConfig().to_dict()
     d["synth"].update(base["synth"])
     d["train"].update(base["train"])
+    d["time_budget_s"] = base.get("time_budget_s")
     for key, val in sections.items():
         if val is None:
             continue
@@ -158,11 +162,29 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
                       + (f"; labelled data: {labelled[2]}" if labelled else "; no labelled data"))
 
         t = time.perf_counter()
+        costs = measure_costs(teacher, students, cfg, device)
+        n_real = len(labelled[1]) if labelled else 0
+        if cfg.time_budget_s is not None and synth_source is None:
+            fitted, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
+            cfg = dataclasses.replace(fitted, time_budget_s=None)   # the saved config reproduces this budget
+        else:
+            est = estimate(cfg, costs, len(students), n_real)
+        timings["estimate"] = time.perf_counter() - t
+        budget = dict(estimate_s=round(est.seconds, 1), per_stage_s={k: round(v, 1) for k, v in est.per_stage.items()},
+                      scale=round(est.scale, 3), **est.budget)
+        yield Message(f"estimated time: {est.text}")
+
+        t = time.perf_counter()
         calib = dict(method=cfg.students[0].act_init.value, percentile=cfg.students[0].act_percentile)
         seeds = {n for n in students if n not in {s.name for s in cfg.students}}
         if synth_source is not None:
             yield StageStarted("synthesis", 0, "images from a given source")
             synth = synth_source(teacher, device)
+            synth.flip = cfg.synth.flip == FlipMode.ON
+            if cfg.synth.flip == FlipMode.AUTO:
+                with torch.no_grad():
+                    synth.flip_check = flip_check(teacher.model, synth.images, synth.images.labels)
+                synth.flip = flips_are_valid(synth.flip_check)
         else:
             initial = ({n: copy.deepcopy(s.state_dict()) for n, s in students.items()}
                        if cfg.synth.adversarial and not cfg.synth.keep_students else None)
@@ -188,7 +210,8 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
 
         t = time.perf_counter()
         steps = yield from iter_distill(teacher, students, synth.images, synth.train_idx, cfg.train, device,
-                                        cfg.synth.jitter, cfg.synth.flip, cfg.seed, stop_fn)
+                                        jitter_pixels(cfg.synth.jitter, teacher.input_size), synth.flip, cfg.seed,
+                                        stop_fn)
         timings["finetune"] = time.perf_counter() - t
         if cfg.train.epochs and steps == 0 or stop_fn():
             return
@@ -198,10 +221,15 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
         report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
         timings["evaluate"] = time.perf_counter() - t
 
-        report.update(timings=timings, device=str(device), config=cfg.to_dict(), versions=_versions(),
-                      synthesis={"final_bn_log_likelihood": synth.history["bn_ll"][-1] if synth.history["bn_ll"] else None,
-                                 "final_ce": synth.history["ce"][-1] if synth.history["ce"] else None,
-                                 "num_images": cfg.synth.num_images, "holdout_images": cfg.synth.holdout_images})
+        health = synthesis_health(report, synth)
+        report.update(timings=timings, device=str(device), config=cfg.to_dict(), versions=_versions(), budget=budget,
+                      synthesis={"final_bn_log_likelihood": health["final_bn_log_likelihood"],
+                                 "final_ce": synth.history["ce"][-1] if synth.history.get("ce") else None,
+                                 "num_images": cfg.synth.num_images, "holdout_images": cfg.synth.holdout_images,
+                                 "health": health},
+                      warnings=health_warnings(health))
+        for w in report["warnings"]:
+            yield Message(w, level="warning")
         if partial is not None:
             t = time.perf_counter()
             yield StageStarted("save", 0, f"writing {final}")
@@ -254,6 +282,33 @@ def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResu
         labelled_data=labelled[2] if labelled else None,
         fresh_images=len(fresh),
     )
+
+
+#: below this share of held-out synthetic images carrying their label, the images have lost their class signal
+MIN_LABEL_AGREEMENT = 90.0
+
+
+def synthesis_health(report: dict, synth: SynthResult) -> dict:
+    """Signals that the synthetic images are fit to train on: the teacher's agreement with their labels (on
+    fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, and the
+    flip decision."""
+    h = synth.history
+    return dict(label_agreement=report["teacher"]["synthetic_label_agreement"],
+                final_bn_log_likelihood=h["bn_ll"][-1] if h.get("bn_ll") else None,
+                final_ce_weight=h["ce_weight"][-1] if h.get("ce_weight") else None,
+                flip=synth.flip, flip_check=synth.flip_check)
+
+
+def health_warnings(health: dict) -> list[str]:
+    """Plain-language warnings for a report (empty when the synthesis looks healthy)."""
+    out = []
+    agree = health.get("label_agreement")
+    if agree is not None and agree < MIN_LABEL_AGREEMENT:
+        out.append(f"the teacher recognises only {agree:.0f} % of the synthetic images as their intended class "
+                   f"(healthy: {MIN_LABEL_AGREEMENT:.0f} % or more), so the quantized models learnt from weak "
+                   "images; try the standard preset, more synthesis steps, or check that the model's weights are "
+                   "trained (a randomly initialised network has no classes to show)")
+    return out
 
 
 def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, students: dict, specs: dict,

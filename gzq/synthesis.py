@@ -9,6 +9,12 @@ Generative Zero-shot Network Quantization (He et al., CVPR-W 2021, arXiv 2101.08
     each student i: min KL(p_T || q_i) on the same batch, in alternation with the image step,
 
 after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepInversion.
+
+So that one recipe serves any architecture, resolution and class count, each term is O(1): L_BN is the
+likelihood divided by the layers' mean N (gzq.bn.bn_losses), CE is divided by log(num_classes), and the
+CE weight adapts online (between lambda_ce and ce_max_scale x lambda_ce) until the teacher assigns the
+target share of each batch to its labels. Flips are used only where the teacher is mirror-invariant on
+the images as they form (FlipMode.AUTO, `flip_check`).
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import BNStatsRecorder, bn_losses
-from .config import ImageParam, SynthConfig, VRule
-from .events import Preview, Progress, StageStarted, Stopped
+from .config import FlipMode, ImageParam, SynthConfig, VRule
+from .events import Message, Preview, Progress, StageStarted, Stopped
 from .models import Teacher
 from .quant.convert import adam, calibrate_, student_optimizer
 
@@ -80,6 +86,11 @@ def balanced_labels(num: int, num_classes: int, generator: torch.Generator) -> t
     reps = math.ceil(num / num_classes)
     labels = torch.cat([torch.randperm(num_classes, generator=generator) for _ in range(reps)])[:num]
     return labels[torch.randperm(num, generator=generator)]
+
+
+def jitter_pixels(fraction: float, input_size) -> int:
+    """The roll, in pixels, that `fraction` of the input's shorter side gives (SynthConfig.jitter)."""
+    return int(round(fraction * min(input_size[-2:])))
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -164,6 +175,27 @@ def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: t
     return kl_ens.item(), {n: v.item() for n, v in kls.items()}
 
 
+@torch.no_grad()
+def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor, batch: int = 256) -> dict[str, float]:
+    """How mirror-invariant the teacher is on the current images (their means): the share of images whose
+    label it predicts as they are and mirrored, and the share whose prediction the mirror leaves unchanged."""
+    hits, hits_flip, same = 0, 0, 0
+    for i in range(0, len(labels), batch):
+        idx = torch.arange(i, min(i + batch, len(labels)), device=labels.device)
+        x = images(idx, noise=False)
+        p, pf = teacher(x).argmax(1), teacher(x.flip(3)).argmax(1)
+        hits += int((p == labels[idx]).sum())
+        hits_flip += int((pf == labels[idx]).sum())
+        same += int((p == pf).sum())
+    n = len(labels)
+    return dict(label_agreement=hits / n, flipped_label_agreement=hits_flip / n, consistency=same / n)
+
+
+def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
+    """Flips keep the class signal: mirrored images are assigned their label nearly as often as upright ones."""
+    return check["flipped_label_agreement"] >= min_ratio * check["label_agreement"]
+
+
 @dataclass
 class SynthResult:
     images: SyntheticImages
@@ -172,6 +204,8 @@ class SynthResult:
     students_calibrated: bool
     steps_done: int
     history: dict[str, list]
+    flip: bool = False            # whether flips were used (and suit fine-tuning)
+    flip_check: dict[str, float] | None = None   # FlipMode.AUTO's measurement
 
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
@@ -203,7 +237,13 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     opt = adam(groups, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
     s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
-    history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": []}
+    history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": [], "agreement": [], "ce_weight": []}
+    jitter = jitter_pixels(cfg.jitter, teacher.input_size)
+    flip = cfg.flip == FlipMode.ON            # AUTO starts without flips and decides at flip_step
+    flip_step = cfg.warmup_steps if 0 < cfg.warmup_steps < cfg.steps else max(cfg.steps // 3, 1)
+    checked: dict[str, float] | None = None
+    ce_scale = 1.0
+    log_classes = math.log(max(teacher.num_classes, 2))
     calibrated = False
     batch = min(cfg.batch_size, k)
     perm = torch.randperm(k, generator=gen)
@@ -217,21 +257,27 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for step in range(1, cfg.steps + 1):
             if stop():
                 yield Stopped("synthesis", step)
-                return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history)
+                return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
+                                   flip, checked)
             if cursor + batch > k:
                 perm, cursor = torch.randperm(k, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
             cursor += batch
-            x = augment(images(idx, dev_gen), cfg.jitter, cfg.flip, gen)          # (B, C, H, W)
+            x = augment(images(idx, dev_gen), jitter, flip, gen)          # (B, C, H, W)
             logits_t = teacher.model(x)
-            l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight)
-            ce = F.cross_entropy(logits_t, images.labels[idx])
-            loss = cfg.lambda_bn * l_bn + cfg.lambda_ce * ce
+            l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight,
+                                       cfg.bn_normalize)
+            ce = F.cross_entropy(logits_t, images.labels[idx]) / log_classes
+            agree = (logits_t.detach().argmax(1) == images.labels[idx]).float().mean().item()
+            if cfg.ce_target > 0:   # grow the CE weight while the batch misses its labels, decay it once it holds
+                ce_scale = (min(ce_scale * (1 + cfg.ce_adapt_rate), cfg.ce_max_scale) if agree < cfg.ce_target
+                            else max(ce_scale / (1 + cfg.ce_adapt_rate), 1.0))
+            loss = cfg.lambda_bn * l_bn + cfg.lambda_ce * ce_scale * ce
             if cfg.lambda_tv:
                 loss = loss + cfg.lambda_tv * total_variation(x)
             if cfg.lambda_l2:
                 loss = loss + cfg.lambda_l2 * x.pow(2).mean()
-            losses = {"bn": l_bn.item(), "ce": ce.item()}
+            losses = {"bn": l_bn.item(), "ce": ce.item(), "ce_weight": cfg.lambda_ce * ce_scale}
             student_kl = {}
             train_sel = ~holdout_mask[idx]
             adversarial = bool(students) and step > cfg.warmup_steps and int(train_sel.sum()) >= 2
@@ -263,6 +309,14 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             ll = layer_ll.tolist()
             history["bn_ll"].append(float(np.mean(ll)))
             history["ce"].append(losses["ce"])
+            history["agreement"].append(agree)
+            history["ce_weight"].append(cfg.lambda_ce * ce_scale)
+            if cfg.flip == FlipMode.AUTO and step == flip_step:
+                checked = flip_check(teacher.model, images, images.labels)
+                flip = flips_are_valid(checked)
+                yield Message(f"flip check: the teacher keeps {checked['flipped_label_agreement']:.0%} of labels on "
+                              f"mirrored images against {checked['label_agreement']:.0%} upright: flips "
+                              + ("on" if flip else "off (the teacher is not mirror-invariant)"))
             yield Progress("synthesis", step, cfg.steps, time.perf_counter() - t0, losses, float(np.mean(ll)), ll,
                            student_kl)
             if step % cfg.preview_every == 0 or step == cfg.steps:
@@ -273,4 +327,4 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             s.zero_grad(set_to_none=True)
         images.requires_grad_(False)
-    return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history)
+    return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked)

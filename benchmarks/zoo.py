@@ -1,0 +1,209 @@
+"""Does the recipe transfer? GZNQ on a zoo of timm BN classifiers it was not tuned on.
+
+    python benchmarks/zoo.py                              # every zoo model, seeds 0,1,2 (hours on 2 cores)
+    python benchmarks/zoo.py --models regnetx_32 --seeds 0 --methods gznq,real
+    python benchmarks/zoo.py --set synth.ce_target=0      # every method with a changed default
+    python benchmarks/zoo.py --quick --out /tmp/zoo.json  # smoke test: tiny budget, one model, one seed
+
+The zoo (scripts/train_zoo.py) was split into a tuning set (TUNING) and a held-out set (HELD_OUT) before any
+default was tuned; the two are reported in separate tables, and only the held-out one is evidence.
+
+Methods, each with the same quantizer, calibration and fine-tuning at the same budget:
+    gznq    the default recipe with students w4a4 and w8a8 (one synthesis serves both, as `--students w4a4,w8a8`)
+    mse     squared-error BN loss (DeepInversion / ZeroQ), no students, the same CE and augmentation policy
+    fixed   the recipe before it was made scale-free: raw likelihood (lambda_bn 0.01), fixed CE weight, flips
+            on, 2-px jitter
+    real    the same pipeline on as many real training images: the real-data bound
+
+Budget: the CPU preset (256 images x 300 steps, 40 epochs of KD), shrunk by gzq.budget.fit_budget to
+--budget-s seconds for models where it would take longer. The fit is measured once per model and cached
+with the runs, so every method and seed of a model runs the same budget.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from accuracy import real_source  # noqa: E402
+from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
+
+from gzq.budget import fit_budget, measure_costs  # noqa: E402
+from gzq.cli import apply_overrides  # noqa: E402
+from gzq.config import ModelSpec, QuantSpec  # noqa: E402
+from gzq.events import Done  # noqa: E402
+from gzq.models import load_teacher  # noqa: E402
+from gzq.pipeline import iter_run, make_config, resolve_device, student_names  # noqa: E402
+from gzq.quant import create_student  # noqa: E402
+
+BITS = ["w4a4", "w8a8"]
+METHODS = {
+    "gznq": {},
+    "mse": dict(bn_loss="mse", lambda_bn=0.05, adversarial=False),
+    "fixed": dict(bn_normalize=False, lambda_bn=0.01, ce_target=0.0, flip="on", jitter=2 / 28),
+    "real": None,
+}
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def fitted_budget(name: str, spec: ModelSpec, base: dict, seconds: float, device: str) -> dict:
+    """The preset's synthesis budget fitted to `seconds` for this model (measured here, once)."""
+    cfg = make_config("cpu", device, model=spec, students=BITS, synth=base["synth"], train=base["train"],
+                      eval=base["eval"])
+    dev = resolve_device(device)
+    teacher = load_teacher(spec, dev)
+    example = torch.zeros(2, *teacher.input_size, device=dev)
+    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_names(cfg)}
+    costs = measure_costs(teacher, students, cfg, dev)
+    fitted, est = fit_budget(cfg, costs, len(students), seconds, cfg.eval.max_real_images or 0)
+    keep = ("num_images", "holdout_images", "batch_size", "steps", "warmup_steps")
+    print(f"  {name}: {est.text}", flush=True)
+    return {**base, "synth": {**base["synth"], **{k: getattr(fitted.synth, k) for k in keep}},
+            "estimate_s": round(est.seconds, 1)}
+
+
+def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str) -> dict:
+    synth = dict(budget["synth"])
+    if METHODS[method] is not None:
+        synth.update(METHODS[method])
+    cfg = make_config("cpu", device, model=spec, students=BITS, seed=seed, synth=synth, train=budget["train"],
+                      eval=budget["eval"])
+    cfg = dataclasses.replace(cfg, time_budget_s=None)
+    source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
+    t = time.perf_counter()
+    report = next(ev.report for ev in iter_run(cfg, None, synth_source=source) if isinstance(ev, Done))
+    return dict(teacher=report["teacher"], students=report["students"], health=report["synthesis"]["health"],
+                secs=round(time.perf_counter() - t, 1))
+
+
+def summarise(records: list[dict], names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        recs = [r for r in records if r["model"] == name]
+        if not recs:
+            continue
+        row = dict(model=name, arch=ZOO[name].arch, input=ZOO[name].input_size, flip_trained=ZOO[name].flip,
+                   fp=recs[0]["teacher"]["accuracy"], seeds=sorted({r["seed"] for r in recs}))
+        for method in METHODS:
+            mrecs = [r for r in recs if r["method"] == method]
+            if not mrecs:
+                continue
+            if method != "real":
+                row[f"{method}_label_agreement"] = round(statistics.mean(
+                    r["teacher"]["synthetic_label_agreement"] for r in mrecs), 1)
+                row[f"{method}_flip"] = [r["health"]["flip"] for r in mrecs]
+            for bits in BITS:
+                accs = [s["accuracy"] for r in mrecs for s in r["students"] if s["name"] == bits]
+                row[f"{method}_{bits}"] = round(statistics.mean(accs), 2)
+                row[f"{method}_{bits}_seeds"] = accs
+            row[f"{method}_secs"] = round(statistics.mean(r["secs"] for r in mrecs), 1)
+        rows.append(row)
+    return rows
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    hdr = (f"{'model':<17}{'input':>12}{'FP':>7}{'agree%':>8}{'W4A4':>7}{'mse':>7}{'fixed':>7}{'real':>7}"
+           f"{'-real':>7}{'-FP':>7}{'W8A8':>7}{'W8-FP':>7}{'s/run':>7}")
+    print(hdr)
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        g4, g8, real4 = r.get("gznq_w4a4"), r.get("gznq_w8a8"), r.get("real_w4a4")
+        size = "x".join(str(v) for v in r["input"])
+        print(f"{r['model']:<17}{size:>12}{r['fp']:>7.2f}{fmt(r.get('gznq_label_agreement')):>8}{fmt(g4):>7}"
+              f"{fmt(r.get('mse_w4a4')):>7}{fmt(r.get('fixed_w4a4')):>7}{fmt(real4):>7}"
+              f"{fmt(None if g4 is None or real4 is None else g4 - real4):>7}"
+              f"{fmt(None if g4 is None else g4 - r['fp']):>7}{fmt(g8):>7}"
+              f"{fmt(None if g8 is None else g8 - r['fp']):>7}{fmt(r.get('gznq_secs')):>7}")
+    if rows:
+        for key in ("gznq_w4a4", "mse_w4a4", "fixed_w4a4", "real_w4a4", "gznq_w8a8", "gznq_label_agreement"):
+            vals = [r[key] for r in rows if key in r]
+            if len(vals) == len(rows):
+                print(f"  mean {key}: {statistics.mean(vals):.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(ZOO))
+    p.add_argument("--methods", default="gznq,mse,real")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--budget-s", type=float, default=600.0, help="fit each model's budget to this many seconds")
+    p.add_argument("--quick", action="store_true", help="tiny budget, first model, one seed (a smoke test)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--out", type=Path, default=RESULTS / "zoo.json")
+    p.add_argument("--cache", type=Path, default=RESULTS / "zoo_runs.jsonl")
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    base = {"synth": {}, "train": {}, "eval": {}}
+    names = [n for n in args.models.split(",") if n]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    if args.quick:
+        base = {"synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
+                "train": dict(epochs=1), "eval": dict(max_real_images=200)}
+        names, seeds = names[:1], seeds[:1]
+        args.cache = Path(tempfile.mkdtemp()) / "zoo_runs.jsonl"   # smoke runs never touch the results
+    try:
+        apply_overrides(base, args.set)
+    except ValueError as e:
+        p.error(str(e))
+    bad = [n for n in names if n not in ZOO] + [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown models or methods {bad}; models: {', '.join(ZOO)}; methods: {', '.join(METHODS)}")
+    cache: dict[str, dict] = {}
+    if args.cache.exists():
+        for line in args.cache.read_text().splitlines():
+            rec = json.loads(line)
+            cache[rec["key"]] = rec
+    records = []
+    for name in names:
+        spec = ModelSpec(ZOO[name].arch, checkpoint=str(ensure_trained(name)))
+        model_base = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
+        bkey = json.dumps(["budget", name, model_base, args.budget_s], sort_keys=True)
+        if bkey not in cache:
+            cache[bkey] = dict(key=bkey, budget=fitted_budget(name, spec, model_base, args.budget_s, args.device))
+            with args.cache.open("a") as f:
+                f.write(json.dumps(cache[bkey]) + "\n")
+        budget = cache[bkey]["budget"]
+        for method in methods:
+            for seed in seeds:
+                key = json.dumps([name, method, seed, budget], sort_keys=True)
+                if key not in cache:
+                    rec = dict(key=key, model=name, method=method, seed=seed, **run(spec, method, seed, budget,
+                                                                                       args.device))
+                    args.cache.parent.mkdir(parents=True, exist_ok=True)
+                    with args.cache.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    cache[key] = rec
+                rec = cache[key]
+                records.append(rec)
+                print(f"  {name} {method} seed {seed}: " + ", ".join(f"{s['name']} {s['accuracy']}" for s in
+                      rec["students"]) + f"; label agreement {rec['teacher']['synthetic_label_agreement']}, "
+                      f"flip {rec['health']['flip']} ({rec['secs']:.0f}s)", flush=True)
+    tuning = summarise(records, [n for n in names if n in TUNING])
+    held = summarise(records, [n for n in names if n in HELD_OUT])
+    print_table("Tuning set (defaults were chosen on these)", tuning)
+    print_table("Held-out set (never tuned on)", held)
+    print("agree% = the teacher's top-1 agreement with the synthetic images' labels (fresh draws of held-out "
+          "images); -real / -FP: W4A4 GZNQ minus the real-data bound / full precision; W8-FP: W8A8 minus FP")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(budget_s=args.budget_s, overrides=args.set, seeds=seeds,
+                                        tuning=tuning, held_out=held), indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return tuning, held
+
+
+if __name__ == "__main__":
+    main()

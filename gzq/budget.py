@@ -1,0 +1,159 @@
+"""Budgets sized by the model's cost: measure what one synthesis step and one fine-tuning step cost on the
+current device, estimate the run, and shrink the image count and step count until it fits a time budget.
+
+The same preset then takes about its stated time (or less) on any model: the bundled 28-px ResNet keeps its
+full budget, a 224-px network on two CPU cores gets fewer images and steps instead of an hour-long run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .bn import BNStatsRecorder, bn_losses
+from .config import RunConfig, SynthConfig
+
+log = logging.getLogger(__name__)
+
+#: floors below which a smaller budget stops being worth running (the budget curve's smallest points)
+MIN_IMAGES, MIN_STEPS = 32, 40
+#: per-student constant for ONNX and integer exports and their checks, seconds (small next to the stages)
+EXPORT_SECONDS = 3.0
+
+
+@dataclass
+class StepCosts:
+    """Measured seconds on one device."""
+    synth_step: float      # one synthesis step at the synthesis batch: teacher forward+backward, BN losses,
+                           # and each student's forward+backward
+    kd_step: float         # one fine-tuning step at the fine-tuning batch: teacher forward, every student
+                           # forward+backward
+    forward_image: float   # one image through the teacher in eval (no grad), for evaluation
+
+
+@dataclass
+class RunEstimate:
+    seconds: float                     # all stages after loading
+    per_stage: dict[str, float]
+    text: str                          # one line for people
+    scale: float = 1.0                 # share of the configured synthesis budget kept (1 = all of it)
+    costs: StepCosts | None = None
+    budget: dict = field(default_factory=dict)   # images, steps, epochs the estimate is for
+
+
+def with_budget(synth: SynthConfig, num_images: int | None = None, steps: int | None = None) -> dict:
+    """Synthesis overrides for a changed image count or step count, with the derived fields scaled by one rule:
+    hold-out = 1/8 of the images, batch <= images, warm-up = the same share of the steps as before."""
+    out = {}
+    if num_images is not None:
+        out.update(num_images=num_images, holdout_images=max(num_images // 8, 1) if num_images > 2 else 0,
+                   batch_size=min(synth.batch_size, num_images))
+    if steps is not None:
+        share = synth.warmup_steps / synth.steps if synth.steps else 0.0
+        out.update(steps=steps, warmup_steps=int(round(share * steps)))
+    return out
+
+
+def _timed(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: allocations, kernel selection
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device) -> StepCosts:
+    """Time one synthesis step, one fine-tuning step and one evaluation forward of this teacher and these
+    (uncalibrated) students on `device`. Costs a few steps; leaves no gradients or hooks behind."""
+    gen = torch.Generator().manual_seed(0)
+    b = min(cfg.synth.batch_size, cfg.synth.num_images)
+    x = torch.randn(b, *teacher.input_size, generator=gen).to(device).requires_grad_(True)
+    y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
+    recorder = BNStatsRecorder(teacher.model)
+    active = students if cfg.synth.adversarial else {}
+    try:
+        def synth_step():
+            logits = teacher.model(x)
+            loss = bn_losses(recorder, cfg.synth.bn_loss, cfg.synth.n_rule, normalize=cfg.synth.bn_normalize)[0]
+            loss = loss + F.cross_entropy(logits, y)
+            for s in active.values():
+                loss = loss + s(x).logsumexp(1).mean()
+            loss.backward()
+            x.grad = None
+        synth_step_s = _timed(synth_step) if cfg.synth.steps else 0.0
+    finally:
+        recorder.remove()
+    bk = min(cfg.train.batch_size, cfg.synth.num_images)
+    xk = torch.randn(bk, *teacher.input_size, generator=gen).to(device)
+
+    def kd_step():
+        with torch.no_grad():
+            teacher.model(xk)
+        for s in students.values():
+            s(xk).logsumexp(1).mean().backward()
+    kd_step_s = _timed(kd_step) if cfg.train.epochs else 0.0
+    for s in students.values():
+        s.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        fwd = _timed(lambda: teacher.model(xk)) / bk
+    return StepCosts(synth_step_s, kd_step_s, fwd)
+
+
+def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: int = 0) -> RunEstimate:
+    """Seconds each stage of `cfg` will take at the measured costs."""
+    s, t = cfg.synth, cfg.train
+    train_images = s.num_images - s.holdout_images
+    kd_steps = t.epochs * max(train_images // min(t.batch_size, train_images), 1)
+    fresh = s.holdout_images * cfg.eval.fresh_draws
+    stages = {
+        "synthesis": s.steps * costs.synth_step,
+        "calibration": 2 * train_images * costs.forward_image * num_students,
+        "finetune": kd_steps * costs.kd_step,
+        "evaluate": (fresh + real_images) * costs.forward_image * (1 + num_students),
+        "save": EXPORT_SECONDS * num_students if cfg.export.formats else 0.5,
+    }
+    total = sum(stages.values())
+    text = (f"about {_fmt(total)} on this device ({s.num_images} images, {s.steps} synthesis steps, "
+            f"{t.epochs} fine-tuning epochs; synthesis {_fmt(stages['synthesis'])}, "
+            f"fine-tuning {_fmt(stages['finetune'])})")
+    return RunEstimate(total, stages, text, 1.0, costs,
+                       dict(num_images=s.num_images, steps=s.steps, epochs=t.epochs))
+
+
+def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: float,
+               real_images: int = 0) -> tuple[RunConfig, RunEstimate]:
+    """The largest budget of the form (images x g^0.5, steps x g) with g <= 1 whose estimate fits `seconds`.
+
+    Steps shrink faster than images: the budget curve shows a few more images at fewer steps each loses less
+    than the reverse. Never below MIN_IMAGES / MIN_STEPS (such a run then takes longer than asked, and the
+    estimate says so).
+    """
+    base = estimate(cfg, costs, num_students, real_images)
+    if base.seconds <= seconds:
+        return cfg, base
+    g, fitted, est = 1.0, cfg, base
+    while est.seconds > seconds and g > 1e-3:
+        g *= 0.9
+        images = max(int(cfg.synth.num_images * math.sqrt(g)), min(MIN_IMAGES, cfg.synth.num_images))
+        steps = max(int(cfg.synth.steps * g), min(MIN_STEPS, cfg.synth.steps))
+        fitted = copy.deepcopy(cfg)
+        d = fitted.synth.to_dict()
+        d.update(with_budget(cfg.synth, images, steps))
+        fitted.synth = SynthConfig.from_dict(d)
+        est = estimate(fitted, costs, num_students, real_images)
+        if images == min(MIN_IMAGES, cfg.synth.num_images) and steps == min(MIN_STEPS, cfg.synth.steps):
+            break
+    est.scale = g
+    est.text += f"; fitted to the {_fmt(seconds)} budget from {cfg.synth.num_images} images x {cfg.synth.steps} steps"
+    return fitted, est
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

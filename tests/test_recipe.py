@@ -1,0 +1,178 @@
+"""The synthesis recipe's balance does not depend on resolution, batch or class count; flips are used only where
+the teacher tolerates them; budgets follow the model's measured cost; unhealthy images are reported."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gzq.bn import BNStatsRecorder, bn_losses
+from gzq.budget import StepCosts, estimate, fit_budget, with_budget
+from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig
+from gzq.events import Message
+from gzq.models import Teacher
+from gzq.pipeline import health_warnings, make_config
+from gzq.synthesis import SyntheticImages, augment, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
+
+
+def _bn_terms(model, x, normalize):
+    with BNStatsRecorder(model) as rec:
+        model(x)
+        loss, _ = bn_losses(rec, BNLoss.LIKELIHOOD, NRule.BATCH_SPATIAL, normalize=normalize)
+    return loss.item()
+
+
+def test_normalised_bn_loss_is_resolution_and_batch_invariant():
+    """The same model and the same images at 32 and 64 px (and at two batch sizes) give normalised BN terms of the
+    same order, while the raw likelihood grows with the number of values behind each statistic."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=(16, 32, 64, 128)).eval()
+    x32 = torch.randn(16, 1, 32, 32) * 0.7 + 0.3
+    x64 = F.interpolate(x32, scale_factor=2, mode="nearest")
+    norm32, norm64 = _bn_terms(model, x32, True), _bn_terms(model, x64, True)
+    raw32, raw64 = _bn_terms(model, x32, False), _bn_terms(model, x64, False)
+    assert 0.5 < norm64 / norm32 < 2.0
+    assert raw64 / raw32 > 3.0                       # ~4x the values per statistic
+    norm_b8, raw_b8 = _bn_terms(model, x32[:8], True), _bn_terms(model, x32[:8], False)
+    assert 0.5 < norm_b8 / norm32 < 2.0 and raw32 / raw_b8 > 1.5
+    # CE / log(K) starts near 1 whatever the class count
+    for k in (10, 1000):
+        assert abs(F.cross_entropy(torch.zeros(4, k), torch.zeros(4, dtype=torch.long)).item() / math.log(k) - 1) < 1e-6
+
+
+class _Chirality(nn.Module):
+    """Class 0 when the left half is brighter than the right, class 1 otherwise: not mirror-invariant."""
+    def forward(self, x):
+        d = x[..., : x.shape[-1] // 2].mean((1, 2, 3)) - x[..., x.shape[-1] // 2:].mean((1, 2, 3))
+        return torch.stack([d, -d], 1) * 10
+
+
+class _Symmetric(nn.Module):
+    """Class by total brightness: mirror-invariant."""
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return torch.stack([m, -m], 1) * 10
+
+
+def _images(labels, chiral):
+    """Class 0: bright left half (chiral) or bright everywhere; class 1: bright right half or dark everywhere."""
+    g = torch.Generator().manual_seed(0)
+    lo, hi = torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0)
+    imgs = SyntheticImages(labels, (1, 8, 8), (lo, hi), ImageParam.PIXEL, 0.0, g)
+    with torch.no_grad():
+        imgs.mean.zero_()
+        for i, y in enumerate(labels.tolist()):
+            if chiral:
+                imgs.mean[i, :, :, slice(0, 4) if y == 0 else slice(4, 8)] = 1.0
+            else:
+                imgs.mean[i] = 1.0 if y == 0 else -1.0
+    return imgs
+
+
+def test_flip_check_tells_mirror_invariant_teachers_apart():
+    labels = torch.tensor([0, 1] * 8)
+    chiral = flip_check(_Chirality(), _images(labels, True), labels)
+    assert chiral["label_agreement"] == 1.0 and chiral["flipped_label_agreement"] < 0.1
+    assert not flips_are_valid(chiral)
+    sym = flip_check(_Symmetric(), _images(labels, False), labels)
+    assert sym["label_agreement"] == sym["flipped_label_agreement"] == 1.0 and sym["consistency"] == 1.0
+    assert flips_are_valid(sym)
+
+
+def test_augment_flips_and_rolls_for_real():
+    x = torch.arange(2 * 1 * 4 * 6, dtype=torch.float).view(2, 1, 4, 6)
+    g = torch.Generator().manual_seed(3)
+    y = augment(x, 0, True, g)
+    for i in range(2):  # each image is itself or its mirror, and over a few draws both happen
+        assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
+    seen = {bool(torch.equal(augment(x, 0, True, g)[0], x[0])) for _ in range(20)}
+    assert seen == {True, False}
+    r = augment(x, 2, False, g)
+    shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(r, torch.roll(x, (dy, dx), (2, 3)))]
+    assert shifts and torch.equal(augment(x, 0, False, g), x)
+    assert jitter_pixels(0.07, (1, 28, 28)) == 2 and jitter_pixels(0.07, (3, 224, 224)) == 16
+
+
+def _toy_teacher(model, size=8):
+    return Teacher(model=model, name="toy", architecture="toy", model_kwargs={}, input_size=(1, size, size),
+                   mean=(0.5,), std=(0.25,), num_classes=2)
+
+
+class _ChiralBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1).eval()
+        self.head = _Chirality()
+
+    def forward(self, x):
+        return self.head(self.bn(x))
+
+
+def test_auto_flip_turns_flips_off_for_a_chiral_teacher_and_ce_weight_adapts():
+    teacher = _toy_teacher(_ChiralBN())
+    cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=12, warmup_steps=6, adversarial=False,
+                      flip="auto", lambda_bn=1.0, ce_adapt_rate=0.5)
+    events, res = [], None
+    gen = iter_synthesize(teacher, {}, cfg, torch.device("cpu"))
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as e:
+            res = e.value
+            break
+    assert res.flip_check is not None and res.flip is False
+    assert any(isinstance(e, Message) and "flips off" in e.text for e in events)
+    weights = res.history["ce_weight"]
+    assert len(weights) == 12 and all(1.0 <= w <= cfg.ce_max_scale for w in weights)
+    # the weight moves only by the adaptation factor per step, up while labels are missed, down once they hold
+    for a, b, agree in zip(weights, weights[1:], res.history["agreement"][1:]):
+        assert b == pytest.approx(min(a * 1.5, 100.0)) if agree < cfg.ce_target else b == pytest.approx(max(a / 1.5, 1.0))
+    fixed = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=3, warmup_steps=1, adversarial=False,
+                        flip="on", ce_target=0.0)
+    gen = iter_synthesize(teacher, {}, fixed, torch.device("cpu"))
+    while True:
+        try:
+            next(gen)
+        except StopIteration as e:
+            res = e.value
+            break
+    assert res.flip is True and res.flip_check is None and set(res.history["ce_weight"]) == {1.0}
+
+
+def test_flip_mode_accepts_booleans_and_validates():
+    assert SynthConfig(flip=True).flip == FlipMode.ON and SynthConfig(flip=False).flip == FlipMode.OFF
+    assert SynthConfig.from_dict(SynthConfig(flip="auto").to_dict()).flip == FlipMode.AUTO
+    with pytest.raises(ValueError):
+        SynthConfig(flip="sometimes")
+    with pytest.raises(ValueError, match="ce_target"):
+        SynthConfig(ce_target=1.5)
+    with pytest.raises(ValueError, match="jitter"):
+        SynthConfig(jitter=2)       # a share of the side, not pixels
+
+
+def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
+    cfg = make_config("cpu")
+    costs = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3)
+    full = estimate(cfg, costs, num_students=2)
+    assert full.per_stage["synthesis"] == pytest.approx(300.0) and full.seconds > 300
+    fitted, est = fit_budget(cfg, costs, 2, seconds=full.seconds / 3)
+    assert est.seconds <= full.seconds / 3 and fitted.synth.steps < 300 and fitted.synth.num_images < 256
+    assert fitted.synth.warmup_steps == round(fitted.synth.steps / 3)
+    assert fitted.synth.holdout_images == fitted.synth.num_images // 8
+    assert fitted.synth.batch_size <= fitted.synth.num_images
+    same, est_same = fit_budget(cfg, costs, 2, seconds=full.seconds * 2)
+    assert same is cfg and est_same.scale == 1.0
+    tiny, _ = fit_budget(cfg, costs, 2, seconds=1.0)   # never below the floors
+    assert tiny.synth.steps == 40 and tiny.synth.num_images == 32
+    assert with_budget(cfg.synth, 64, 90) == dict(num_images=64, holdout_images=8, batch_size=64, steps=90,
+                                                    warmup_steps=30)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        RunConfig(time_budget_s=-1)
+
+
+def test_health_warning_only_when_images_lose_their_class():
+    assert health_warnings(dict(label_agreement=97.0)) == []
+    (w,) = health_warnings(dict(label_agreement=42.0))
+    assert "42 %" in w and "90 %" in w
