@@ -27,6 +27,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,10 +117,13 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="change a default for every method, e.g. --set synth.init_log_scale=-1 (repeatable; "
                         "part of the cache key)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy.json")
+    p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/accuracy.json; with --quick a "
+                                          "temporary file, so smoke runs never overwrite measured results)")
     p.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / "results" / "accuracy_runs.jsonl",
                    help="finished runs (JSON lines); runs already there are not repeated")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = (Path(tempfile.mkdtemp()) if args.quick else Path(__file__).resolve().parent / "results") / "accuracy.json"
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     budget = {"preset": "cpu", "synth": {}, "train": {}, "eval": {}}
     seeds = [int(s) for s in args.seeds.split(",")]

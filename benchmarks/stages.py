@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -97,7 +98,8 @@ def main(argv=None):
     for (calib, kd), accs in results.items():
         print(f"{calib:<13}{kd or '-':<7}{statistics.mean(accs):>11.2f}{str(accs):>24}")
         rows.append(dict(calibration=calib, kd=kd, mean=round(statistics.mean(accs), 2), seeds=accs))
-    out = args.out or Path(__file__).resolve().parent / "results" / f"stages_{args.model}_{spec.name}.json"
+    results_dir = Path(tempfile.mkdtemp()) if args.quick else Path(__file__).resolve().parent / "results"
+    out = args.out or results_dir / f"stages_{args.model}_{spec.name}.json"   # smoke runs never overwrite results
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(model=args.model, bits=spec.name, rows=rows), indent=2) + "\n")
     print(f"wrote {out}")

@@ -35,9 +35,6 @@ class ZooModel:
     max_real_images: int = 5000        # test images the benchmark evaluates on (the first N of 10k)
     note: str = ""
 
-    def checkpoint(self, name: str) -> Path:
-        return ZOO_DIR / f"{name}.safetensors"
-
 
 ZOO: dict[str, ZooModel] = {
     # tuning set: the families that failed before (depthwise, grouped) and a 3-channel input
@@ -57,13 +54,18 @@ TUNING = ("mobilenetv2_64", "regnetx_32", "ghostnet_48")
 HELD_OUT = tuple(n for n in ZOO if n not in TUNING)
 
 
-def ensure_trained(name: str, force: bool = False, threads: int = 2) -> Path:
-    """The checkpoint of zoo model `name`, trained first when it is not in the cache."""
+def ensure_trained(name: str, force: bool = False, threads: int = 2, folder: Path | None = None,
+                   train_images: int | None = None) -> Path:
+    """The checkpoint of zoo model `name` in `folder` (default ZOO_DIR), trained first when it is not there.
+    train_images overrides the model's subset size (a smoke test trains on a few images)."""
     m = ZOO[name]
-    path = m.checkpoint(name)
+    folder = folder or ZOO_DIR
+    path = folder / f"{name}.safetensors"
     if force or not path.exists() or not path.with_suffix(".json").exists():
-        train(m.arch, name, ZOO_DIR, m.input_size, m.model_kwargs, flip=m.flip, epochs=m.epochs, lr=m.lr,
-              train_images=m.train_images, threads=threads, command=f"python scripts/train_zoo.py --models {name}")
+        n = train_images or m.train_images
+        train(m.arch, name, folder, m.input_size, m.model_kwargs, flip=m.flip, epochs=m.epochs if n == m.train_images
+              else 1, lr=m.lr, train_images=n, threads=threads,
+              command=f"python scripts/train_zoo.py --models {name}")
     return path
 
 

@@ -46,3 +46,17 @@ def test_stages_benchmark_quick(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 10 and {(row["calibration"], row["kd"]) for row in rows} >= {("real", "gznq"), ("gznq", None)}
     assert all(0 < row["mean"] <= 100 for row in rows)
+
+
+def test_zoo_benchmark_quick():
+    """A tiny zoo run end to end (a teacher trained on 640 images, a few synthesis steps): the tables print both
+    sets apart and every method reports both bit-widths and the synthesis health."""
+    r = subprocess.run([sys.executable, "benchmarks/zoo.py", "--quick", "--models", "regnetx_32",
+                        "--methods", "gznq,real"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Tuning set" in r.stdout and "Held-out set" in r.stdout
+    out = Path(r.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    assert out.exists() and "benchmarks/results" not in str(out)
+    (row,) = json.loads(out.read_text())["tuning"]
+    assert row["model"] == "regnetx_32" and 0 <= row["gznq_label_agreement"] <= 100
+    assert all(0 < row[k] <= 100 for k in ("gznq_w4a4", "gznq_w8a8", "real_w4a4", "real_w8a8"))
