@@ -16,9 +16,10 @@ Methods, each with the same quantizer, calibration and fine-tuning at the same b
             on, 2-px jitter
     real    the same pipeline on as many real training images: the real-data bound
 
-Budget: the CPU preset (256 images x 300 steps, 40 epochs of KD), shrunk by gzq.budget.fit_budget to
---budget-s seconds for models where it would take longer. The fit is measured once per model and cached
-with the runs, so every method and seed of a model runs the same budget.
+Budget: fixed, the same for every model, method and seed (ZOO_BUDGET: 128 images x 150 synthesis steps,
+30 epochs of KD, half the CPU preset's synthesis), so results do not depend on the machine's load. With
+--budget-s the CPU preset is instead shrunk by gzq.budget.fit_budget to that many seconds per model (what a
+user's preset does); the fit is measured once per model and cached, so every method and seed shares it.
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ METHODS = {
     "real": None,
 }
 RESULTS = ROOT / "benchmarks" / "results"
+ZOO_BUDGET = {"synth": dict(num_images=128, holdout_images=16, batch_size=64, steps=150, warmup_steps=50),
+              "train": dict(epochs=30), "eval": {}}
 
 
 def fitted_budget(name: str, spec: ModelSpec, base: dict, seconds: float, device: str) -> dict:
@@ -140,7 +143,8 @@ def main(argv=None):
     p.add_argument("--methods", default="gznq,mse,real")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--device", default="auto")
-    p.add_argument("--budget-s", type=float, default=600.0, help="fit each model's budget to this many seconds")
+    p.add_argument("--budget-s", type=float, help="instead of ZOO_BUDGET, fit the CPU preset to this many seconds "
+                                                   "per model, measured here")
     p.add_argument("--quick", action="store_true", help="tiny budget, first model, one seed (a smoke test)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/zoo.json; a temporary file "
@@ -148,7 +152,7 @@ def main(argv=None):
     p.add_argument("--cache", type=Path, default=RESULTS / "zoo_runs.jsonl")
     args = p.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    base = {"synth": {}, "train": {}, "eval": {}}
+    base = {k: dict(v) for k, v in ZOO_BUDGET.items()} if args.budget_s is None else {"synth": {}, "train": {}, "eval": {}}
     names = [n for n in args.models.split(",") if n]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
@@ -175,12 +179,16 @@ def main(argv=None):
         ckpt = ensure_trained(name, folder=args.cache.parent / "zoo", train_images=640) if args.quick else ensure_trained(name)
         spec = ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
         model_base = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
-        bkey = json.dumps(["budget", name, model_base, args.budget_s], sort_keys=True)
-        if bkey not in cache:
-            cache[bkey] = dict(key=bkey, budget=fitted_budget(name, spec, model_base, args.budget_s, args.device))
-            with args.cache.open("a") as f:
-                f.write(json.dumps(cache[bkey]) + "\n")
-        budget = cache[bkey]["budget"]
+        if args.budget_s is None:
+            budget = model_base
+        else:
+            bkey = json.dumps(["budget", name, model_base, args.budget_s], sort_keys=True)
+            if bkey not in cache:
+                cache[bkey] = dict(key=bkey, budget=fitted_budget(name, spec, model_base, args.budget_s, args.device))
+                args.cache.parent.mkdir(parents=True, exist_ok=True)
+                with args.cache.open("a") as f:
+                    f.write(json.dumps(cache[bkey]) + "\n")
+            budget = cache[bkey]["budget"]
         for method in methods:
             for seed in seeds:
                 key = json.dumps([name, method, seed, budget], sort_keys=True)
@@ -204,7 +212,7 @@ def main(argv=None):
           "images); -real / -FP: W4A4 GZNQ minus the real-data bound / full precision; W8-FP: W8A8 minus FP")
     args.out = args.out or RESULTS / "zoo.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(budget_s=args.budget_s, overrides=args.set, seeds=seeds,
+    args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
                                         tuning=tuning, held_out=held), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held

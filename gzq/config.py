@@ -37,7 +37,8 @@ class NRule(str, enum.Enum):
 
 class FlipMode(str, enum.Enum):
     """Horizontal flips during synthesis and fine-tuning. Only valid where the teacher is mirror-invariant
-    (digits and text are not): AUTO measures it on the images as they form (gzq.synthesis.flip_check)."""
+    (digits and text are not): AUTO keeps them only while the teacher holds the labels of flipped batches
+    (SynthConfig.augment_check)."""
     AUTO = "auto"
     ON = "on"
     OFF = "off"
@@ -212,6 +213,8 @@ class SynthConfig(_Serialisable):
     lambda_l2: float = 1e-5
     jitter: float = 0.07           # random roll by up to this share of the input side (2 px at 28 px, 16 at 224)
     flip: FlipMode = FlipMode.AUTO
+    augment_check: bool = True     # at the end of the warm-up, drop jitter (and AUTO flips) if the teacher holds
+    augment_min_agreement: float = 0.9   # fewer than this share of the augmented batches' labels
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
@@ -238,6 +241,7 @@ class SynthConfig(_Serialisable):
             _check_positive(nm, getattr(self, nm), allow_zero=True)
         _check_range("jitter", self.jitter, 0.0, 0.5)
         _check_range("ce_target", self.ce_target, 0.0, 1.0)
+        _check_range("augment_min_agreement", self.augment_min_agreement, 0.0, 1.0)
         _check_positive("ce_adapt_rate", self.ce_adapt_rate, allow_zero=True)
         if self.ce_max_scale < 1:
             raise ValueError(f"ce_max_scale must be >= 1, got {self.ce_max_scale}")

@@ -180,6 +180,7 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
         if synth_source is not None:
             yield StageStarted("synthesis", 0, "images from a given source")
             synth = synth_source(teacher, device)
+            synth.jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)
             synth.flip = cfg.synth.flip == FlipMode.ON
             if cfg.synth.flip == FlipMode.AUTO:
                 with torch.no_grad():
@@ -210,8 +211,7 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
 
         t = time.perf_counter()
         steps = yield from iter_distill(teacher, students, synth.images, synth.train_idx, cfg.train, device,
-                                        jitter_pixels(cfg.synth.jitter, teacher.input_size), synth.flip, cfg.seed,
-                                        stop_fn)
+                                        synth.jitter, synth.flip, cfg.seed, stop_fn)
         timings["finetune"] = time.perf_counter() - t
         if cfg.train.epochs and steps == 0 or stop_fn():
             return
@@ -296,7 +296,7 @@ def synthesis_health(report: dict, synth: SynthResult) -> dict:
     return dict(label_agreement=report["teacher"]["synthetic_label_agreement"],
                 final_bn_log_likelihood=h["bn_ll"][-1] if h.get("bn_ll") else None,
                 final_ce_weight=h["ce_weight"][-1] if h.get("ce_weight") else None,
-                flip=synth.flip, flip_check=synth.flip_check)
+                flip=synth.flip, jitter_pixels=synth.jitter, flip_check=synth.flip_check)
 
 
 def health_warnings(health: dict) -> list[str]:

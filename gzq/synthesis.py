@@ -13,8 +13,12 @@ after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepI
 So that one recipe serves any architecture, resolution and class count, each term is O(1): L_BN is the
 likelihood divided by the layers' mean N (gzq.bn.bn_losses), CE is divided by log(num_classes), and the
 CE weight adapts online (between lambda_ce and ce_max_scale x lambda_ce) until the teacher assigns the
-target share of each batch to its labels. Flips are used only where the teacher is mirror-invariant on
-the images as they form (FlipMode.AUTO, `flip_check`).
+target share of each batch to its labels. Augmentations are kept only where the teacher tolerates them:
+at the end of the warm-up, if the teacher still misses the labels of the augmented batches (agreement
+under `augment_min_agreement` with the CE weight free to grow), jitter and automatic flips are switched
+off for the rest of the run and for fine-tuning. Teachers trained on small images with small shifts
+cannot hold a class under a wrapped roll, and a teacher that is not mirror-invariant cannot hold it under
+flips; the images then lose their class signal, which is what the check measures.
 """
 from __future__ import annotations
 
@@ -204,8 +208,10 @@ class SynthResult:
     students_calibrated: bool
     steps_done: int
     history: dict[str, list]
-    flip: bool = False            # whether flips were used (and suit fine-tuning)
-    flip_check: dict[str, float] | None = None   # FlipMode.AUTO's measurement
+    flip: bool = False            # whether flips were used at the end (and suit fine-tuning)
+    flip_check: dict[str, float] | None = None   # the teacher's labels on the image means, upright and mirrored,
+                                                 # and on the augmented batches, at the end of the warm-up
+    jitter: int = 0               # the roll in pixels used at the end (0 once the augmentation check drops it)
 
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
@@ -239,8 +245,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
     history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": [], "agreement": [], "ce_weight": []}
     jitter = jitter_pixels(cfg.jitter, teacher.input_size)
-    flip = cfg.flip == FlipMode.ON            # AUTO starts without flips and decides at flip_step
-    flip_step = cfg.warmup_steps if 0 < cfg.warmup_steps < cfg.steps else max(cfg.steps // 3, 1)
+    flip = cfg.flip != FlipMode.OFF           # AUTO starts with flips; the check at check_step may drop them
+    check_step = cfg.warmup_steps if 0 < cfg.warmup_steps < cfg.steps else max(cfg.steps // 3, 1)
     checked: dict[str, float] | None = None
     ce_scale = 1.0
     log_classes = math.log(max(teacher.num_classes, 2))
@@ -258,7 +264,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             if stop():
                 yield Stopped("synthesis", step)
                 return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
-                                   flip, checked)
+                                   flip, checked, jitter)
             if cursor + batch > k:
                 perm, cursor = torch.randperm(k, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
@@ -311,12 +317,15 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             history["ce"].append(losses["ce"])
             history["agreement"].append(agree)
             history["ce_weight"].append(cfg.lambda_ce * ce_scale)
-            if cfg.flip == FlipMode.AUTO and step == flip_step:
+            if step == check_step:
                 checked = flip_check(teacher.model, images, images.labels)
-                flip = flips_are_valid(checked)
-                yield Message(f"flip check: the teacher keeps {checked['flipped_label_agreement']:.0%} of labels on "
-                              f"mirrored images against {checked['label_agreement']:.0%} upright: flips "
-                              + ("on" if flip else "off (the teacher is not mirror-invariant)"))
+                held = float(np.mean(history["agreement"][-10:]))
+                checked["augmented_agreement"] = held
+                if cfg.augment_check and held < cfg.augment_min_agreement and (jitter or flip):
+                    dropped = [n for n, on in (("jitter", jitter), ("flips", flip and cfg.flip == FlipMode.AUTO)) if on]
+                    jitter, flip = 0, flip and cfg.flip == FlipMode.ON
+                    yield Message(f"augmentation check: the teacher holds only {held:.0%} of the labels under "
+                                  f"{' and '.join(dropped)} after the warm-up; {' and '.join(dropped)} off from here")
             yield Progress("synthesis", step, cfg.steps, time.perf_counter() - t0, losses, float(np.mean(ll)), ll,
                            student_kl)
             if step % cfg.preview_every == 0 or step == cfg.steps:
@@ -327,4 +336,5 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             s.zero_grad(set_to_none=True)
         images.requires_grad_(False)
-    return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked)
+    return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked,
+                       jitter)
