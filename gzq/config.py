@@ -202,10 +202,10 @@ class SynthConfig(_Serialisable):
     bn_normalize: bool = True      # divide the likelihood by the layers' mean N, so its scale does not grow with
                                    # batch or resolution (lambda_bn then weighs per-value z^2 terms, O(1) each)
     lambda_bn: float = 25.0        # on the normalised likelihood; = 0.01 on the raw one for the bundled model
-    lambda_ce: float = 1.0         # on CE / log(num_classes), which starts near 1 for any class count
-    ce_target: float = 0.98        # adapt the CE weight until the teacher agrees with this share of the batch's
-                                   # labels (0 = fixed weight): a Lagrange-multiplier-like weight that grows while
-                                   # images miss their class and decays back to lambda_ce once they carry it
+    lambda_ce: float = 1.0
+    ce_target: float = 0.98        # after the warm-up, adapt the CE weight until the teacher agrees with this share
+                                   # of the batch's labels (0 = fixed weight): a Lagrange-multiplier-like weight
+                                   # that grows while images miss their class and decays back once they carry it
     ce_adapt_rate: float = 0.1     # per-step multiplicative change of the CE weight
     ce_max_scale: float = 100.0    # the adapted CE weight stays within [lambda_ce, ce_max_scale * lambda_ce]
     lambda_adv: float = 0.5
@@ -213,8 +213,9 @@ class SynthConfig(_Serialisable):
     lambda_l2: float = 1e-5
     jitter: float = 0.07           # random roll by up to this share of the input side (2 px at 28 px, 16 at 224)
     flip: FlipMode = FlipMode.AUTO
-    augment_check: bool = True     # at the end of the warm-up, drop jitter (and AUTO flips) if the teacher holds
-    augment_min_agreement: float = 0.9   # fewer than this share of the augmented batches' labels
+    augment_check: bool = True     # at augment_check_at of the steps, drop jitter (and AUTO flips) for the rest if
+    augment_min_agreement: float = 0.9   # the teacher holds fewer than this share of the augmented batches' labels
+    augment_check_at: float = 0.75
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4
@@ -242,6 +243,7 @@ class SynthConfig(_Serialisable):
         _check_range("jitter", self.jitter, 0.0, 0.5)
         _check_range("ce_target", self.ce_target, 0.0, 1.0)
         _check_range("augment_min_agreement", self.augment_min_agreement, 0.0, 1.0)
+        _check_range("augment_check_at", self.augment_check_at, 0.0, 1.0)
         _check_positive("ce_adapt_rate", self.ce_adapt_rate, allow_zero=True)
         if self.ce_max_scale < 1:
             raise ValueError(f"ce_max_scale must be >= 1, got {self.ce_max_scale}")

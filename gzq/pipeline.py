@@ -211,7 +211,8 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
 
         t = time.perf_counter()
         steps = yield from iter_distill(teacher, students, synth.images, synth.train_idx, cfg.train, device,
-                                        synth.jitter, synth.flip, cfg.seed, stop_fn)
+                                        jitter_pixels(cfg.synth.jitter, teacher.input_size), synth.flip, cfg.seed,
+                                        stop_fn)   # the teacher labels each rolled image itself, so KD keeps the jitter
         timings["finetune"] = time.perf_counter() - t
         if cfg.train.epochs and steps == 0 or stop_fn():
             return
