@@ -123,6 +123,32 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return student.to(device).eval().requires_grad_(False), spec, dc
 
 
+def estimate_run(cfg: RunConfig):
+    """What a run of `cfg` will take on its device, measured before it starts (gzq.budget): loads the teacher,
+    builds the students, times one step of each stage and, when cfg.time_budget_s is set, fits the budget.
+
+    Returns:
+        a gzq.budget.RunEstimate (.seconds, .per_stage, .text, .budget); .per_stage["load"] is the time this
+        call spent loading, which the run itself spends again.
+    """
+    device = resolve_device(cfg.device)
+    t = time.perf_counter()
+    teacher = load_teacher(cfg.model, device)
+    example = torch.zeros(2, *teacher.input_size, device=device)
+    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_names(cfg)}
+    labelled = load_labelled_data(teacher, cfg.eval)
+    load_s = time.perf_counter() - t
+    costs = measure_costs(teacher, students, cfg, device)
+    n_real = len(labelled[1]) if labelled else 0
+    if cfg.time_budget_s is not None:
+        _, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
+    else:
+        est = estimate(cfg, costs, len(students), n_real)
+    est.per_stage = {"load": load_s, **est.per_stage}
+    est.seconds += load_s
+    return est
+
+
 def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
              stop: Callable[[], bool] | threading.Event | None = None,
              synth_source: Callable[[Teacher, torch.device], SynthResult] | None = None) -> Iterator:

@@ -187,3 +187,13 @@ def test_health_warning_only_when_images_lose_their_class():
     assert health_warnings(dict(label_agreement=97.0)) == []
     (w,) = health_warnings(dict(label_agreement=42.0))
     assert "42 %" in w and "90 %" in w
+
+
+def test_estimate_run_measures_the_bundled_model():
+    from gzq.pipeline import estimate_run
+    cfg = make_config("cpu", students=["w4a4"], synth=dict(num_images=64, holdout_images=8, steps=20, warmup_steps=5),
+                      train=dict(epochs=2), eval=dict(max_real_images=100), export=dict(formats=[]))
+    est = estimate_run(cfg)
+    assert set(est.per_stage) >= {"load", "synthesis", "finetune", "evaluate"}
+    assert est.seconds == pytest.approx(sum(est.per_stage.values()))
+    assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and "64 images, 20 synthesis steps" in est.text
