@@ -12,13 +12,13 @@ from typing import Any
 
 
 class ImageParam(str, enum.Enum):
-    """How a synthetic image is parameterised (DESIGN 2.1)."""
+    """How a synthetic image is parameterised (docs/design.md 2.1)."""
     REPARAM = "reparam"  # x = m + exp(s) * z, z ~ N(0, I) fresh each step (generative, GZNQ)
     PIXEL = "pixel"      # x = m (ZeroQ / DeepInversion)
 
 
 class BNLoss(str, enum.Enum):
-    """Which BatchNorm-statistics loss drives synthesis (DESIGN 2.2)."""
+    """Which BatchNorm-statistics loss drives synthesis (docs/design.md 2.2)."""
     LIKELIHOOD = "likelihood"  # GZNQ appendix 1.1: Gaussian NLL of the batch statistics
     MSE = "mse"                # DeepInversion: ||mu_hat - mu||_2 + ||var_hat - var||_2
 
@@ -145,7 +145,7 @@ _STUDENT_RE = re.compile(r"^w(\d+)a(\d+)$")
 
 @dataclass
 class QuantSpec(_Serialisable):
-    """One quantized configuration (DESIGN 2.5).
+    """One quantized configuration (docs/design.md 2.5).
 
     Weights: per output channel, symmetric by default. Activations: per tensor, asymmetric,
     learnable step size (LSQ), at the input of every quantized conv/linear but the first
@@ -182,7 +182,7 @@ class QuantSpec(_Serialisable):
 
 @dataclass
 class SynthConfig(_Serialisable):
-    """Image synthesis (DESIGN 2.1-2.4).
+    """Image synthesis (docs/design.md 2.1-2.4).
 
     L_img = lambda_bn L_BN + lambda_ce CE - lambda_adv KL_ens + lambda_tv TV + lambda_l2 ||x||^2
     """
@@ -254,7 +254,7 @@ class SynthConfig(_Serialisable):
 
 @dataclass
 class TrainConfig(_Serialisable):
-    """Student fine-tuning by distillation on the synthetic set (DESIGN 2.5)."""
+    """Student fine-tuning by distillation on the synthetic set (docs/design.md 2.5)."""
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-4          # weights
@@ -271,7 +271,7 @@ class TrainConfig(_Serialisable):
 
 @dataclass
 class EvalConfig(_Serialisable):
-    """Evaluation (DESIGN 2.6). data: an ImageFolder path; None = the default model's own test set if any."""
+    """Evaluation (docs/design.md 2.6). data: an ImageFolder path; None = the default model's own test set if any."""
     data: str | None = None
     max_real_images: int | None = None
     fresh_draws: int = 4      # noise draws per held-out synthetic image
@@ -321,7 +321,7 @@ _NESTED = {
 }
 
 
-# --- export (gzq/export.py, DESIGN 2.7) -------------------------------------------------------------------
+# --- export (gzq/export.py, docs/design.md 2.7) -------------------------------------------------------------------
 
 class ExportFormat(str, enum.Enum):
     """What a run writes next to its float student checkpoints."""

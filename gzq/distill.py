@@ -1,4 +1,4 @@
-"""Student fine-tuning by knowledge distillation on the synthetic set (DESIGN 2.5).
+"""Student fine-tuning by knowledge distillation on the synthetic set (docs/design.md 2.5).
 
 All students share each batch and its teacher forward. With reparameterised images every batch draws
 fresh noise from f_I(z), so the students see a new sample of each image every epoch.

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN 2.6): data-free agreement and KL on held-out synthetic images, real top-1 when
+"""Evaluation (docs/design.md 2.6): data-free agreement and KL on held-out synthetic images, real top-1 when
 labelled data exists, model size."""
 from __future__ import annotations
 
