@@ -47,9 +47,11 @@ def augment(x: torch.Tensor, gen: torch.Generator, black: torch.Tensor, flip: bo
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch=1000) -> float:
+def evaluate(model, x, y, batch=500, prep=None) -> float:
+    """Top-1 in percent; prep turns a batch of stored images into model input (None: x is model input)."""
     model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    prep = prep or (lambda b: b)
+    correct = sum((model(prep(x[i:i + batch])).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
     return 100.0 * correct / len(x)
 
 
@@ -78,7 +80,10 @@ def train(arch: str, name: str, out: Path, input_size=INPUT_SIZE, model_kwargs: 
         px = to_model_input(xtr_u8[:5000], (0.0,) * input_size[0], (1.0,) * input_size[0], input_size)
         mean = tuple(round(v, 4) for v in px.mean((0, 2, 3)).tolist())
         std = tuple(round(v, 4) for v in px.std((0, 2, 3)).tolist())
-    xtr, xte = to_model_input(xtr_u8, mean, std, input_size), to_model_input(xte_u8, mean, std, input_size)
+    # resized per batch: 10k test images at 224 px would be 6 GB as floats
+    prep = (lambda u8: to_model_input(u8, mean, std, input_size)) if input_size[1:] != tuple(xtr_u8.shape[-2:]) else None
+    xtr, xte = (xtr_u8, xte_u8) if prep else (to_model_input(xtr_u8, mean, std, input_size),
+                                              to_model_input(xte_u8, mean, std, input_size))
     black = ((0 - torch.tensor(mean)) / torch.tensor(std)).view(1, -1, 1, 1)
 
     model_kwargs = dict(model_kwargs or ARCHS.get(arch, {}))
@@ -101,7 +106,8 @@ def train(arch: str, name: str, out: Path, input_size=INPUT_SIZE, model_kwargs: 
         running = 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(augment(xtr[idx], gen, black, flip)), ytr[idx])
+            xb = prep(xtr[idx]) if prep else xtr[idx]
+            loss = F.cross_entropy(model(augment(xb, gen, black, flip)), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -110,7 +116,7 @@ def train(arch: str, name: str, out: Path, input_size=INPUT_SIZE, model_kwargs: 
         print(f"{name} epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.4f} ({time.time() - t0:.0f}s)",
               flush=True)
 
-    acc = evaluate(model, xte, yte)
+    acc = evaluate(model, xte, yte, prep=prep)
     print(f"{name} test top-1: {acc:.2f}% ({time.time() - t0:.0f}s)", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
