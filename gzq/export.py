@@ -38,6 +38,7 @@ from torch import nn
 
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.convert import create_student, quant_wrappers
+from .quant.graph import CONTAINER, tensor_quantizers
 from .quant.modules import ActQuantizer, QuantWrapper, WeightQuantizer
 from .quant.primitives import dequantize, quantize
 
@@ -61,6 +62,31 @@ def effective_scale(q: nn.Module) -> torch.Tensor:
 
 
 @dataclass
+class ActQuant:
+    """One per-tensor activation quantizer in integer form. Its ONNX initializers are `<prefix>scale` and
+    `<prefix>zero_point`: `<layer>.input_` for a layer's input quantizer, `<module path>.` for a tensor
+    quantizer of the deployable protocol (the names of its state-dict entries)."""
+    prefix: str
+    bits: int
+    scale: torch.Tensor             # () float32
+    zero_point: int
+    qmin: int
+    qmax: int
+    numel: int                      # per-sample tensor size; sets the LSQ gain of the step size
+
+    @classmethod
+    def of(cls, prefix: str, aq: ActQuantizer) -> "ActQuant":
+        return cls(prefix=prefix, bits=aq.bits, scale=effective_scale(aq).cpu(), qmin=aq.qmin, qmax=aq.qmax,
+                   zero_point=int(torch.round(aq.zero_point.detach().float()).item()), numel=int(aq._numel))
+
+
+@torch.no_grad()
+def find_tensor_quants(student: nn.Module) -> list[ActQuant]:
+    """The integer form of every tensor quantizer (deployable protocol; empty otherwise), in module order."""
+    return [ActQuant.of(f"{name}.", aq) for name, aq in tensor_quantizers(student)]
+
+
+@dataclass
 class LayerQuant:
     """One QuantWrapper in integer form: what the ONNX graph and the integer safetensors store."""
     name: str
@@ -79,6 +105,12 @@ class LayerQuant:
     a_qmin: int | None = None
     a_qmax: int | None = None
     a_numel: int | None = None      # per-sample input size; sets the activation LSQ gain
+
+    def input_quant(self) -> ActQuant | None:
+        if self.a_bits is None:
+            return None
+        return ActQuant(prefix=f"{self.name}.input_", bits=self.a_bits, scale=self.a_scale,
+                        zero_point=self.a_zero_point, qmin=self.a_qmin, qmax=self.a_qmax, numel=self.a_numel)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(O, ...) float: equal to the fake-quant student's quantized weight."""
@@ -106,11 +138,10 @@ def find_layer_quants(student: nn.Module) -> list[LayerQuant]:
                         codes=codes.to(torch.int64), w_scale=scale, w_zero_point=zp.to(torch.int64),
                         w_bits=wq.bits, w_qmin=wq.qmin, w_qmax=wq.qmax, w_symmetric=wq.symmetric,
                         bias=None if mod.bias is None else mod.bias.detach().float().cpu().clone())
-        aq = w.a_quant
-        if aq is not None:
-            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = aq.bits, aq.qmin, aq.qmax, int(aq._numel)
-            lq.a_scale = effective_scale(aq).cpu()
-            lq.a_zero_point = int(torch.round(aq.zero_point.detach().float()).item())
+        if w.a_quant is not None:
+            a = ActQuant.of(f"{name}.input_", w.a_quant)
+            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = a.bits, a.qmin, a.qmax, a.numel
+            lq.a_scale, lq.a_zero_point = a.scale, a.zero_point
         out.append(lq)
     return out
 
@@ -147,6 +178,17 @@ class _ExportLayer(nn.Module):
             x = _Mark.apply(x, f"a:{self.key}")
         self.module.weight = _Mark.apply(self.qweight, f"w:{self.key}")
         return self.module(x)
+
+
+class _ExportTensor(nn.Module):
+    """Stands in for a tensor quantizer (deployable protocol) while tracing: marks the tensor."""
+
+    def __init__(self, key: int):
+        super().__init__()
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Mark.apply(x, f"t:{self.key}")
 
 
 def _int_type(lo: int, hi: int, bits: int, opset: int, prefer_signed: bool) -> int:
@@ -194,36 +236,42 @@ def _weight_nodes(lq: LayerQuant, out: str, opset: int):
     return inits, [node], t
 
 
-def _act_nodes(lq: LayerQuant, inp: str, out: str, opset: int):
-    """QuantizeLinear -> [Clip] -> DequantizeLinear of the layer's input, per tensor."""
+def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, node_prefix: str | None = None):
+    """QuantizeLinear -> [Clip] -> DequantizeLinear of one tensor, per tensor.
+
+    int4: whether 4-bit codes may be stored as uint4 (False where the codes feed an operator onnxruntime
+    would run on them, e.g. MaxPool, which has no 4-bit kernel). node_prefix: names of the nodes and
+    intermediate tensors (default: the initializers' prefix).
+    """
     import numpy as np
     from onnx import TensorProto as T, helper
-    n, zp, qmin, qmax = lq.name, lq.a_zero_point, lq.a_qmin, lq.a_qmax
-    native = (lq.a_bits == 8 and 0 <= zp <= 255) or (lq.a_bits == 4 and opset >= INT4_OPSET and 0 <= zp <= 15)
-    t = _int_type(min(qmin, zp), max(qmax, zp), lq.a_bits if native else 8, opset, prefer_signed=False)
+    zp, qmin, qmax = a.zero_point, a.qmin, a.qmax
+    p = a.prefix if node_prefix is None else node_prefix
+    native = (a.bits == 8 and 0 <= zp <= 255) or (a.bits == 4 and int4 and opset >= INT4_OPSET and 0 <= zp <= 15)
+    t = _int_type(min(qmin, zp), max(qmax, zp), a.bits if native else 8, opset, prefer_signed=False)
     if not native and qmax <= 127 and -128 <= zp <= 127:
         t = T.INT8                                     # the Quantize-Clip-Dequantize pattern, int8 codes
-    s_name, z_name = f"{n}.input_scale", f"{n}.input_zero_point"
-    inits = [_float_tensor(s_name, lq.a_scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
-    q_out = f"{n}/input_q"
-    nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{n}/input_quantize")]
+    s_name, z_name = f"{a.prefix}scale", f"{a.prefix}zero_point"
+    inits = [_float_tensor(s_name, a.scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
+    q_out = f"{p}q"
+    nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{p}quantize")]
     if native:
-        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{n}/input_dq"))
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{p}dq"))
     elif t in (T.INT8, T.UINT8):                       # clip the codes to the bit range, then dequantize
-        lo_name, hi_name, c_out = f"{n}.input_qmin", f"{n}.input_qmax", f"{n}/input_q_clipped"
+        lo_name, hi_name, c_out = f"{a.prefix}qmin", f"{a.prefix}qmax", f"{p}q_clipped"
         inits += [_int_tensor(lo_name, torch.tensor(qmin), t), _int_tensor(hi_name, torch.tensor(qmax), t)]
-        nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{n}/input_clip"),
-                  helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{n}/input_dq")]
+        nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{p}clip"),
+                  helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{p}dq")]
     else:                                              # 16-bit codes (zero point far out): clip after dequantizing,
-        dq_out = f"{n}/input_dq_unclipped"              # bounds computed as DequantizeLinear does, so still exact
-        s = lq.a_scale.float().numpy()
+        dq_out = f"{p}dq_unclipped"                     # bounds computed as DequantizeLinear does, so still exact
+        s = a.scale.float().numpy()
         lo = (np.float32(qmin - zp) * s).astype(np.float32)
         hi = (np.float32(qmax - zp) * s).astype(np.float32)
-        lo_name, hi_name = f"{n}.input_min", f"{n}.input_max"
+        lo_name, hi_name = f"{a.prefix}min", f"{a.prefix}max"
         inits += [_float_tensor(lo_name, torch.from_numpy(np.array(lo))),
                   _float_tensor(hi_name, torch.from_numpy(np.array(hi)))]
-        nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{n}/input_dq"),
-                  helper.make_node("Clip", [dq_out, lo_name, hi_name], [out], name=f"{n}/input_clip")]
+        nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{p}dq"),
+                  helper.make_node("Clip", [dq_out, lo_name, hi_name], [out], name=f"{p}clip")]
     return inits, nodes, t
 
 
@@ -239,28 +287,72 @@ def _live_nodes(nodes, outputs: set[str]) -> list:
     return live[::-1]
 
 
-def _integer_kernel_layer(lq: LayerQuant, types: dict) -> bool:
+# ops that onnxruntime's QDQ propagation moves a DequantizeLinear across (they commute with quantization)
+_QDQ_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+def _input_quant(name: str, producer: dict, act_outs: dict) -> tuple[ActQuant, int] | None:
+    """The activation quantizer (and its ONNX code type) whose dequantized output tensor `name` is, if any."""
+    while name not in act_outs:
+        node = producer.get(name)
+        if node is None or node.op_type not in _QDQ_TRANSPARENT:
+            return None
+        name = node.input[0]
+    return act_outs[name]
+
+
+def _requantize_after_transparent(nodes, act_outs: dict, opset: int) -> list:
+    """Repeat each activation quantizer after the shape-only ops (Flatten, MaxPool, ...) that read it.
+
+    The PyTorch model quantizes a tensor once, before such ops, since they commute with quantization.
+    onnxruntime only fuses a Conv / Gemm whose input comes straight from a DequantizeLinear, and does not
+    carry a DequantizeLinear across every such op (Flatten before the classifier's Gemm); the same
+    QuantizeLinear -> DequantizeLinear again after the op changes no value (re-quantizing a quantized
+    tensor with its own step is exact) and gives the classifier its QGemm.
+    """
+    from onnx import TensorProto as T
+    out = []
+    for node in nodes:
+        out.append(node)
+        if node.op_type in _QDQ_TRANSPARENT and node.input[0] in act_outs:
+            a, t = act_outs[node.input[0]]
+            y = node.output[0]
+            node.output[0] = f"{y}_float"
+            k = sum(o.startswith(a.prefix) for o in (n.name for n in out))
+            _, nodes_q, _ = _act_nodes(a, node.output[0], y, opset, int4=t in (T.INT4, T.UINT4),
+                                       node_prefix=f"{a.prefix}again{k}_")
+            out += nodes_q
+            act_outs[y] = (a, t)
+    return out
+
+
+def _integer_kernel_layer(lq: LayerQuant, a: tuple[ActQuant, int] | None, w_type: int) -> bool:
     """Whether onnxruntime can run the layer as an integer kernel (8-bit QDQ input and weight)."""
-    t = types.get(lq.name, {})
-    return t.get("input") == "uint8" and t.get("weight") in ("int8", "uint8") and lq.a_bits == 8 and lq.w_bits == 8
+    from onnx import TensorProto as T
+    return a is not None and a[0].bits == 8 and a[1] == T.UINT8 and lq.w_bits == 8 and w_type in (T.INT8, T.UINT8)
 
 
-def _split_float_biases(nodes, layers: list[LayerQuant], types: dict):
+def _split_float_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: dict):
     """Move the float bias of each quantized-input Conv/Gemm that cannot run as an integer kernel into an Add.
 
     onnxruntime's WeightBiasQuantization rounds the float bias of every DQ -> Conv/Gemm unit to int32 with
     step input_scale * weight_scale; at 4 bit that step is coarse and changes the logits (not what the
-    fake-quant model computes). A separate Add keeps the bias float. 8-bit layers keep the bias in the
-    Conv: its int32 rounding is negligible there and is what lets onnxruntime pick QLinearConv.
+    fake-quant model computes). A separate Add keeps the bias float. 8-bit convs keep the bias in the
+    Conv: its int32 rounding is negligible there and is what lets onnxruntime pick QLinearConv. A Gemm
+    always loses it: onnxruntime fuses DQ -> Gemm with a float output (the logits) into QGemm only when
+    the Gemm has no float bias.
     """
     from onnx import helper
     by_weight = {f"{lq.name}/weight_dq": lq for lq in layers}
-    producer = {o: n.name for n in nodes for o in n.output}
+    producer = {o: n for n in nodes for o in n.output}
     out, inits = [], []
     for node in nodes:
-        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2
-        lq = by_weight.get(producer.get(node.input[1])) if has_bias else None
-        if lq is None or lq.a_bits is None or lq.bias is None or _integer_kernel_layer(lq, types) or not node.input[2]:
+        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and bool(node.input[2])
+        w_dq = producer.get(node.input[1]) if has_bias else None
+        lq = by_weight.get(w_dq.name) if w_dq is not None else None
+        a = _input_quant(node.input[0], producer, act_outs) if lq is not None else None
+        if lq is None or a is None or lq.bias is None or (
+                node.op_type == "Conv" and _integer_kernel_layer(lq, a, w_types[lq.name])):
             out.append(node)
             continue
         shape = (-1, 1, 1) if node.op_type == "Conv" else (-1,)      # broadcast over (N, O, H, W) / (N, O)
@@ -307,7 +399,9 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
         input_size: (C, H, W) of one image, normalised as the teacher expects.
         opset: >= 13; 4-bit codes are stored as int4/uint4 from 21 on, as int8 below.
     Returns:
-        {"path", "bytes", "opset", "layers": {layer: {"weight": type, "input": type | None}}}.
+        {"path", "bytes", "opset", "layers": {layer: {"weight": type, "input": type | None}},
+         "tensors": {tensor quantizer: type}} (code types; "input" is the type of the quantizer the layer
+        reads, its own or a tensor quantizer).
     """
     import onnx
     from onnx import TensorProto
@@ -319,35 +413,55 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     layers = find_layer_quants(student)
     if not layers:
         raise ValueError("the model has no QuantWrapper layers; use export_fp32_onnx for a float model")
+    tensors = find_tensor_quants(student)
     model = copy.deepcopy(student).cpu().float().eval()
     for key, lq in enumerate(layers):
         w: QuantWrapper = model.get_submodule(lq.name)
         model.set_submodule(lq.name, _ExportLayer(w.module, key, lq.dequantized_weight(), w.a_quant is not None))
+    for key, a in enumerate(tensors):
+        model.set_submodule(a.prefix[:-1], _ExportTensor(key))
     example = torch.zeros(1, *input_size)
     _torchscript_export(model, example, path, min(opset, _TORCHSCRIPT_MAX_OPSET),
                         do_constant_folding=True, custom_opsets={"gzq": 1})
 
     m = onnx.load(str(path))
     g = m.graph
-    new_nodes, new_inits, types = [], [], {}
+    name = TensorProto.DataType.Name
+    new_nodes, new_inits, w_types, w_outs, act_outs = [], [], {}, {}, {}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
     for node in g.node:
         if node.domain != "gzq":
             new_nodes.append(node)
             continue
         kind, key = node.attribute[0].s.decode().split(":")
-        lq = layers[int(key)]
         if kind == "w":
-            inits, nodes, t = _weight_nodes(lq, node.output[0], opset)
-            types.setdefault(lq.name, {})["weight"] = TensorProto.DataType.Name(t).lower()
+            lq = layers[int(key)]
+            inits, nodes, w_types[lq.name] = _weight_nodes(lq, node.output[0], opset)
+            w_outs[node.output[0]] = lq.name
         else:
-            inits, nodes, t = _act_nodes(lq, node.input[0], node.output[0], opset)
-            types.setdefault(lq.name, {})["input"] = TensorProto.DataType.Name(t).lower()
+            a = tensors[int(key)] if kind == "t" else layers[int(key)].input_quant()
+            int4 = not any(c.op_type in _QDQ_TRANSPARENT for c in consumers.get(node.output[0], ()))
+            inits, nodes, t = _act_nodes(a, node.input[0], node.output[0], opset, int4)
+            act_outs[node.output[0]] = (a, t)
         new_nodes += nodes
         new_inits += inits
-    missing = [lq.name for lq in layers if "weight" not in types.get(lq.name, {})]
+    missing = [lq.name for lq in layers if lq.name not in w_types]
     if missing:
         raise RuntimeError(f"the traced graph lost the quantized weights of {missing}")
-    new_nodes, bias_inits = _split_float_biases(new_nodes, layers, types)
+    if len(act_outs) != len(tensors) + sum(lq.a_bits is not None for lq in layers):   # before the repeats
+        raise RuntimeError("the traced graph lost activation quantizers")
+    new_nodes = _requantize_after_transparent(new_nodes, act_outs, opset)
+    producer = {o: n for n in new_nodes for o in n.output}
+    types = {}                                   # each quantized layer: the code types of its weight and input
+    for node in new_nodes:
+        if len(node.input) > 1 and node.input[1] in w_outs:
+            a = _input_quant(node.input[0], producer, act_outs)
+            types[w_outs[node.input[1]]] = {"weight": name(w_types[w_outs[node.input[1]]]).lower(),
+                                            "input": None if a is None else name(a[1]).lower()}
+    new_nodes, bias_inits = _split_float_biases(new_nodes, layers, w_types, act_outs)
     del g.node[:]
     g.node.extend(_live_nodes(new_nodes, {o.name for o in g.output}))
     new_inits += bias_inits
@@ -368,9 +482,8 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     _set_metadata(m, _onnx_meta(data_config, spec))
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
-    for lq in layers:
-        types[lq.name].setdefault("input", None)
-    return dict(path=str(path), bytes=path.stat().st_size, opset=opset, layers=types)
+    tensor_types = {a.prefix[:-1]: name(t).lower() for a, t in act_outs.values() if a.prefix.startswith(f"{CONTAINER}.")}
+    return dict(path=str(path), bytes=path.stat().st_size, opset=opset, layers=types, tensors=tensor_types)
 
 
 @torch.no_grad()
