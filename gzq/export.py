@@ -20,8 +20,9 @@ PyTorch model means, bit for bit up to float summation order.
 
 Integer safetensors. Per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
 `<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float), `<layer>.input_scale` / `.input_zero_point`
-(per tensor); every other tensor of the student (an unfolded BN, a layer scale) as float under its
-state-dict name; plus a JSON with the quantization spec, the per-layer bit widths and the data config.
+(per tensor); every other tensor of the student (an unfolded BN, a layer scale, the step sizes and zero
+points of the deployable protocol's tensor quantizers) as float under its state-dict name; plus a JSON
+with the quantization spec, the per-layer and per-tensor bit widths and the data config.
 `load_int_weights` rebuilds the fake-quant student from it exactly.
 """
 from __future__ import annotations
@@ -239,8 +240,9 @@ def _weight_nodes(lq: LayerQuant, out: str, opset: int):
 def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, node_prefix: str | None = None):
     """QuantizeLinear -> [Clip] -> DequantizeLinear of one tensor, per tensor.
 
-    int4: whether 4-bit codes may be stored as uint4 (False where the codes feed an operator onnxruntime
-    would run on them, e.g. MaxPool, which has no 4-bit kernel). node_prefix: names of the nodes and
+    int4: whether 4-bit codes may be stored as uint4 (False where onnxruntime's graph optimisation fails
+    on 4-bit codes: after a Clip, or before an op it would run on the codes, e.g. MaxPool, which has no
+    4-bit kernel); otherwise they are uint8 codes clipped to [0, 15]. node_prefix: names of the nodes and
     intermediate tensors (default: the initializers' prefix).
     """
     import numpy as np
@@ -289,6 +291,11 @@ def _live_nodes(nodes, outputs: set[str]) -> list:
 
 # ops that onnxruntime's QDQ propagation moves a DequantizeLinear across (they commute with quantization)
 _QDQ_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+# ops after which a QuantizeLinear must not have 4-bit codes: onnxruntime's ClipQuantFusion (ReLU6 is a
+# Clip) rejects a 4-bit zero point and fails to load the model
+_NO_INT4_BEFORE = ("Clip",)
 
 
 def _input_quant(name: str, producer: dict, act_outs: dict) -> tuple[ActQuant, int] | None:
@@ -429,6 +436,7 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     name = TensorProto.DataType.Name
     new_nodes, new_inits, w_types, w_outs, act_outs = [], [], {}, {}, {}
     consumers: dict[str, list] = {}
+    producers = {o: n for n in g.node for o in n.output}
     for node in g.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
@@ -443,7 +451,8 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
             w_outs[node.output[0]] = lq.name
         else:
             a = tensors[int(key)] if kind == "t" else layers[int(key)].input_quant()
-            int4 = not any(c.op_type in _QDQ_TRANSPARENT for c in consumers.get(node.output[0], ()))
+            int4 = not (getattr(producers.get(node.input[0]), "op_type", None) in _NO_INT4_BEFORE
+                        or any(c.op_type in _QDQ_TRANSPARENT for c in consumers.get(node.output[0], ())))
             inits, nodes, t = _act_nodes(a, node.input[0], node.output[0], opset, int4)
             act_outs[node.output[0]] = (a, t)
         new_nodes += nodes
@@ -561,6 +570,8 @@ def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data
             tensors[f"{n}.input_zero_point"] = torch.tensor(lq.a_zero_point, dtype=torch.int32)
     meta = dict(format="gzq-int", version=INT_FORMAT_VERSION, quant_spec=spec.to_dict(), data_config=data_config,
                 layers={lq.name: lq.meta() for lq in layers},
+                tensors={a.prefix[:-1]: dict(bits=a.bits, qmin=a.qmin, qmax=a.qmax, numel=a.numel)
+                         for a in find_tensor_quants(student)},
                 formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
                         "qmin, qmax); weights per output channel (axis 0), inputs per tensor")
     save_file(tensors, str(path), metadata={"format": "gzq-int", "version": str(INT_FORMAT_VERSION)})
@@ -616,6 +627,8 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
             s = tensors[f"{n}.input_scale"].float()
             sd[f"{n}.a_quant.scale"] = s.float()
             sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
+    for n, aq in tensor_quantizers(student):                      # deployable protocol: tensor quantizers
+        aq._numel = int(meta["tensors"][n]["numel"])
     student.load_state_dict(sd, strict=True)
     return student.to(device).eval().requires_grad_(False), spec, dc
 
