@@ -40,7 +40,7 @@ from torch import nn
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.convert import create_student, quant_wrappers
 from .quant.graph import CONTAINER, tensor_quantizers
-from .quant.modules import ActQuantizer, QuantWrapper, WeightQuantizer
+from .quant.modules import INT32_RANGE, ActQuantizer, QuantWrapper, WeightQuantizer
 from .quant.primitives import dequantize, quantize
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class LayerQuant:
     a_qmin: int | None = None
     a_qmax: int | None = None
     a_numel: int | None = None      # per-sample input size; sets the activation LSQ gain
+    bias_scale: torch.Tensor | None = None  # (O,) step of int32 bias codes (QuantWrapper.bias_scale), or None
 
     def input_quant(self) -> ActQuant | None:
         if self.a_bits is None:
@@ -121,7 +122,13 @@ class LayerQuant:
     def meta(self) -> dict[str, Any]:
         return dict(op=self.op, w_bits=self.w_bits, w_symmetric=self.w_symmetric, w_qmin=self.w_qmin,
                     w_qmax=self.w_qmax, a_bits=self.a_bits, a_qmin=self.a_qmin, a_qmax=self.a_qmax,
-                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None)
+                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None,
+                    int_bias=self.bias_scale is not None)
+
+    def bias_codes(self) -> torch.Tensor:
+        """(O,) int32 codes of an integer bias: what the fake-quant forward dequantizes."""
+        zero = torch.zeros_like(self.bias_scale)
+        return quantize(self.bias, self.bias_scale, zero, *INT32_RANGE).to(torch.int64)
 
 
 @torch.no_grad()
@@ -139,6 +146,8 @@ def find_layer_quants(student: nn.Module) -> list[LayerQuant]:
                         codes=codes.to(torch.int64), w_scale=scale, w_zero_point=zp.to(torch.int64),
                         w_bits=wq.bits, w_qmin=wq.qmin, w_qmax=wq.qmax, w_symmetric=wq.symmetric,
                         bias=None if mod.bias is None else mod.bias.detach().float().cpu().clone())
+        b_scale = w.bias_scale()
+        lq.bias_scale = None if b_scale is None else b_scale.detach().float().cpu()
         if w.a_quant is not None:
             a = ActQuant.of(f"{name}.input_", w.a_quant)
             lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = a.bits, a.qmin, a.qmax, a.numel
@@ -213,7 +222,8 @@ def _int_tensor(name: str, values: torch.Tensor, onnx_type: int):
     import ml_dtypes   # onnx's own dependency: numpy int4/uint4, packed two codes per byte in raw_data
     arr = values.detach().cpu().numpy().astype(np.int64)
     np_type = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT8: np.int8,
-               TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16, TensorProto.UINT16: np.uint16}[onnx_type]
+               TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16, TensorProto.UINT16: np.uint16,
+               TensorProto.INT32: np.int32}[onnx_type]
     t = numpy_helper.from_array(arr.astype(np_type), name)
     assert t.data_type == onnx_type, (t.data_type, onnx_type)
     return t
@@ -339,15 +349,17 @@ def _integer_kernel_layer(lq: LayerQuant, a: tuple[ActQuant, int] | None, w_type
     return a is not None and a[0].bits == 8 and a[1] == T.UINT8 and lq.w_bits == 8 and w_type in (T.INT8, T.UINT8)
 
 
-def _split_float_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: dict):
-    """Move the float bias of each quantized-input Conv/Gemm that cannot run as an integer kernel into an Add.
+def _rewrite_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: dict):
+    """The bias of each quantized-input Conv/Gemm as the fake-quant model adds it.
 
-    onnxruntime's WeightBiasQuantization rounds the float bias of every DQ -> Conv/Gemm unit to int32 with
-    step input_scale * weight_scale; at 4 bit that step is coarse and changes the logits (not what the
-    fake-quant model computes). A separate Add keeps the bias float. 8-bit convs keep the bias in the
-    Conv: its int32 rounding is negligible there and is what lets onnxruntime pick QLinearConv. A Gemm
-    always loses it: onnxruntime fuses DQ -> Gemm with a float output (the logits) into QGemm only when
-    the Gemm has no float bias.
+    - integer bias (`LayerQuant.bias_scale`, the deployable protocol's 8-bit convs): int32 codes ->
+      DequantizeLinear(step input_scale * weight_scale, axis 0), which QLinearConv takes as it is;
+    - a layer that cannot run as an integer kernel: the float bias moves into an Add. onnxruntime's
+      WeightBiasQuantization would otherwise round it to int32 with step input_scale * weight_scale; at
+      4 bit that step is coarse and changes the logits (not what the fake-quant model computes);
+    - other 8-bit convs keep the float bias in the Conv (onnxruntime rounds it; what lets it pick
+      QLinearConv); a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output
+      (the logits) into QGemm only when the Gemm has no float bias.
     """
     from onnx import helper
     by_weight = {f"{lq.name}/weight_dq": lq for lq in layers}
@@ -358,6 +370,16 @@ def _split_float_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs
         w_dq = producer.get(node.input[1]) if has_bias else None
         lq = by_weight.get(w_dq.name) if w_dq is not None else None
         a = _input_quant(node.input[0], producer, act_outs) if lq is not None else None
+        if lq is not None and lq.bias_scale is not None:
+            from onnx import TensorProto
+            n = lq.name
+            inits += [_int_tensor(f"{n}.bias_quantized", lq.bias_codes(), TensorProto.INT32),
+                      _float_tensor(f"{n}.bias_scale", lq.bias_scale),
+                      _int_tensor(f"{n}.bias_zero_point", torch.zeros_like(lq.bias_codes()), TensorProto.INT32)]
+            node.input[2] = f"{n}/bias"
+            out += [helper.make_node("DequantizeLinear", [i.name for i in inits[-3:]], [node.input[2]],
+                                     name=f"{n}/bias_dq", axis=0), node]
+            continue
         if lq is None or a is None or lq.bias is None or (
                 node.op_type == "Conv" and _integer_kernel_layer(lq, a, w_types[lq.name])):
             out.append(node)
@@ -470,7 +492,7 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
             a = _input_quant(node.input[0], producer, act_outs)
             types[w_outs[node.input[1]]] = {"weight": name(w_types[w_outs[node.input[1]]]).lower(),
                                             "input": None if a is None else name(a[1]).lower()}
-    new_nodes, bias_inits = _split_float_biases(new_nodes, layers, w_types, act_outs)
+    new_nodes, bias_inits = _rewrite_biases(new_nodes, layers, w_types, act_outs)
     del g.node[:]
     g.node.extend(_live_nodes(new_nodes, {o.name for o in g.output}))
     new_inits += bias_inits

@@ -20,7 +20,9 @@ shared, as in `quantize_static`. Placement looks through operators that commute 
 monotonic), so a quantizer sits right after the conv / add that computes the tensor. An add or pooling
 whose only consumer is a ReLU that is then quantized counts as written: with the zero point at 0 the
 quantizer's clamp is the ReLU (onnxruntime removes such a ReLU, `ReluQuantFusion`). The network input is
-quantized at 8 bit whatever the activation width (images are 8-bit data).
+quantized at 8 bit whatever the activation width (images are 8-bit data). An 8-bit conv reading an
+8-bit tensor adds its bias as int32 codes with step input_scale * weight_scale, as QLinearConv does
+(`QuantWrapper.set_int_bias_input`); other layers keep a float bias (the exporter adds it in float).
 
 Nothing here knows an architecture: the rules are about operators, so any fx-traceable CNN works.
 """
@@ -114,12 +116,18 @@ def _writes_integer(gm: fx.GraphModule, node: fx.Node) -> bool:
         or _is(gm, node, modules=_AVG_POOL_MODULES, functions=_AVG_POOL_FUNCTIONS)
 
 
-def _anchor(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Where the quantizer of the tensor `node` goes: back through single-use quantization-commuting ops."""
+def _source(gm: fx.GraphModule, node: fx.Node, single_use: bool = False) -> fx.Node:
+    """The node whose value `node` carries, looking back through quantization-commuting ops (only through
+    those whose input has no other user, with `single_use`)."""
     while (_is(gm, node, _TRANSPARENT_MODULES, _TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS)
-           and isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1):
+           and isinstance(node.args[0], fx.Node) and (not single_use or len(node.args[0].users) == 1)):
         node = node.args[0]
     return node
+
+
+def _anchor(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Where the quantizer of the tensor `node` goes: right after the op that computes its values."""
+    return _source(gm, node, single_use=True)
 
 
 def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int = INPUT_BITS) -> list[str]:
@@ -152,6 +160,12 @@ def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int =
             q = graph.call_module(target, (anchor,))
         anchor.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
         names.append(target)
+    for node in graph.nodes:                         # 8-bit convs add their bias as int32, as QLinearConv does
+        w = _module(gm, node)
+        if isinstance(w, QuantWrapper) and isinstance(w.module, nn.Conv2d) and w.w_quant.bits == 8:
+            q = _module(gm, _source(gm, node.args[0]))
+            if isinstance(q, ActQuantizer) and q.bits == 8:
+                w.set_int_bias_input(q)
     graph.lint()
     gm.recompile()
     return names
