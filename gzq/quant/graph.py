@@ -19,7 +19,8 @@ shared, as in `quantize_static`. Placement looks through operators that commute 
 (Identity, Dropout, Flatten / view / reshape, max pooling: max(Q(x)) = Q(max(x)) since rounding is
 monotonic), so a quantizer sits right after the conv / add that computes the tensor. An add or pooling
 whose only consumer is a ReLU that is then quantized counts as written: with the zero point at 0 the
-quantizer's clamp is the ReLU (onnxruntime removes such a ReLU, `ReluQuantFusion`). The network input is
+quantizer's clamp is the ReLU (onnxruntime removes such a ReLU, `ReluQuantFusion`); the zero point of a
+quantizer on a ReLU's output is therefore fixed (not trained) at its calibrated 0. The network input is
 quantized at 8 bit whatever the activation width (images are 8-bit data). An 8-bit conv reading an
 8-bit tensor adds its bias as int32 codes with step input_scale * weight_scale, as QLinearConv does
 (`QuantWrapper.set_int_bias_input`); other layers keep a float bias (the exporter adds it in float).
@@ -155,6 +156,8 @@ def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int =
     for anchor in sorted(anchors, key=order.__getitem__):
         bits = input_bits if anchor.op == "placeholder" else a_bits
         container[anchor.name] = ActQuantizer(bits)
+        if _is(gm, anchor, (nn.ReLU, nn.ReLU6), (F.relu, F.relu6, torch.relu)):
+            container[anchor.name].freeze_zero_point_()
         target = f"{CONTAINER}.{anchor.name}"
         with graph.inserting_after(anchor):
             q = graph.call_module(target, (anchor,))

@@ -77,6 +77,14 @@ class ActQuantizer(nn.Module):
         scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
 
+    def freeze_zero_point_(self) -> None:
+        """Keep the zero point out of training (a buffer, same state-dict key). For a ReLU's output: the
+        calibrated zero point is 0, so the quantizer's clamp is the ReLU, which an integer runtime then
+        drops (onnxruntime's ReluQuantFusion needs the zero point at 0)."""
+        zp = self.zero_point.detach().clone()
+        del self._parameters["zero_point"]
+        self.register_buffer("zero_point", zp)
+
     def _observe(self, x: torch.Tensor) -> None:
         if self._hist is None:
             lo, hi = (v.item() for v in torch.aminmax(x))   # one pass over x
