@@ -27,6 +27,7 @@ with the quantization spec, the per-layer and per-tensor bit widths and the data
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -403,6 +404,65 @@ def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, ops
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
 
 
+def _live_taps(size: int, k: int, pad0: int, pad1: int, stride: int, dilation: int) -> tuple[int, int]:
+    """First and last kernel tap along one axis that reads the input (not only padding) at some output."""
+    n_out = (size + pad0 + pad1 - dilation * (k - 1) - 1) // stride + 1
+    live = [i for i in range(k) if any(0 <= o * stride - pad0 + i * dilation < size for o in range(n_out))]
+    return (live[0], live[-1]) if live else (0, k - 1)
+
+
+def drop_padding_taps_(m) -> int:
+    """Cut from each Conv the kernel rows and columns that, at the model's fixed input size, only ever
+    read zero padding (in place). Returns how many convs changed.
+
+    A 3x3 conv on a 1x1 map (the last stage of a 28-px ResNet) reads only its centre tap. Float kernels
+    skip padding; integer kernels (im2col) multiply it, nine times the work. The taps removed multiply
+    zeros (the zero point, for a quantized input), so the outputs do not change.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    g = m.graph
+    inferred = onnx.shape_inference.infer_shapes(m).graph
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.value_info) + list(inferred.input)}
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses = collections.Counter(i for n in g.node for i in n.input)
+    changed = 0
+    for conv in g.node:
+        shape = shapes.get(conv.input[0]) if conv.op_type == "Conv" else None
+        if not shape or len(shape) != 4 or None in shape[2:]:
+            continue
+        w_name = conv.input[1]
+        dq = producer.get(w_name)
+        if dq is not None and dq.op_type == "DequantizeLinear" and uses[w_name] == 1:
+            w_name = dq.input[0]                     # per-output-channel codes: slice the codes
+        if w_name not in inits or uses[w_name] != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        w = numpy_helper.to_array(inits[w_name])                                    # (O, I/groups, kh, kw)
+        kh, kw = w.shape[2:]
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        strides, dil = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
+        (r0, r1), (c0, c1) = (_live_taps(shape[2 + a], (kh, kw)[a], pads[a], pads[a + 2], strides[a], dil[a])
+                              for a in (0, 1))
+        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1):
+            continue
+        new = numpy_helper.from_array(w[:, :, r0:r1 + 1, c0:c1 + 1].copy(), w_name)
+        new.data_type = inits[w_name].data_type
+        inits[w_name].CopyFrom(new)
+        pads = [pads[0] - r0 * dil[0], pads[1] - c0 * dil[1], pads[2] - (kh - 1 - r1) * dil[0],
+                pads[3] - (kw - 1 - c1) * dil[1]]
+        keep = [a for a in conv.attribute if a.name not in ("pads", "kernel_shape")]
+        del conv.attribute[:]
+        conv.attribute.extend(keep + [helper.make_attribute("pads", pads),
+                                      helper.make_attribute("kernel_shape", [r1 - r0 + 1, c1 - c0 + 1])])
+        changed += 1
+    return changed
+
+
 def _set_metadata(model, meta: dict[str, Any]) -> None:
     from onnx import helper
     del model.metadata_props[:]
@@ -510,6 +570,7 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
             o.version = opset
     if opset >= INT4_OPSET:
         m.ir_version = max(m.ir_version, 10)          # int4 / uint4 need IR 10
+    drop_padding_taps_(m)
     _set_metadata(m, _onnx_meta(data_config, spec))
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
@@ -528,6 +589,7 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int 
     _torchscript_export(model, torch.zeros(1, *input_size), path, min(opset, _TORCHSCRIPT_MAX_OPSET),
                         do_constant_folding=True)
     m = onnx.load(str(path))
+    drop_padding_taps_(m)
     _set_metadata(m, _onnx_meta(data_config, None))
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
