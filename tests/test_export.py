@@ -395,6 +395,26 @@ def test_deployable_real_accuracy_on_10k(name, dep_files, fmnist):
     assert top1(ref, y) > 80.0
 
 
+def test_dynamo_exporter_gives_the_same_graph(dep_files, default_teacher, default_students, fmnist, tmp_path):
+    """The maintained exporter (torch.export + onnxscript, where installed) yields the same fused integer
+    graph and the same numbers; TorchScript stays the default (it exports about 40x faster)."""
+    pytest.importorskip("onnxscript")
+    x = fmnist["test"][:128]
+    for s, info in (dep_files["default", "w8a8_dep"], dep_files["default", "w4a4_dep"]):
+        d = export_onnx(s, tmp_path / "dynamo.onnx", default_teacher.input_size, exporter="dynamo")
+        fused = {k: v for k, v in _optimised_ops(d["path"], tmp_path).items() if k in INT_OPS}
+        assert fused == {k: v for k, v in _optimised_ops(info["path"], tmp_path).items() if k in INT_OPS}
+        with torch.no_grad():
+            ref = s(x)
+        _assert_logits_match(run_onnx(_session(d["path"], optimise=False), x), ref, exact_frac=0.5, p95_rel=1e-2)
+    t = default_teacher
+    fp32 = export_fp32_onnx(t.model, tmp_path / "teacher.onnx", t.input_size, exporter="dynamo")
+    with torch.no_grad():
+        assert (run_onnx(onnx_session(fp32["path"], threads=1), x) - t.model(x)).abs().max() <= 1e-4 * 20
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(default_students["w8a8"], tmp_path / "x.onnx", t.input_size, exporter="tflite")
+
+
 def test_deployable_int_safetensors_round_trip_is_exact(dep_files, default_teacher, fmnist, tmp_path):
     s, _ = dep_files["default", "w4a4_dep"]
     info = save_int_weights(s, tmp_path / "dep_int.safetensors", QuantSpec(4, 4, Protocol.DEPLOYABLE),
