@@ -1,16 +1,28 @@
 """Export a fake-quant student as what it simulates (DESIGN 2.7): ONNX QDQ and integer safetensors.
 
-ONNX. The student is traced by torch's TorchScript exporter with every QuantWrapper swapped for a layer
-that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are then
-rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
-fake-quant translation accepts 8-bit ranges only, DESIGN 6):
+ONNX. The student is traced by torch's exporter with every QuantWrapper and tensor quantizer swapped for
+a module that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are
+then rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
+fake-quant translation accepts 8-bit ranges only, DESIGN 6). Two tracers: TorchScript (the default) and
+dynamo (torch.export + onnxscript, placeholders through `torch.onnx.ops.symbolic`). Measured on the
+bundled model, both give the same fused integer graph in onnxruntime; TorchScript exports about 40x
+faster and needs no extra package, dynamo is the exporter torch maintains.
 
     weights      int codes (initializer, per output channel, axis 0) -> DequantizeLinear
                  8 bit: int8 (uint8 when asymmetric); 4 bit: int4 / uint4 (opset >= 21); other widths: int8
                  codes that stay inside the bit range
     activations  QuantizeLinear -> DequantizeLinear, per tensor, at the input of every layer whose wrapper
-                 has an activation quantizer: 8 bit uint8; 4 bit uint4 (opset >= 21); other widths
-                 QuantizeLinear(int8/uint8) -> Clip(qmin, qmax) -> DequantizeLinear
+                 has an activation quantizer and on every tensor of the deployable protocol
+                 (gzq.quant.graph): 8 bit uint8; 4 bit uint4 (opset >= 21); other widths
+                 QuantizeLinear(int8/uint8) -> Clip(qmin, qmax) -> DequantizeLinear. The same pair is
+                 repeated after a shape-only op (Flatten, MaxPool) that reads it, which changes no value and
+                 lets onnxruntime fuse the consumer (the classifier's QGemm).
+    biases       float, or int32 codes -> DequantizeLinear (step input x weight scale) where the student
+                 adds an integer bias (the deployable protocol's 8-bit convs)
+
+Kernel taps that, at the model's fixed input size, only ever read padding are cut from each Conv
+(`drop_padding_taps_`, the FP32 export too): exact, and integer kernels, unlike float ones, would multiply
+them.
 
     q = saturate(round_half_even(x / scale) + zero_point)     x_hat = (q - zero_point) * scale
 
