@@ -142,14 +142,14 @@ def bench_model(label: str, fp32: torch.nn.Module, students: dict, input_size, c
 
 def format_table(rows: list[dict], threads: list[int]) -> str:
     import onnxruntime
-    lat = "".join(f"{f'b1 ms {t}t':>10}{'xFP32':>7}{f'b32 ms {t}t':>12}{'xFP32':>7}" for t in threads)
+    lat = "".join(f"{f'b1 ms {t}t':>10}{'xFP32':>9}{f'b32 ms {t}t':>12}{'xFP32':>9}" for t in threads)
     head = (f"{'model':<20}{'variant':<13}{'ONNX KB':>8}{'smaller':>8}{lat}"
             f"{'int conv':>9}{'QAdd':>5}{'QGemm':>6}{'QGAP':>5}{'top-1 %':>8}")
     lines = [f"onnxruntime {onnxruntime.__version__} CPU; latency: median ms and ratio to FP32 (lower is faster)",
              head, "-" * len(head)]
     for r in rows:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
-        lat = "".join(f"{r[f'b1_ms_t{t}']:>10.2f}{r[f'b1_x_t{t}']:>6.2f}x{r[f'b32_ms_t{t}']:>12.2f}{r[f'b32_x_t{t}']:>6.2f}x"
+        lat = "".join(f"{r[f'b1_ms_t{t}']:>10.2f}{r[f'b1_x_t{t}']:>8.2f}x{r[f'b32_ms_t{t}']:>12.2f}{r[f'b32_x_t{t}']:>8.2f}x"
                       for t in threads)
         lines.append(f"{r['model']:<20}{r['variant']:<13}{r['bytes'] / 1024:>8.0f}{r['size_ratio']:>7.1f}x{lat}"
                      f"{r['QLinearConv']:>5}/{r['convs']:<3}{r['QLinearAdd']:>5}{r['QGemm']:>6}"
