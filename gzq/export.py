@@ -814,7 +814,7 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
             try:
                 info = export_onnx(s, folder / "students" / f"{name}.onnx", teacher.input_size, cfg.opset, dc,
                                    specs[name])
-                info.pop("layers")
+                info.pop("layers"), info.pop("tensors")
                 files["onnx"] = _rel(folder, info)
             except Exception as e:  # noqa: BLE001
                 log.warning("ONNX export of %s failed: %s", name, e)
