@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                       # default model, W4A4, 3 seeds, every method
     python benchmarks/accuracy.py --bits w8a8,w4a4,w3a3,w4a4_fl8 --models default,mobilenetv2
+    python benchmarks/accuracy.py --bits w8a8,w4a4,w8a8_dep,w4a4_dep --methods gznq_m0   # protocol cost
     python benchmarks/accuracy.py --quick               # smoke test (tiny budget, one seed)
     python benchmarks/accuracy.py --set synth.lambda_bn=0.02   # every method with a changed default
 
@@ -65,8 +66,10 @@ MSE_LAMBDA_BN = 0.05  # squared-error norms are ~10x smaller than the likelihood
 
 
 def parse_bits(text: str) -> QuantSpec:
-    if text.endswith("_fl8"):
-        return QuantSpec.parse(text[:-4], Protocol.FIRST_LAST_8BIT)
+    """'w4a4' (all layers), 'w4a4_fl8' (first/last 8 bit), 'w4a4_dep' (deployable)."""
+    for suffix, protocol in (("_fl8", Protocol.FIRST_LAST_8BIT), ("_dep", Protocol.DEPLOYABLE)):
+        if text.endswith(suffix):
+            return QuantSpec.parse(text[:-len(suffix)], protocol)
     return QuantSpec.parse(text)
 
 

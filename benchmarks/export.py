@@ -1,26 +1,29 @@
-"""Exported ONNX students against the FP32 ONNX teacher: file size, onnxruntime CPU latency, accuracy.
+"""Exported ONNX students against the FP32 ONNX teacher: file size, onnxruntime CPU latency, integer
+kernels, accuracy; with onnxruntime's own `quantize_static` as the peer.
 
-    python benchmarks/export.py                      # default model: FP32, W8A8, W4A4, W3A5 (about 45 s)
-    python benchmarks/export.py --resnet18           # + timm resnet18 at 224 px, random weights (about 2 min)
-    python benchmarks/export.py --threads 2 --json results/export.json
+    python benchmarks/export.py                      # default model (about 2 min)
+    python benchmarks/export.py --resnet18           # + timm resnet18 at 224 px, random weights (about 6 min)
+    python benchmarks/export.py --threads 1,2 --json benchmarks/results/export.json
 
-Everything is measured side by side in one run, on the same machine and thread count. Students are
-calibrated on 256 real training images (size and speed do not depend on how the students were trained).
+Everything is measured side by side in one run, on the same machine: each thread count gets its own
+sessions, and the variants are timed in turn, `rounds` times over, each taking the median of its pooled
+samples, so that load from other processes falls on all of them alike. Latency is given as a ratio to
+the FP32 file (0.5x: twice as fast). Students are calibrated on 256 real training images (resnet18: 32
+Gaussian images); size and speed do not depend on how the students were trained.
 
-Which QDQ patterns onnxruntime's CPU provider runs as integer kernels (DESIGN 6): an 8-bit unit, i.e.
-uint8 activation QDQ and int8 weight DQ around a Conv/Gemm/MatMul whose output is re-quantized, becomes
-QLinearConv / QLinearMatMul / QGemm (int8 arithmetic, int32 accumulation, the float bias rounded to int32);
-so can a unit of another width whose codes are stored as int8 (Quantize -> Clip -> Dequantize).
-Everything else runs dequantize-then-float: int4/uint4 weights (a smaller file, no speed-up), most layers
-of other widths, and 8-bit layers whose output is not followed by a quantizer (e.g. before a residual Add,
-the classifier) or whose input is float (the stem). The table's "int kernels" column counts, after onnxruntime's graph
-optimisation, how many Conv/Gemm of the graph became integer kernels.
+Variants:
+    FP32            the float model (TorchScript export, the FP32 teacher of a run)
+    <bits>          a student of the all_layers protocol (the conv/linear inputs quantized, the network input,
+                    residual adds and pooling in float)
+    <bits>_dep      the deployable protocol: every tensor an integer runtime reads or writes quantized
+    ort_static      onnxruntime.quantization.quantize_static of the FP32 file, QDQ, per-channel int8 weights,
+                    uint8 activations, MinMax calibration on the same calibration images (W8A8)
+    <bits> fold     (--fold) the same file with `session.disable_quant_qdq = 1`: no QDQ fusion, weight
+                    DequantizeLinear constant-folded at load (float weights, float QDQ arithmetic)
 
-Rows "<student> fold" run the same file with the session option `session.disable_quant_qdq = 1`:
-onnxruntime then skips the QDQ fusions and constant-folds every weight DequantizeLinear once at load
-(float weights in memory, activations still quantize-dequantized: the float QDQ arithmetic of the
-PyTorch simulation, no integer kernels). By default it keeps weight DequantizeLinear in the graph and dequantizes the int4
-weights on every run.
+Kernel columns count, in the graph onnxruntime runs (its QDQ fusions at ORT_ENABLE_EXTENDED, written to
+`session.optimized_model_filepath`), the convs that became integer kernels (QLinearConv) out of all convs,
+and the fused QLinearAdd, QGemm and QLinearGlobalAveragePool.
 """
 from __future__ import annotations
 
@@ -36,12 +39,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.config import QuantSpec  # noqa: E402
+from gzq.config import Protocol, QuantSpec  # noqa: E402
 from gzq.export import export_fp32_onnx, export_onnx, run_onnx  # noqa: E402
 from gzq.quant import calibrate_, create_student  # noqa: E402
 
-INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
-FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger")
+FUSED = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool")
 
 
 def session(path: Path, threads: int, optimized: Path | None = None, fold: bool = False):
@@ -56,14 +59,14 @@ def session(path: Path, threads: int, optimized: Path | None = None, fold: bool 
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def kernel_counts(path: Path, threads: int, fold: bool = False) -> tuple[int, int]:
-    """(integer kernels, float Conv/Gemm/MatMul) after onnxruntime's graph optimisation."""
+def kernel_counts(path: Path, fold: bool = False) -> dict[str, int]:
+    """Op counts of the optimised graph: integer convs, all convs, and each fused integer op."""
     import onnx
     opt = path.with_suffix(".opt.onnx")
-    session(path, threads, opt, fold)
+    session(path, 1, opt, fold)
     ops = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
     opt.unlink()
-    return sum(ops[k] for k in INT_KERNELS), sum(ops[k] for k in FLOAT_KERNELS)
+    return dict(convs=sum(ops[k] for k in CONV_OPS), **{k: ops[k] for k in FUSED})
 
 
 def latency_samples(sess, x: torch.Tensor, min_runs: int, min_seconds: float) -> list[float]:
@@ -80,81 +83,118 @@ def latency_samples(sess, x: torch.Tensor, min_runs: int, min_seconds: float) ->
     return times
 
 
-def bench_model(label: str, fp32: torch.nn.Module, students: dict, input_size, threads: int, work: Path,
-                real: tuple[torch.Tensor, torch.Tensor] | None, min_seconds: float, min_runs: int = 10,
-                rounds: int = 3) -> list[dict]:
-    """One row per variant. Latency: the variants are timed in turn, `rounds` times over, and each gets the
-    median of its pooled samples, so that load from other processes falls on all of them alike."""
-    files = {"FP32": export_fp32_onnx(fp32, work / f"{label}_fp32.onnx", input_size)["path"]}
+def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor, batch: int = 32) -> Path:
+    """onnxruntime's own static quantization of the FP32 file: what a user would reach for."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i:i + batch].numpy()} for i in range(0, len(calib), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre.unlink()
+    return out
+
+
+def bench_model(label: str, fp32: torch.nn.Module, students: dict, input_size, calib: torch.Tensor,
+                threads: list[int], work: Path, real: tuple[torch.Tensor, torch.Tensor] | None, min_seconds: float,
+                fold: bool = False, min_runs: int = 10, rounds: int = 3) -> list[dict]:
+    """One row per variant, latency at each thread count."""
+    fp32_path = Path(export_fp32_onnx(fp32, work / f"{label}_fp32.onnx", input_size)["path"])
+    runs = [("FP32", fp32_path, False)]
     for name, s in students.items():
-        files[name] = export_onnx(s, work / f"{label}_{name}.onnx", input_size)["path"]
+        runs.append((name, Path(export_onnx(s, work / f"{label}_{name}.onnx", input_size)["path"]), False))
+    runs.append(("ort_static", ort_quantize_static(fp32_path, work / f"{label}_ort_static.onnx", calib), False))
+    if fold:
+        runs += [(f"{name} fold", path, True) for name, path, _ in runs[1:] if name in students]
     g = torch.Generator().manual_seed(0)
     xs = {"b1": torch.randn(1, *input_size, generator=g), "b32": torch.randn(32, *input_size, generator=g)}
-    runs = [(name, Path(path), False) for name, path in files.items()]
-    runs += [(f"{name} fold", Path(files[name]), True) for name in students]
-    sessions = [session(path, threads, fold=fold) for _, path, fold in runs]
-    samples = [{k: [] for k in xs} for _ in runs]
-    for _ in range(rounds):
-        for sess, smp in zip(sessions, samples):
-            for k, x in xs.items():
-                smp[k] += latency_samples(sess, x, max(min_runs // rounds, 1), min_seconds / rounds)
-    rows = []
-    for (name, path, fold), sess, smp in zip(runs, sessions, samples):
-        row = dict(model=label, variant=name, bytes=path.stat().st_size,
-                   b1_ms=statistics.median(smp["b1"]), b32_ms=statistics.median(smp["b32"]))
-        row["int_kernels"], row["float_kernels"] = kernel_counts(path, threads, fold)
-        if real is not None:
-            out = run_onnx(sess, real[0], batch=1000)
-            row["accuracy"] = round(100.0 * (out.argmax(1) == real[1]).float().mean().item(), 2)
-        rows.append(row)
+    rows = [dict(model=label, variant=name, bytes=path.stat().st_size, **kernel_counts(path, fold))
+            for name, path, fold in runs]
+    for t in threads:
+        sessions = [session(path, t, fold=fold) for _, path, fold in runs]
+        samples = [{k: [] for k in xs} for _ in runs]
+        for _ in range(rounds):
+            for sess, smp in zip(sessions, samples):
+                for k, x in xs.items():
+                    smp[k] += latency_samples(sess, x, max(min_runs // rounds, 1), min_seconds / rounds)
+        for row, smp in zip(rows, samples):
+            for k in xs:
+                row[f"{k}_ms_t{t}"] = statistics.median(smp[k])
+        if real is not None and t == threads[0]:
+            for row, sess in zip(rows, sessions):
+                out = run_onnx(sess, real[0], batch=1000)
+                row["accuracy"] = round(100.0 * (out.argmax(1) == real[1]).float().mean().item(), 2)
     base = rows[0]
     for r in rows:
         r["size_ratio"] = base["bytes"] / r["bytes"]
-        r["b1_speedup"] = base["b1_ms"] / r["b1_ms"]
-        r["b32_speedup"] = base["b32_ms"] / r["b32_ms"]
+        for t in threads:
+            for k in xs:
+                r[f"{k}_x_t{t}"] = r[f"{k}_ms_t{t}"] / base[f"{k}_ms_t{t}"]   # latency as a fraction of FP32
     return rows
 
 
-def format_table(rows: list[dict], threads: int) -> str:
-    head = (f"{'model':<27}{'variant':<11}{'ONNX KB':>9}{'smaller':>8}{'b1 ms':>8}{'speedup':>8}{'b32 ms':>9}"
-            f"{'speedup':>8}{'int kernels':>13}{'top-1 %':>9}")
-    lines = [f"onnxruntime {__import__('onnxruntime').__version__} CPU, {threads} thread(s); speedup = FP32 / variant",
+def format_table(rows: list[dict], threads: list[int]) -> str:
+    import onnxruntime
+    lat = "".join(f"{f'b1 ms {t}t':>10}{'xFP32':>9}{f'b32 ms {t}t':>12}{'xFP32':>9}" for t in threads)
+    head = (f"{'model':<20}{'variant':<13}{'ONNX KB':>8}{'smaller':>8}{lat}"
+            f"{'int conv':>9}{'QAdd':>5}{'QGemm':>6}{'QGAP':>5}{'top-1 %':>8}")
+    lines = [f"onnxruntime {onnxruntime.__version__} CPU; latency: median ms and ratio to FP32 (lower is faster)",
              head, "-" * len(head)]
     for r in rows:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
-        kern = f"{r['int_kernels']}/{r['int_kernels'] + r['float_kernels']}"
-        lines.append(f"{r['model']:<27}{r['variant']:<11}{r['bytes'] / 1024:>9.0f}{r['size_ratio']:>7.1f}x"
-                     f"{r['b1_ms']:>8.2f}{r['b1_speedup']:>7.2f}x{r['b32_ms']:>9.2f}{r['b32_speedup']:>7.2f}x"
-                     f"{kern:>13}{acc:>9}")
+        lat = "".join(f"{r[f'b1_ms_t{t}']:>10.2f}{r[f'b1_x_t{t}']:>8.2f}x{r[f'b32_ms_t{t}']:>12.2f}{r[f'b32_x_t{t}']:>8.2f}x"
+                      for t in threads)
+        lines.append(f"{r['model']:<20}{r['variant']:<13}{r['bytes'] / 1024:>8.0f}{r['size_ratio']:>7.1f}x{lat}"
+                     f"{r['QLinearConv']:>5}/{r['convs']:<3}{r['QLinearAdd']:>5}{r['QGemm']:>6}"
+                     f"{r['QLinearGlobalAveragePool']:>5}{acc:>8}")
     return "\n".join(lines)
+
+
+def _students(teacher: torch.nn.Module, specs: list[QuantSpec], input_size, calib: torch.Tensor, classifier) -> dict:
+    out = {}
+    for spec in specs:
+        s = create_student(teacher, spec, torch.zeros(2, *input_size), classifier)
+        calibrate_(s, [calib])
+        out[spec.name] = s.eval()
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--students", default="w8a8,w4a4,w3a5")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--protocols", default="all_layers,deployable")
+    p.add_argument("--threads", default="1,2", help="onnxruntime intra-op thread counts, e.g. 1,2")
     p.add_argument("--resnet18", action="store_true", help="also timm resnet18 at 224 px (random weights)")
+    p.add_argument("--no-default", action="store_true", help="skip the bundled default model")
+    p.add_argument("--fold", action="store_true", help="also each student with the QDQ fusions off")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timing per measurement")
     p.add_argument("--json", help="also write the rows as JSON here")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    specs = [QuantSpec.parse(s) for s in args.students.split(",") if s.strip()]
+    threads = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(max(threads))
+    specs = [QuantSpec.parse(s, Protocol(pr)) for pr in args.protocols.split(",")
+             for s in args.students.split(",") if s.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        from gzq.data import load_fashion_mnist, to_model_input
-        from gzq.models import load_teacher
-        t = load_teacher("default")
-        train, _ = load_fashion_mnist("train")
-        test, labels = load_fashion_mnist("test")
-        calib = to_model_input(train[:256], t.mean, t.std, t.input_size)
-        students = {}
-        for spec in specs:
-            s = create_student(t.model, spec, torch.zeros(2, *t.input_size), t.classifier)
-            calibrate_(s, [calib])
-            students[spec.name] = s.eval()
-        real = (to_model_input(test, t.mean, t.std, t.input_size), labels)
-        rows += bench_model("default (28 px)", t.model, students, t.input_size, args.threads, work, real, args.seconds)
+        if not args.no_default:
+            from gzq.data import load_fashion_mnist, to_model_input
+            from gzq.models import load_teacher
+            t = load_teacher("default")
+            train, _ = load_fashion_mnist("train")
+            test, labels = load_fashion_mnist("test")
+            calib = to_model_input(train[:256], t.mean, t.std, t.input_size)
+            students = _students(t.model, specs, t.input_size, calib, t.classifier)
+            real = (to_model_input(test, t.mean, t.std, t.input_size), labels)
+            rows += bench_model("default (28 px)", t.model, students, t.input_size, calib, threads, work, real,
+                                args.seconds, args.fold)
         if args.resnet18:
             import timm
             torch.manual_seed(0)
@@ -166,15 +206,11 @@ def main(argv=None) -> int:
                         mod.weight.uniform_(0.5, 1.5)
                 m.train()(torch.randn(8, *size))  # BN running statistics
             m.eval()
-            calib = torch.randn(8, *size)
-            students = {}
-            for spec in specs:
-                s = create_student(m, spec, torch.zeros(2, *size), "fc")
-                calibrate_(s, [calib])
-                students[spec.name] = s.eval()
-            rows += bench_model("resnet18 (224 px, random)", m, students, size, args.threads, work, None,
-                                args.seconds / 4, min_runs=3, rounds=3)
-    print(format_table(rows, args.threads))
+            calib = torch.randn(32, *size)
+            students = _students(m, specs, size, calib, "fc")
+            rows += bench_model("resnet18 (224 px)", m, students, size, calib, threads, work, None,
+                                args.seconds / 4, args.fold, min_runs=3, rounds=3)
+    print(format_table(rows, threads))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

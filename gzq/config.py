@@ -48,6 +48,9 @@ class Protocol(str, enum.Enum):
     """Which layers get the target bits (recorded in every result)."""
     ALL_LAYERS = "all_layers"          # GDFQ / SynQ: every conv and linear at target bits
     FIRST_LAST_8BIT = "first_last_8bit"  # BRECQ / Genie: first conv and last linear at 8 bit
+    DEPLOYABLE = "deployable"          # fully quantized: every tensor an integer runtime reads or writes (the
+                                       # network input at 8 bit, residual adds, pooling, concatenation), as
+                                       # onnxruntime's quantize_static; gzq.quant.graph places the quantizers
 
 
 class ActInit(str, enum.Enum):
@@ -148,8 +151,8 @@ class QuantSpec(_Serialisable):
     """One quantized configuration (docs/design.md 2.5).
 
     Weights: per output channel, symmetric by default. Activations: per tensor, asymmetric,
-    learnable step size (LSQ), at the input of every quantized conv/linear but the first
-    (the network input stays float in both protocols).
+    learnable step size (LSQ), at the input of every quantized conv/linear but the first (the network
+    input stays float), or with the deployable protocol on every tensor an integer runtime reads.
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -168,7 +171,7 @@ class QuantSpec(_Serialisable):
 
     @property
     def name(self) -> str:
-        suffix = "" if self.protocol == Protocol.ALL_LAYERS else "_fl8"
+        suffix = {Protocol.ALL_LAYERS: "", Protocol.FIRST_LAST_8BIT: "_fl8", Protocol.DEPLOYABLE: "_dep"}[self.protocol]
         return f"w{self.w_bits}a{self.a_bits}{suffix}"
 
     @classmethod

@@ -1,16 +1,28 @@
 """Export a fake-quant student as what it simulates (DESIGN 2.7): ONNX QDQ and integer safetensors.
 
-ONNX. The student is traced by torch's TorchScript exporter with every QuantWrapper swapped for a layer
-that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are then
-rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
-fake-quant translation accepts 8-bit ranges only, DESIGN 6):
+ONNX. The student is traced by torch's exporter with every QuantWrapper and tensor quantizer swapped for
+a module that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are
+then rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
+fake-quant translation accepts 8-bit ranges only, DESIGN 6). Two tracers: TorchScript (the default) and
+dynamo (torch.export + onnxscript, placeholders through `torch.onnx.ops.symbolic`). Measured on the
+bundled model, both give the same fused integer graph in onnxruntime; TorchScript exports about 40x
+faster and needs no extra package, dynamo is the exporter torch maintains.
 
     weights      int codes (initializer, per output channel, axis 0) -> DequantizeLinear
                  8 bit: int8 (uint8 when asymmetric); 4 bit: int4 / uint4 (opset >= 21); other widths: int8
                  codes that stay inside the bit range
     activations  QuantizeLinear -> DequantizeLinear, per tensor, at the input of every layer whose wrapper
-                 has an activation quantizer: 8 bit uint8; 4 bit uint4 (opset >= 21); other widths
-                 QuantizeLinear(int8/uint8) -> Clip(qmin, qmax) -> DequantizeLinear
+                 has an activation quantizer and on every tensor of the deployable protocol
+                 (gzq.quant.graph): 8 bit uint8; 4 bit uint4 (opset >= 21); other widths
+                 QuantizeLinear(int8/uint8) -> Clip(qmin, qmax) -> DequantizeLinear. The same pair is
+                 repeated after a shape-only op (Flatten, MaxPool) that reads it, which changes no value and
+                 lets onnxruntime fuse the consumer (the classifier's QGemm).
+    biases       float, or int32 codes -> DequantizeLinear (step input x weight scale) where the student
+                 adds an integer bias (the deployable protocol's 8-bit convs)
+
+Kernel taps that, at the model's fixed input size, only ever read padding are cut from each Conv
+(`drop_padding_taps_`, the FP32 export too): exact, and integer kernels, unlike float ones, would multiply
+them.
 
     q = saturate(round_half_even(x / scale) + zero_point)     x_hat = (q - zero_point) * scale
 
@@ -20,12 +32,14 @@ PyTorch model means, bit for bit up to float summation order.
 
 Integer safetensors. Per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
 `<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float), `<layer>.input_scale` / `.input_zero_point`
-(per tensor); every other tensor of the student (an unfolded BN, a layer scale) as float under its
-state-dict name; plus a JSON with the quantization spec, the per-layer bit widths and the data config.
+(per tensor); every other tensor of the student (an unfolded BN, a layer scale, the step sizes and zero
+points of the deployable protocol's tensor quantizers) as float under its state-dict name; plus a JSON
+with the quantization spec, the per-layer and per-tensor bit widths and the data config.
 `load_int_weights` rebuilds the fake-quant student from it exactly.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -35,10 +49,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.convert import create_student, quant_wrappers
-from .quant.modules import ActQuantizer, QuantWrapper, WeightQuantizer
+from .quant.graph import CONTAINER, tensor_quantizers
+from .quant.modules import INT32_RANGE, ActQuantizer, QuantWrapper, WeightQuantizer
 from .quant.primitives import dequantize, quantize
 
 log = logging.getLogger(__name__)
@@ -61,6 +77,31 @@ def effective_scale(q: nn.Module) -> torch.Tensor:
 
 
 @dataclass
+class ActQuant:
+    """One per-tensor activation quantizer in integer form. Its ONNX initializers are `<prefix>scale` and
+    `<prefix>zero_point`: `<layer>.input_` for a layer's input quantizer, `<module path>.` for a tensor
+    quantizer of the deployable protocol (the names of its state-dict entries)."""
+    prefix: str
+    bits: int
+    scale: torch.Tensor             # () float32
+    zero_point: int
+    qmin: int
+    qmax: int
+    numel: int                      # per-sample tensor size; sets the LSQ gain of the step size
+
+    @classmethod
+    def of(cls, prefix: str, aq: ActQuantizer) -> "ActQuant":
+        return cls(prefix=prefix, bits=aq.bits, scale=effective_scale(aq).cpu(), qmin=aq.qmin, qmax=aq.qmax,
+                   zero_point=int(torch.round(aq.zero_point.detach().float()).item()), numel=int(aq._numel))
+
+
+@torch.no_grad()
+def find_tensor_quants(student: nn.Module) -> list[ActQuant]:
+    """The integer form of every tensor quantizer (deployable protocol; empty otherwise), in module order."""
+    return [ActQuant.of(f"{name}.", aq) for name, aq in tensor_quantizers(student)]
+
+
+@dataclass
 class LayerQuant:
     """One QuantWrapper in integer form: what the ONNX graph and the integer safetensors store."""
     name: str
@@ -79,6 +120,13 @@ class LayerQuant:
     a_qmin: int | None = None
     a_qmax: int | None = None
     a_numel: int | None = None      # per-sample input size; sets the activation LSQ gain
+    bias_scale: torch.Tensor | None = None  # (O,) step of int32 bias codes (QuantWrapper.bias_scale), or None
+
+    def input_quant(self) -> ActQuant | None:
+        if self.a_bits is None:
+            return None
+        return ActQuant(prefix=f"{self.name}.input_", bits=self.a_bits, scale=self.a_scale,
+                        zero_point=self.a_zero_point, qmin=self.a_qmin, qmax=self.a_qmax, numel=self.a_numel)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(O, ...) float: equal to the fake-quant student's quantized weight."""
@@ -88,7 +136,13 @@ class LayerQuant:
     def meta(self) -> dict[str, Any]:
         return dict(op=self.op, w_bits=self.w_bits, w_symmetric=self.w_symmetric, w_qmin=self.w_qmin,
                     w_qmax=self.w_qmax, a_bits=self.a_bits, a_qmin=self.a_qmin, a_qmax=self.a_qmax,
-                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None)
+                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None,
+                    int_bias=self.bias_scale is not None)
+
+    def bias_codes(self) -> torch.Tensor:
+        """(O,) int32 codes of an integer bias: what the fake-quant forward dequantizes."""
+        zero = torch.zeros_like(self.bias_scale)
+        return quantize(self.bias, self.bias_scale, zero, *INT32_RANGE).to(torch.int64)
 
 
 @torch.no_grad()
@@ -106,11 +160,12 @@ def find_layer_quants(student: nn.Module) -> list[LayerQuant]:
                         codes=codes.to(torch.int64), w_scale=scale, w_zero_point=zp.to(torch.int64),
                         w_bits=wq.bits, w_qmin=wq.qmin, w_qmax=wq.qmax, w_symmetric=wq.symmetric,
                         bias=None if mod.bias is None else mod.bias.detach().float().cpu().clone())
-        aq = w.a_quant
-        if aq is not None:
-            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = aq.bits, aq.qmin, aq.qmax, int(aq._numel)
-            lq.a_scale = effective_scale(aq).cpu()
-            lq.a_zero_point = int(torch.round(aq.zero_point.detach().float()).item())
+        b_scale = w.bias_scale()
+        lq.bias_scale = None if b_scale is None else b_scale.detach().float().cpu()
+        if w.a_quant is not None:
+            a = ActQuant.of(f"{name}.input_", w.a_quant)
+            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = a.bits, a.qmin, a.qmax, a.numel
+            lq.a_scale, lq.a_zero_point = a.scale, a.zero_point
         out.append(lq)
     return out
 
@@ -133,20 +188,42 @@ class _Mark(torch.autograd.Function):
         return out
 
 
+def _mark(x: torch.Tensor, key: str, dynamo: bool) -> torch.Tensor:
+    """A `gzq::Mark(key)` placeholder on x, for the TorchScript or the dynamo (torch.export) exporter."""
+    if dynamo:
+        return torch.onnx.ops.symbolic("gzq::Mark", (x,), {"key": key}, dtype=x.dtype, shape=x.shape, version=1)
+    return _Mark.apply(x, key)
+
+
 class _ExportLayer(nn.Module):
     """Stands in for a QuantWrapper while tracing: marks its input (if quantized) and its weight."""
 
-    def __init__(self, module: nn.Module, key: int, weight: torch.Tensor, quant_input: bool):
+    def __init__(self, module: nn.Module, key: int, weight: torch.Tensor, quant_input: bool, dynamo: bool = False):
         super().__init__()
-        self.module, self.key, self.quant_input = module, key, quant_input
+        self.module, self.key, self.quant_input, self.dynamo = module, key, quant_input, dynamo
         self.register_buffer("qweight", weight)
-        del module._parameters["weight"]     # set per call below (torch.func's functional_call cannot be traced)
+        if not dynamo:
+            del module._parameters["weight"]  # set per call below (TorchScript cannot trace torch.func.functional_call)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_input:
-            x = _Mark.apply(x, f"a:{self.key}")
-        self.module.weight = _Mark.apply(self.qweight, f"w:{self.key}")
+            x = _mark(x, f"a:{self.key}", self.dynamo)
+        weight = _mark(self.qweight, f"w:{self.key}", self.dynamo)
+        if self.dynamo:
+            return functional_call(self.module, {"weight": weight}, (x,), strict=False)
+        self.module.weight = weight
         return self.module(x)
+
+
+class _ExportTensor(nn.Module):
+    """Stands in for a tensor quantizer (deployable protocol) while tracing: marks the tensor."""
+
+    def __init__(self, key: int, dynamo: bool = False):
+        super().__init__()
+        self.key, self.dynamo = key, dynamo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _mark(x, f"t:{self.key}", self.dynamo)
 
 
 def _int_type(lo: int, hi: int, bits: int, opset: int, prefer_signed: bool) -> int:
@@ -170,7 +247,8 @@ def _int_tensor(name: str, values: torch.Tensor, onnx_type: int):
     import ml_dtypes   # onnx's own dependency: numpy int4/uint4, packed two codes per byte in raw_data
     arr = values.detach().cpu().numpy().astype(np.int64)
     np_type = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT8: np.int8,
-               TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16, TensorProto.UINT16: np.uint16}[onnx_type]
+               TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16, TensorProto.UINT16: np.uint16,
+               TensorProto.INT32: np.int32}[onnx_type]
     t = numpy_helper.from_array(arr.astype(np_type), name)
     assert t.data_type == onnx_type, (t.data_type, onnx_type)
     return t
@@ -194,36 +272,43 @@ def _weight_nodes(lq: LayerQuant, out: str, opset: int):
     return inits, [node], t
 
 
-def _act_nodes(lq: LayerQuant, inp: str, out: str, opset: int):
-    """QuantizeLinear -> [Clip] -> DequantizeLinear of the layer's input, per tensor."""
+def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, node_prefix: str | None = None):
+    """QuantizeLinear -> [Clip] -> DequantizeLinear of one tensor, per tensor.
+
+    int4: whether 4-bit codes may be stored as uint4 (False where onnxruntime's graph optimisation fails
+    on 4-bit codes: after a Clip, or before an op it would run on the codes, e.g. MaxPool, which has no
+    4-bit kernel); otherwise they are uint8 codes clipped to [0, 15]. node_prefix: names of the nodes and
+    intermediate tensors (default: the initializers' prefix).
+    """
     import numpy as np
     from onnx import TensorProto as T, helper
-    n, zp, qmin, qmax = lq.name, lq.a_zero_point, lq.a_qmin, lq.a_qmax
-    native = (lq.a_bits == 8 and 0 <= zp <= 255) or (lq.a_bits == 4 and opset >= INT4_OPSET and 0 <= zp <= 15)
-    t = _int_type(min(qmin, zp), max(qmax, zp), lq.a_bits if native else 8, opset, prefer_signed=False)
+    zp, qmin, qmax = a.zero_point, a.qmin, a.qmax
+    p = a.prefix if node_prefix is None else node_prefix
+    native = (a.bits == 8 and 0 <= zp <= 255) or (a.bits == 4 and int4 and opset >= INT4_OPSET and 0 <= zp <= 15)
+    t = _int_type(min(qmin, zp), max(qmax, zp), a.bits if native else 8, opset, prefer_signed=False)
     if not native and qmax <= 127 and -128 <= zp <= 127:
         t = T.INT8                                     # the Quantize-Clip-Dequantize pattern, int8 codes
-    s_name, z_name = f"{n}.input_scale", f"{n}.input_zero_point"
-    inits = [_float_tensor(s_name, lq.a_scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
-    q_out = f"{n}/input_q"
-    nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{n}/input_quantize")]
+    s_name, z_name = f"{a.prefix}scale", f"{a.prefix}zero_point"
+    inits = [_float_tensor(s_name, a.scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
+    q_out = f"{p}q"
+    nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{p}quantize")]
     if native:
-        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{n}/input_dq"))
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{p}dq"))
     elif t in (T.INT8, T.UINT8):                       # clip the codes to the bit range, then dequantize
-        lo_name, hi_name, c_out = f"{n}.input_qmin", f"{n}.input_qmax", f"{n}/input_q_clipped"
+        lo_name, hi_name, c_out = f"{a.prefix}qmin", f"{a.prefix}qmax", f"{p}q_clipped"
         inits += [_int_tensor(lo_name, torch.tensor(qmin), t), _int_tensor(hi_name, torch.tensor(qmax), t)]
-        nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{n}/input_clip"),
-                  helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{n}/input_dq")]
+        nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{p}clip"),
+                  helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{p}dq")]
     else:                                              # 16-bit codes (zero point far out): clip after dequantizing,
-        dq_out = f"{n}/input_dq_unclipped"              # bounds computed as DequantizeLinear does, so still exact
-        s = lq.a_scale.float().numpy()
+        dq_out = f"{p}dq_unclipped"                     # bounds computed as DequantizeLinear does, so still exact
+        s = a.scale.float().numpy()
         lo = (np.float32(qmin - zp) * s).astype(np.float32)
         hi = (np.float32(qmax - zp) * s).astype(np.float32)
-        lo_name, hi_name = f"{n}.input_min", f"{n}.input_max"
+        lo_name, hi_name = f"{a.prefix}min", f"{a.prefix}max"
         inits += [_float_tensor(lo_name, torch.from_numpy(np.array(lo))),
                   _float_tensor(hi_name, torch.from_numpy(np.array(hi)))]
-        nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{n}/input_dq"),
-                  helper.make_node("Clip", [dq_out, lo_name, hi_name], [out], name=f"{n}/input_clip")]
+        nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{p}dq"),
+                  helper.make_node("Clip", [dq_out, lo_name, hi_name], [out], name=f"{p}clip")]
     return inits, nodes, t
 
 
@@ -239,28 +324,89 @@ def _live_nodes(nodes, outputs: set[str]) -> list:
     return live[::-1]
 
 
-def _integer_kernel_layer(lq: LayerQuant, types: dict) -> bool:
+# ops that onnxruntime's QDQ propagation moves a DequantizeLinear across (they commute with quantization)
+_QDQ_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+
+
+# ops after which a QuantizeLinear must not have 4-bit codes: onnxruntime's ClipQuantFusion (ReLU6 is a
+# Clip) rejects a 4-bit zero point and fails to load the model
+_NO_INT4_BEFORE = ("Clip",)
+
+
+def _input_quant(name: str, producer: dict, act_outs: dict) -> tuple[ActQuant, int] | None:
+    """The activation quantizer (and its ONNX code type) whose dequantized output tensor `name` is, if any."""
+    while name not in act_outs:
+        node = producer.get(name)
+        if node is None or node.op_type not in _QDQ_TRANSPARENT:
+            return None
+        name = node.input[0]
+    return act_outs[name]
+
+
+def _requantize_after_transparent(nodes, act_outs: dict, opset: int) -> list:
+    """Repeat each activation quantizer after the shape-only ops (Flatten, MaxPool, ...) that read it.
+
+    The PyTorch model quantizes a tensor once, before such ops, since they commute with quantization.
+    onnxruntime only fuses a Conv / Gemm whose input comes straight from a DequantizeLinear, and does not
+    carry a DequantizeLinear across every such op (Flatten before the classifier's Gemm); the same
+    QuantizeLinear -> DequantizeLinear again after the op changes no value (re-quantizing a quantized
+    tensor with its own step is exact) and gives the classifier its QGemm.
+    """
+    from onnx import TensorProto as T
+    out = []
+    for node in nodes:
+        out.append(node)
+        if node.op_type in _QDQ_TRANSPARENT and node.input[0] in act_outs:
+            a, t = act_outs[node.input[0]]
+            y = node.output[0]
+            node.output[0] = f"{y}_float"
+            k = sum(o.startswith(a.prefix) for o in (n.name for n in out))
+            _, nodes_q, _ = _act_nodes(a, node.output[0], y, opset, int4=t in (T.INT4, T.UINT4),
+                                       node_prefix=f"{a.prefix}again{k}_")
+            out += nodes_q
+            act_outs[y] = (a, t)
+    return out
+
+
+def _integer_kernel_layer(lq: LayerQuant, a: tuple[ActQuant, int] | None, w_type: int) -> bool:
     """Whether onnxruntime can run the layer as an integer kernel (8-bit QDQ input and weight)."""
-    t = types.get(lq.name, {})
-    return t.get("input") == "uint8" and t.get("weight") in ("int8", "uint8") and lq.a_bits == 8 and lq.w_bits == 8
+    from onnx import TensorProto as T
+    return a is not None and a[0].bits == 8 and a[1] == T.UINT8 and lq.w_bits == 8 and w_type in (T.INT8, T.UINT8)
 
 
-def _split_float_biases(nodes, layers: list[LayerQuant], types: dict):
-    """Move the float bias of each quantized-input Conv/Gemm that cannot run as an integer kernel into an Add.
+def _rewrite_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: dict):
+    """The bias of each quantized-input Conv/Gemm as the fake-quant model adds it.
 
-    onnxruntime's WeightBiasQuantization rounds the float bias of every DQ -> Conv/Gemm unit to int32 with
-    step input_scale * weight_scale; at 4 bit that step is coarse and changes the logits (not what the
-    fake-quant model computes). A separate Add keeps the bias float. 8-bit layers keep the bias in the
-    Conv: its int32 rounding is negligible there and is what lets onnxruntime pick QLinearConv.
+    - integer bias (`LayerQuant.bias_scale`, the deployable protocol's 8-bit convs): int32 codes ->
+      DequantizeLinear(step input_scale * weight_scale, axis 0), which QLinearConv takes as it is;
+    - a layer that cannot run as an integer kernel: the float bias moves into an Add. onnxruntime's
+      WeightBiasQuantization would otherwise round it to int32 with step input_scale * weight_scale; at
+      4 bit that step is coarse and changes the logits (not what the fake-quant model computes);
+    - other 8-bit convs keep the float bias in the Conv (onnxruntime rounds it; what lets it pick
+      QLinearConv); a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output
+      (the logits) into QGemm only when the Gemm has no float bias.
     """
     from onnx import helper
     by_weight = {f"{lq.name}/weight_dq": lq for lq in layers}
-    producer = {o: n.name for n in nodes for o in n.output}
+    producer = {o: n for n in nodes for o in n.output}
     out, inits = [], []
     for node in nodes:
-        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2
-        lq = by_weight.get(producer.get(node.input[1])) if has_bias else None
-        if lq is None or lq.a_bits is None or lq.bias is None or _integer_kernel_layer(lq, types) or not node.input[2]:
+        has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and bool(node.input[2])
+        w_dq = producer.get(node.input[1]) if has_bias else None
+        lq = by_weight.get(w_dq.name) if w_dq is not None else None
+        a = _input_quant(node.input[0], producer, act_outs) if lq is not None else None
+        if lq is not None and lq.bias_scale is not None:
+            from onnx import TensorProto
+            n = lq.name
+            inits += [_int_tensor(f"{n}.bias_quantized", lq.bias_codes(), TensorProto.INT32),
+                      _float_tensor(f"{n}.bias_scale", lq.bias_scale),
+                      _int_tensor(f"{n}.bias_zero_point", torch.zeros_like(lq.bias_codes()), TensorProto.INT32)]
+            node.input[2] = f"{n}/bias"
+            out += [helper.make_node("DequantizeLinear", [i.name for i in inits[-3:]], [node.input[2]],
+                                     name=f"{n}/bias_dq", axis=0), node]
+            continue
+        if lq is None or a is None or lq.bias is None or (
+                node.op_type == "Conv" and _integer_kernel_layer(lq, a, w_types[lq.name])):
             out.append(node)
             continue
         shape = (-1, 1, 1) if node.op_type == "Conv" else (-1,)      # broadcast over (N, O, H, W) / (N, O)
@@ -272,14 +418,108 @@ def _split_float_biases(nodes, layers: list[LayerQuant], types: dict):
     return out, inits
 
 
-def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, **kw) -> None:
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str, **kw) -> None:
+    """torch.onnx.export with a dynamic batch axis, input "input", output "logits".
+
+    "torchscript": the tracing exporter (deprecated in torch, still shipped; needs nothing else).
+    "dynamo": torch.export + onnxscript (the maintained exporter; needs the onnxscript package). It lowers
+    global average pooling to ReduceMean, which `_global_pools_` turns back into GlobalAveragePool.
+    """
     import warnings
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)   # legacy exporter: needs no onnxscript
         warnings.filterwarnings("ignore", message=".*[Oo]pset.*")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+        if exporter == "torchscript":
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+            return
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):               # its progress lines
+            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=max(opset, 18),
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), optimize=True,
+                              verify=False, report=False)
+
+
+def _global_pools_(m) -> None:
+    """ReduceMean over H, W with keepdims (the dynamo exporter's adaptive_avg_pool2d(1)) as GlobalAveragePool,
+    which onnxruntime runs as QLinearGlobalAveragePool between QDQ pairs (it has no integer ReduceMean)."""
+    from onnx import helper, numpy_helper
+    inits = {i.name: i for i in m.graph.initializer}
+    for i, node in enumerate(m.graph.node):
+        if node.op_type != "ReduceMean" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = sorted(int(a) % 4 for a in numpy_helper.to_array(inits[node.input[1]]).reshape(-1))
+        if axes == [2, 3] and attrs.get("keepdims", 1) == 1 and not attrs.get("noop_with_empty_axes", 0):
+            m.graph.node[i].CopyFrom(helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output),
+                                                      name=node.name))
+
+
+def _live_taps(size: int, k: int, pad0: int, pad1: int, stride: int, dilation: int) -> tuple[int, int]:
+    """First and last kernel tap along one axis that reads the input (not only padding) at some output."""
+    n_out = (size + pad0 + pad1 - dilation * (k - 1) - 1) // stride + 1
+    live = [i for i in range(k) if any(0 <= o * stride - pad0 + i * dilation < size for o in range(n_out))]
+    return (live[0], live[-1]) if live else (0, k - 1)
+
+
+def drop_padding_taps_(m) -> int:
+    """Cut from each Conv the kernel rows and columns that, at the model's fixed input size, only ever
+    read zero padding (in place). Returns how many convs changed.
+
+    A 3x3 conv on a 1x1 map (the last stage of a 28-px ResNet) reads only its centre tap. Float kernels
+    skip padding; integer kernels (im2col) multiply it, nine times the work. The taps removed multiply
+    zeros (the zero point, for a quantized input), so the outputs do not change.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+    g = m.graph
+    inferred = onnx.shape_inference.infer_shapes(m).graph
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in list(inferred.value_info) + list(inferred.input)}
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    uses = collections.Counter(i for n in g.node for i in n.input)
+    changed = 0
+    for conv in g.node:
+        shape = shapes.get(conv.input[0]) if conv.op_type == "Conv" else None
+        if not shape or len(shape) != 4 or None in shape[2:]:
+            continue
+        w_name = conv.input[1]
+        dq = producer.get(w_name)
+        if dq is not None and dq.op_type == "DequantizeLinear" and uses[w_name] == 1:
+            w_name = dq.input[0]                     # per-output-channel codes: slice the codes
+        if w_name not in inits or uses[w_name] != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        w = numpy_helper.to_array(inits[w_name])                                    # (O, I/groups, kh, kw)
+        kh, kw = w.shape[2:]
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        strides, dil = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
+        (r0, r1), (c0, c1) = (_live_taps(shape[2 + a], (kh, kw)[a], pads[a], pads[a + 2], strides[a], dil[a])
+                              for a in (0, 1))
+        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1):
+            continue
+        new = numpy_helper.from_array(w[:, :, r0:r1 + 1, c0:c1 + 1].copy(), w_name)
+        new.data_type = inits[w_name].data_type
+        inits[w_name].CopyFrom(new)
+        pads = [pads[0] - r0 * dil[0], pads[1] - c0 * dil[1], pads[2] - (kh - 1 - r1) * dil[0],
+                pads[3] - (kw - 1 - c1) * dil[1]]
+        keep = [a for a in conv.attribute if a.name not in ("pads", "kernel_shape")]
+        del conv.attribute[:]
+        conv.attribute.extend(keep + [helper.make_attribute("pads", pads),
+                                      helper.make_attribute("kernel_shape", [r1 - r0 + 1, c1 - c0 + 1])])
+        changed += 1
+    return changed
 
 
 def _set_metadata(model, meta: dict[str, Any]) -> None:
@@ -300,14 +540,18 @@ def _onnx_meta(data_config: dict | None, spec: QuantSpec | None) -> dict[str, An
 
 @torch.no_grad()
 def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 21,
-                data_config: dict | None = None, spec: QuantSpec | None = None) -> dict[str, Any]:
+                data_config: dict | None = None, spec: QuantSpec | None = None,
+                exporter: str = "torchscript") -> dict[str, Any]:
     """Write `student` as an ONNX QDQ model with a dynamic batch axis (input "input", output "logits").
 
     Args:
         input_size: (C, H, W) of one image, normalised as the teacher expects.
         opset: >= 13; 4-bit codes are stored as int4/uint4 from 21 on, as int8 below.
+        exporter: "torchscript" (default: 40x faster to export, measured) or "dynamo" (see `_torch_export`).
     Returns:
-        {"path", "bytes", "opset", "layers": {layer: {"weight": type, "input": type | None}}}.
+        {"path", "bytes", "opset", "layers": {layer: {"weight": type, "input": type | None}},
+         "tensors": {tensor quantizer: type}} (code types; "input" is the type of the quantizer the layer
+        reads, its own or a tensor quantizer).
     """
     import onnx
     from onnx import TensorProto
@@ -319,35 +563,60 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     layers = find_layer_quants(student)
     if not layers:
         raise ValueError("the model has no QuantWrapper layers; use export_fp32_onnx for a float model")
+    tensors = find_tensor_quants(student)
     model = copy.deepcopy(student).cpu().float().eval()
+    dynamo = exporter == "dynamo"
     for key, lq in enumerate(layers):
         w: QuantWrapper = model.get_submodule(lq.name)
-        model.set_submodule(lq.name, _ExportLayer(w.module, key, lq.dequantized_weight(), w.a_quant is not None))
+        model.set_submodule(lq.name, _ExportLayer(w.module, key, lq.dequantized_weight(), w.a_quant is not None,
+                                                  dynamo))
+    for key, a in enumerate(tensors):
+        model.set_submodule(a.prefix[:-1], _ExportTensor(key, dynamo))
     example = torch.zeros(1, *input_size)
-    _torchscript_export(model, example, path, min(opset, _TORCHSCRIPT_MAX_OPSET),
-                        do_constant_folding=True, custom_opsets={"gzq": 1})
+    kw = {} if dynamo else dict(do_constant_folding=True, custom_opsets={"gzq": 1})
+    _torch_export(model, example, path, min(opset, _TORCHSCRIPT_MAX_OPSET), exporter, **kw)
 
     m = onnx.load(str(path))
+    _global_pools_(m)
     g = m.graph
-    new_nodes, new_inits, types = [], [], {}
+    name = TensorProto.DataType.Name
+    new_nodes, new_inits, w_types, w_outs, act_outs = [], [], {}, {}, {}
+    consumers: dict[str, list] = {}
+    producers = {o: n for n in g.node for o in n.output}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
     for node in g.node:
         if node.domain != "gzq":
             new_nodes.append(node)
             continue
         kind, key = node.attribute[0].s.decode().split(":")
-        lq = layers[int(key)]
         if kind == "w":
-            inits, nodes, t = _weight_nodes(lq, node.output[0], opset)
-            types.setdefault(lq.name, {})["weight"] = TensorProto.DataType.Name(t).lower()
+            lq = layers[int(key)]
+            inits, nodes, w_types[lq.name] = _weight_nodes(lq, node.output[0], opset)
+            w_outs[node.output[0]] = lq.name
         else:
-            inits, nodes, t = _act_nodes(lq, node.input[0], node.output[0], opset)
-            types.setdefault(lq.name, {})["input"] = TensorProto.DataType.Name(t).lower()
+            a = tensors[int(key)] if kind == "t" else layers[int(key)].input_quant()
+            int4 = not (getattr(producers.get(node.input[0]), "op_type", None) in _NO_INT4_BEFORE
+                        or any(c.op_type in _QDQ_TRANSPARENT for c in consumers.get(node.output[0], ())))
+            inits, nodes, t = _act_nodes(a, node.input[0], node.output[0], opset, int4)
+            act_outs[node.output[0]] = (a, t)
         new_nodes += nodes
         new_inits += inits
-    missing = [lq.name for lq in layers if "weight" not in types.get(lq.name, {})]
+    missing = [lq.name for lq in layers if lq.name not in w_types]
     if missing:
         raise RuntimeError(f"the traced graph lost the quantized weights of {missing}")
-    new_nodes, bias_inits = _split_float_biases(new_nodes, layers, types)
+    if len(act_outs) != len(tensors) + sum(lq.a_bits is not None for lq in layers):   # before the repeats
+        raise RuntimeError("the traced graph lost activation quantizers")
+    new_nodes = _requantize_after_transparent(new_nodes, act_outs, opset)
+    producer = {o: n for n in new_nodes for o in n.output}
+    types = {}                                   # each quantized layer: the code types of its weight and input
+    for node in new_nodes:
+        if len(node.input) > 1 and node.input[1] in w_outs:
+            a = _input_quant(node.input[0], producer, act_outs)
+            types[w_outs[node.input[1]]] = {"weight": name(w_types[w_outs[node.input[1]]]).lower(),
+                                            "input": None if a is None else name(a[1]).lower()}
+    new_nodes, bias_inits = _rewrite_biases(new_nodes, layers, w_types, act_outs)
     del g.node[:]
     g.node.extend(_live_nodes(new_nodes, {o.name for o in g.output}))
     new_inits += bias_inits
@@ -365,25 +634,27 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
             o.version = opset
     if opset >= INT4_OPSET:
         m.ir_version = max(m.ir_version, 10)          # int4 / uint4 need IR 10
+    drop_padding_taps_(m)
     _set_metadata(m, _onnx_meta(data_config, spec))
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
-    for lq in layers:
-        types[lq.name].setdefault("input", None)
-    return dict(path=str(path), bytes=path.stat().st_size, opset=opset, layers=types)
+    tensor_types = {a.prefix[:-1]: name(t).lower() for a, t in act_outs.values() if a.prefix.startswith(f"{CONTAINER}.")}
+    return dict(path=str(path), bytes=path.stat().st_size, opset=opset, layers=types, tensors=tensor_types)
 
 
 @torch.no_grad()
 def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int = 21,
-                     data_config: dict | None = None) -> dict[str, Any]:
+                     data_config: dict | None = None, exporter: str = "torchscript") -> dict[str, Any]:
     """The float model (e.g. the teacher) as ONNX, for comparison: same input/output names and batch axis."""
     import onnx
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().float().eval()
-    _torchscript_export(model, torch.zeros(1, *input_size), path, min(opset, _TORCHSCRIPT_MAX_OPSET),
-                        do_constant_folding=True)
+    kw = {} if exporter == "dynamo" else dict(do_constant_folding=True)
+    _torch_export(model, torch.zeros(1, *input_size), path, min(opset, _TORCHSCRIPT_MAX_OPSET), exporter, **kw)
     m = onnx.load(str(path))
+    _global_pools_(m)
+    drop_padding_taps_(m)
     _set_metadata(m, _onnx_meta(data_config, None))
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
@@ -448,6 +719,8 @@ def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data
             tensors[f"{n}.input_zero_point"] = torch.tensor(lq.a_zero_point, dtype=torch.int32)
     meta = dict(format="gzq-int", version=INT_FORMAT_VERSION, quant_spec=spec.to_dict(), data_config=data_config,
                 layers={lq.name: lq.meta() for lq in layers},
+                tensors={a.prefix[:-1]: dict(bits=a.bits, qmin=a.qmin, qmax=a.qmax, numel=a.numel)
+                         for a in find_tensor_quants(student)},
                 formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
                         "qmin, qmax); weights per output channel (axis 0), inputs per tensor")
     save_file(tensors, str(path), metadata={"format": "gzq-int", "version": str(INT_FORMAT_VERSION)})
@@ -503,6 +776,8 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
             s = tensors[f"{n}.input_scale"].float()
             sd[f"{n}.a_quant.scale"] = s.float()
             sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
+    for n, aq in tensor_quantizers(student):                      # deployable protocol: tensor quantizers
+        aq._numel = int(meta["tensors"][n]["numel"])
     student.load_state_dict(sd, strict=True)
     return student.to(device).eval().requires_grad_(False), spec, dc
 
@@ -539,7 +814,7 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
             try:
                 info = export_onnx(s, folder / "students" / f"{name}.onnx", teacher.input_size, cfg.opset, dc,
                                    specs[name])
-                info.pop("layers")
+                info.pop("layers"), info.pop("tensors")
                 files["onnx"] = _rel(folder, info)
             except Exception as e:  # noqa: BLE001
                 log.warning("ONNX export of %s failed: %s", name, e)

@@ -9,6 +9,7 @@ from gzq.config import Protocol, QuantSpec
 from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, dequantize, fake_quantize, fold_bn_,
                        quant_range, quantize)
 from gzq.quant.convert import model_size_bytes, quant_wrappers
+from gzq.quant.graph import tensor_quantizers
 
 
 def test_quant_range():
@@ -78,12 +79,17 @@ def test_quantize_wraps_every_layer_generically(protocol):
     wrappers = dict(quant_wrappers(student))
     assert len(wrappers) == n_layers
     first, last = "conv_stem", "classifier"
-    assert wrappers[first].a_quant is None                      # the network input stays float
+    assert wrappers[first].a_quant is None                      # the network input stays float (or is a tensor's)
     expect = 8 if protocol == Protocol.FIRST_LAST_8BIT else 4
     assert wrappers[first].w_quant.bits == expect and wrappers[last].w_quant.bits == expect
-    assert wrappers[last].a_quant.bits == (8 if protocol == Protocol.FIRST_LAST_8BIT else 3)
     others = [w for n, w in wrappers.items() if n not in (first, last)]
-    assert all(w.w_quant.bits == 4 and w.a_quant.bits == 3 for w in others)
+    assert all(w.w_quant.bits == 4 for w in others)
+    if protocol == Protocol.DEPLOYABLE:                         # activations quantized per tensor, not per layer
+        assert all(w.a_quant is None for w in wrappers.values())
+        assert {q.bits for _, q in tensor_quantizers(student)} == {8, 3}
+    else:
+        assert wrappers[last].a_quant.bits == (8 if protocol == Protocol.FIRST_LAST_8BIT else 3)
+        assert all(w.a_quant.bits == 3 for w in others)
     calibrate_(student, [x])
     assert torch.isfinite(student(x)).all()
     # deployed size: 4-bit weights are about 8x smaller than float ones
@@ -160,3 +166,51 @@ def test_quant_wrapper_handles_linear():
     x = torch.randn(5, 6)
     calibrate_(w, [x])
     torch.testing.assert_close(w(x), lin(x), rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------- deployable protocol: where the quantizers go
+
+_COMMUTING = (nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d)
+
+
+def _through(gm, node):
+    """The node whose value `node` carries, looking back through ops that commute with quantization."""
+    while node.op == "call_module" and isinstance(gm.get_submodule(node.target), _COMMUTING):
+        node = node.args[0]
+    return node
+
+
+def _is_quantizer(gm, node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActQuantizer)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "mobilenetv2_050", "tinynet_e"])
+def test_deployable_quantizes_every_tensor_an_integer_runtime_touches(arch):
+    """Residual adds (ResNet `x += shortcut` then ReLU, MobileNetV2 / EfficientNet `x + shortcut`): both
+    inputs and the output quantized; the network input at 8 bit; every conv / linear input and the pooled
+    features quantized; no tensor quantized twice in a row. Found from the graph, no per-model list."""
+    import operator
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=7).eval()
+    x = torch.randn(4, 3, 32, 32)
+    gm = create_student(model, QuantSpec(4, 4, Protocol.DEPLOYABLE), x[:2], model.pretrained_cfg.get("classifier"))
+    nodes = list(gm.graph.nodes)
+    adds = [n for n in nodes if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)]
+    assert len(adds) >= 1
+    for add in adds:
+        assert all(_is_quantizer(gm, _through(gm, a)) for a in add.args[:2]), add.format_node()
+        (user,) = add.users
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.ReLU):
+            (user,) = user.users                                # the quantizer's clamp at zero point 0 is the ReLU
+        assert _is_quantizer(gm, user), add.format_node()
+    for n in nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (QuantWrapper, nn.AdaptiveAvgPool2d)):
+            assert _is_quantizer(gm, _through(gm, n.args[0])), n.format_node()
+        if _is_quantizer(gm, n):
+            assert not _is_quantizer(gm, n.args[0])
+    (inp,) = [n for n in nodes if n.op == "placeholder"]
+    assert all(_is_quantizer(gm, u) and gm.get_submodule(u.target).bits == 8 for u in inp.users)
+    calibrate_(gm, [x])
+    ref, out = model(x), gm(x)
+    assert torch.isfinite(out).all() and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.5
+    assert set(gm.state_dict()) == set(create_student(model, QuantSpec(4, 4, Protocol.DEPLOYABLE), x[:2]).state_dict())

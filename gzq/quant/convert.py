@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..config import Protocol, QuantSpec
+from . import graph
 from .modules import ActQuantizer, QuantWrapper
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
 
     The layer that reads the network input keeps a float input (DESIGN 2.5). With the "first/last 8-bit"
     protocol that layer and the classifier (timm's `pretrained_cfg['classifier']`, else the last layer
-    executed) use 8-bit weights and inputs.
+    executed) use 8-bit weights and inputs. With the "deployable" protocol the layers get no input
+    quantizer: `gzq.quant.graph` quantizes the tensors instead (see `create_student`).
     """
     info = trace_layers(model, example)
     if not info.order:
@@ -108,16 +110,25 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
         w_bits, a_bits = spec.w_bits, spec.a_bits
         if spec.protocol == Protocol.FIRST_LAST_8BIT and (name in first or name == last):
             w_bits, a_bits = 8, 8
-        module = model.get_submodule(name)
-        model.set_submodule(name, QuantWrapper(module, w_bits, None if name in first else a_bits, spec.w_symmetric))
+        if name in first or spec.protocol == Protocol.DEPLOYABLE:
+            a_bits = None
+        model.set_submodule(name, QuantWrapper(model.get_submodule(name), w_bits, a_bits, spec.w_symmetric))
     return model
 
 
 def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
-    """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate)."""
+    """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate).
+
+    With the deployable protocol the copy is an fx.GraphModule (same submodule names) with one activation
+    quantizer per tensor that an integer runtime reads or writes (`gzq.quant.graph`).
+    """
     student = copy.deepcopy(teacher)
     fold_bn_(student, example)
+    if spec.protocol == Protocol.DEPLOYABLE:
+        student = graph.trace(student.eval())
     quantize_(student, spec, example, classifier)
+    if spec.protocol == Protocol.DEPLOYABLE:
+        graph.insert_tensor_quantizers_(student, spec.a_bits)
     student.to(example.device).eval().requires_grad_(True)   # new quantizer tensors follow the model's device
     return student
 

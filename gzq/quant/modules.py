@@ -77,6 +77,14 @@ class ActQuantizer(nn.Module):
         scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
 
+    def freeze_zero_point_(self) -> None:
+        """Keep the zero point out of training (a buffer, same state-dict key). For a ReLU's output: the
+        calibrated zero point is 0, so the quantizer's clamp is the ReLU, which an integer runtime then
+        drops (onnxruntime's ReluQuantFusion needs the zero point at 0)."""
+        zp = self.zero_point.detach().clone()
+        del self._parameters["zero_point"]
+        self.register_buffer("zero_point", zp)
+
     def _observe(self, x: torch.Tensor) -> None:
         if self._hist is None:
             lo, hi = (v.item() for v in torch.aminmax(x))   # one pass over x
@@ -118,11 +126,19 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, per_tensor"
 
 
+INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
+
+
 class QuantWrapper(nn.Module):
     """A conv or linear layer with its weight (and optionally its input) fake-quantized.
 
     The wrapped module runs unchanged with the quantized weight substituted, so every Conv2d subclass
     (timm's same-padding convs included) keeps its own forward.
+
+    Integer bias: once `set_int_bias_input(q)` names the quantizer of the layer's input, the bias is
+    rounded to int32 codes with step input_scale * weight_scale per output channel, as an integer kernel
+    (onnxruntime's QLinearConv, quantize_static's bias) adds it to its int32 accumulator. The step sizes
+    are taken as they are (no gradient through them); the bias gets the straight-through gradient.
     """
 
     def __init__(self, module: nn.Module, w_bits: int, a_bits: int | None, w_symmetric: bool = True):
@@ -130,11 +146,24 @@ class QuantWrapper(nn.Module):
         self.module = module
         self.w_quant = WeightQuantizer(module.weight, w_bits, w_symmetric)
         self.a_quant = ActQuantizer(a_bits) if a_bits is not None else None
+        self._int_bias_input: ActQuantizer | None = None     # a reference, not a submodule: it lives upstream
+
+    def set_int_bias_input(self, q: ActQuantizer | None) -> None:
+        object.__setattr__(self, "_int_bias_input", q)
+
+    def bias_scale(self) -> torch.Tensor | None:
+        """(O,) step of the int32 bias codes, or None for a float bias."""
+        if self._int_bias_input is None or self.module.bias is None:
+            return None
+        return self._int_bias_input.effective_scale() * self.w_quant.effective_scale()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_quant is not None:
             x = self.a_quant(x)
         params = {"weight": self.w_quant(self.module.weight)}
+        b_scale = self.bias_scale()
+        if b_scale is not None:
+            params["bias"] = fake_quantize(self.module.bias, b_scale, torch.zeros_like(b_scale), *INT32_RANGE)
         return functional_call(self.module, params, (x,), strict=False)
 
     def quantized_weight(self) -> torch.Tensor:
