@@ -119,7 +119,7 @@ def summarise(records: list[dict], names: list[str]) -> list[dict]:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     hdr = (f"{'model':<17}{'input':>12}{'FP':>7}{'agree%':>8}{'W4A4':>7}{'mse':>7}{'fixed':>7}{'real':>7}"
-           f"{'-real':>7}{'-FP':>7}{'W8A8':>7}{'W8-FP':>7}{'s/run':>7}")
+           f"{'-real':>7}{'-FP':>7}{'W8A8':>7}{'W8-FP':>7}{'s/run':>8}")
     print(hdr)
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
@@ -129,7 +129,7 @@ def print_table(title: str, rows: list[dict]) -> None:
               f"{fmt(r.get('mse_w4a4')):>7}{fmt(r.get('fixed_w4a4')):>7}{fmt(real4):>7}"
               f"{fmt(None if g4 is None or real4 is None else g4 - real4):>7}"
               f"{fmt(None if g4 is None else g4 - r['fp']):>7}{fmt(g8):>7}"
-              f"{fmt(None if g8 is None else g8 - r['fp']):>7}{fmt(r.get('gznq_secs')):>7}")
+              f"{fmt(None if g8 is None else g8 - r['fp']):>7}{fmt(r.get('gznq_secs')):>8}")
     if rows:
         for key in ("gznq_w4a4", "mse_w4a4", "fixed_w4a4", "real_w4a4", "gznq_w8a8", "gznq_label_agreement"):
             vals = [r[key] for r in rows if key in r]
@@ -146,6 +146,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, help="instead of ZOO_BUDGET, fit the CPU preset to this many seconds "
                                                    "per model, measured here")
     p.add_argument("--quick", action="store_true", help="tiny budget, first model, one seed (a smoke test)")
+    p.add_argument("--cached-only", action="store_true", help="print the tables from the runs in --cache; run nothing")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/zoo.json; a temporary file "
                                           "with --quick)")
@@ -176,6 +177,14 @@ def main(argv=None):
             cache[rec["key"]] = rec
     records = []
     for name in names:
+        if args.cached_only:
+            budget = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
+            for method in methods:
+                for seed in seeds:
+                    rec = cache.get(json.dumps([name, method, seed, budget], sort_keys=True))
+                    if rec is not None:
+                        records.append(rec)
+            continue
         ckpt = ensure_trained(name, folder=args.cache.parent / "zoo", train_images=640) if args.quick else ensure_trained(name)
         spec = ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
         model_base = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
