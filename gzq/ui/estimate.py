@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import RunConfig
+from ..config import EvalConfig, RunConfig
 from ..pipeline import resolve_device
 
 _PROBES: dict[tuple, "Probe"] = {}
@@ -52,7 +52,7 @@ def _probe(cfg: RunConfig) -> Probe:
         teacher = load_teacher(spec.__class__(**{**spec.to_dict(), "pretrained": False}), device)
         student = create_student(teacher.model, cfg.students[0], torch.zeros(2, *teacher.input_size, device=device),
                                  teacher.classifier)
-        labelled = load_labelled_data(teacher, cfg.eval) if spec.name == "default" else None
+        labelled = load_labelled_data(teacher, EvalConfig()) if spec.name == "default" else None  # all of it
         load = time.perf_counter() - t
         n = 4 if teacher.input_size[-1] >= 128 else 32
         x = torch.randn(n, *teacher.input_size, device=device, requires_grad=True)
