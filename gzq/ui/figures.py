@@ -25,7 +25,7 @@ def _empty_figure(title: str, note: str) -> go.Figure:
 
 def bn_figure(view: RunView) -> go.Figure:
     """BN-statistic log-likelihood over synthesis steps: the mean (bold) and each BN layer (thin)."""
-    title = "How natural the images are<br><sup>BN-statistic log-likelihood, higher is better</sup>"
+    title = "Image quality<br><sup>BN-statistic log-likelihood, higher is better</sup>"
     if not view.bn_steps:
         return _empty_figure(title, "appears when synthesis starts")
     k = _stride(len(view.bn_steps))
@@ -49,7 +49,7 @@ def bn_figure(view: RunView) -> go.Figure:
 def kl_figure(view: RunView) -> go.Figure:
     """KL(teacher || student) per student over synthesis then fine-tuning steps (log scale once the values
     span a decade or more)."""
-    title = "How far each small model is from the original<br><sup>KL to the original, lower is better</sup>"
+    title = "Distance to the original<br><sup>KL per small model, lower is better</sup>"
     if not view.kl:
         return _empty_figure(title, "appears once the students join (after the warm-up)")
     fig = go.Figure()

@@ -18,18 +18,13 @@ MODEL_CHOICES: list[tuple[str, str]] = [(DEFAULT_MODEL_LABEL, "default")] + [
     (f"{name} (ImageNet; its weights need internet)", name) for name in POPULAR_BN_MODELS]
 
 #: "how small": (label, bits for weights and activations)
-BITS_CHOICES: list[tuple[str, int]] = [
-    ("8-bit: 4× smaller, close to the original", 8),
-    ("4-bit: 8× smaller (recommended)", 4),
-    ("3-bit: 10× smaller, less accurate", 3),
-    ("2-bit: 16× smaller, often much less accurate", 2),
-]
+BITS_CHOICES: list[tuple[str, int]] = [("8-bit", 8), ("4-bit", 4), ("3-bit", 3), ("2-bit", 2)]
 
 #: "how long": (label, preset); the estimate under the form says what each means on this device
 PRESET_CHOICES: list[tuple[str, str]] = [
     ("Quick try", "quick CPU"),
-    ("Standard (better results)", "standard"),
-    ("Paper scale (needs a GPU)", "paper-scale GPU"),
+    ("Standard", "standard"),
+    ("Paper scale (GPU)", "paper-scale GPU"),
 ]
 
 #: UI preset -> (library preset, section overrides)
@@ -45,7 +40,11 @@ PROTOCOLS = [("every layer at the chosen bits", "all_layers"),
 
 #: one sentence per technical term, shown with its field under "Advanced"
 TIPS: dict[str, str] = {
-    "model": "An image classifier from the timm library, or the bundled example; type any timm name too.",
+    "model": "The bundled example, a listed timm classifier, or type any timm name.",
+    "bits": "Weights stored in 8 bits make a file about 4× smaller than the original, 4 bits about 8×; fewer "
+            "bits lose more accuracy (4-bit is a good start).",
+    "preset": "Longer runs make better images and a more accurate small model; the estimate below is measured "
+              "on this device.",
     "pretrained": "Downloads the model's trained weights from the Hugging Face hub, which needs internet.",
     "random_weights": "Runs on an untrained network: only to try the app, the result classifies nothing.",
     "checkpoint": "A file with your model's trained weights: .safetensors, or a PyTorch state dict "

@@ -88,7 +88,7 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
     The run computes in the runner's worker thread; this generator only relays its events, at least
     every POLL_S seconds. Closed early (Gradio's cancel, the page left), it sets the stop flag.
     """
-    view = RunView(device=device_label(), stage="waiting")
+    view = RunView(device=device_label(), stage="waiting" if RUNNER.active_sessions() else "load")
     yield {**_live(view), **_gallery(session, None), **no_results(), **_buttons(True)}
     cleanup: list[Path] = []
     try:

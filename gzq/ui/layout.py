@@ -22,10 +22,9 @@ from .view import RunView, progress_html, results_frame, status_markdown
 MAX_QUEUE = int(os.environ.get("GZQ_MAX_QUEUE", "8"))
 
 INTRO = """
-# Make an image classifier smaller, without its training data
-Pick a model, how small it should get and how long to work, then press **Run**. The app invents training
-images from what the model remembers (its BatchNorm statistics; Generative Zero-shot Network Quantization,
-He et al. 2021), teaches a small low-bit copy on them, and gives you the copy as a file that runs anywhere.
+# Make an image classifier smaller, without its data
+Pick a model, how small and how long, then **Run**. The app invents training images from what the model
+remembers, teaches a low-bit copy on them and gives you that copy as a file that runs anywhere.
 """
 
 CSS = """
@@ -86,7 +85,18 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                 c["model"] = gr.Dropdown(choices=MODEL_CHOICES, value="default", allow_custom_value=True,
                                          label="1. Model", info=TIPS["model"], elem_id="gzq-model")
                 c["pretrained"] = gr.Checkbox(value=False, label="Download its trained weights (needs internet)",
-                                              info=TIPS["pretrained"], elem_id="gzq-pretrained")
+                                              elem_id="gzq-pretrained")
+                bits = gr.Radio(BITS_CHOICES, value=4, label="2. How small", info=TIPS["bits"], elem_id="gzq-bits")
+                c["preset"] = gr.Radio(PRESET_CHOICES, value=preset0, label="3. How long", info=TIPS["preset"],
+                                       elem_id="gzq-preset")
+                estimate = gr.Markdown("", elem_id="gzq-estimate")
+                with gr.Row():
+                    c["run"] = gr.Button("Run", variant="primary", elem_id="gzq-run", min_width=120)
+                    c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="gzq-stop",
+                                          min_width=120)
+                c["status"] = gr.Markdown(status_markdown(RunView(device=dev)) + (" · ZeroGPU" if ON_ZEROGPU else ""),
+                                          elem_id="gzq-status")
+                c["progress"] = gr.HTML(progress_html(RunView()), elem_id="gzq-progress")
                 with gr.Accordion("Use your own weights file", open=False, elem_id="gzq-own"):
                     c["checkpoint"] = gr.File(label="Weights file (.safetensors, .pt, .pth)",
                                               file_types=[".safetensors", ".pt", ".pth", ".bin", ".ckpt"],
@@ -96,16 +106,6 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                     with gr.Row():
                         c["num_classes"] = _number("num_classes", 0, "classes (0 = the architecture's own)")
                         c["in_chans"] = _number("in_chans", 0, "input channels (0 = the architecture's own)")
-                bits = gr.Radio(BITS_CHOICES, value=4, label="2. How small", elem_id="gzq-bits")
-                c["preset"] = gr.Radio(PRESET_CHOICES, value=preset0, label="3. How long", elem_id="gzq-preset")
-                estimate = gr.Markdown("", elem_id="gzq-estimate")
-                with gr.Row():
-                    c["run"] = gr.Button("Run", variant="primary", elem_id="gzq-run", min_width=120)
-                    c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="gzq-stop",
-                                          min_width=120)
-                c["status"] = gr.Markdown(status_markdown(RunView(device=dev)) + (" · ZeroGPU" if ON_ZEROGPU else ""),
-                                          elem_id="gzq-status")
-                c["progress"] = gr.HTML(progress_html(RunView()), elem_id="gzq-progress")
                 with gr.Accordion("Advanced", open=False, elem_id="gzq-advanced"):
                     c["random_weights"] = gr.Checkbox(value=False, label="random weights (for testing)",
                                                       info=TIPS["random_weights"], elem_id="gzq-random-weights")
@@ -176,8 +176,8 @@ def _outputs(c: dict[str, Any], names: list[str]) -> list:
 
 
 def _keyed(c: dict[str, Any], update: dict[str, Any]) -> dict:
-    """A handler's update by name -> the update by component that Gradio takes."""
-    return {c[name]: value for name, value in update.items()}
+    """A handler's update by name -> the update by component that Gradio takes (nothing: skip them all)."""
+    return {c[name]: value for name, value in update.items()} or gr.skip()
 
 
 def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markdown) -> None:
@@ -205,10 +205,10 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markd
         return _keyed(c, {"run": gr.update(interactive=False), "stop": gr.update(interactive=True),
                           "status": "**Starting…**"})
 
-    run_event = c["run"].click(arm, None, [c["run"], c["stop"], c["status"]], queue=False,
-                               api_visibility="private").then(
-        run, inputs_kwargs=form, outputs=run_out, api_name="run", concurrency_limit=1, concurrency_id="gzq-run",
-        show_progress="hidden")
+    c["run"].click(arm, None, [c["run"], c["stop"], c["status"]], queue=False, show_progress="hidden",
+                   api_visibility="private")   # at once, in parallel with the queued run below
+    run_event = c["run"].click(run, inputs_kwargs=form, outputs=run_out, api_name="run", concurrency_limit=1,
+                               concurrency_id="gzq-run", show_progress="hidden")
     stop_out = [c["status"], c["progress"], c["run"], c["stop"], c["timer"]]
     c["stop"].click(stop, None, stop_out, api_name="stop", queue=False, cancels=[run_event])
     c["timer"].tick(poll, None, stop_out, queue=False, api_visibility="private")
