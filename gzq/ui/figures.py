@@ -2,6 +2,7 @@
 teacher over synthesis then fine-tuning. Pure functions of a RunView."""
 from __future__ import annotations
 
+import functools
 import math
 
 import plotly.graph_objects as go
@@ -15,7 +16,10 @@ def _stride(n: int) -> int:
     return max(1, math.ceil(n / PLOT_MAX_POINTS))
 
 
+@functools.lru_cache(maxsize=8)
 def _empty_figure(title: str, note: str) -> go.Figure:
+    """A placeholder plot. Cached: building a plotly figure costs a noticeable fraction of a second on a
+    busy CPU, and the page shows these at the start of every run. Not to be modified by callers."""
     fig = go.Figure()
     fig.update_layout(title=title, template="plotly_white", height=300, margin=dict(l=50, r=20, t=50, b=40),
                       annotations=[dict(text=note, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)],

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
+
 from ..config import QuantSpec, RunConfig
-from ..models import POPULAR_BN_MODELS
+from ..models import POPULAR_BN_MODELS, has_batchnorm
 from ..pipeline import make_config
 
 DEFAULT_MODEL_LABEL = "Example: clothing photos (ResNet-18 on Fashion-MNIST, bundled, works offline)"
@@ -200,9 +202,6 @@ def weights_problem(cfg: RunConfig, random_weights: bool = False) -> str | None:
     user asks for random weights. Unknown names and models without BatchNorm return None here so that
     the loader's own message (with its suggestions) reaches the user.
     """
-    import timm
-
-    from ..models import has_batchnorm
     m = cfg.model
     if random_weights or m.name == "default" or m.checkpoint or m.pretrained:
         return None

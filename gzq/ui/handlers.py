@@ -6,6 +6,7 @@ A name missing from an update leaves its component as it is.
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import shutil
@@ -105,8 +106,7 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
             shutil.rmtree(folder, ignore_errors=True)
         view.fail(str(e))
         gr.Warning(f"Could not run: {e}")
-        yield {"status": status_markdown(view), "progress": progress_html(RunView()),
-               "log": "\n".join(view.log), **_buttons(False)}
+        yield {"status": status_markdown(view), "log": "\n".join(view.log), **_buttons(False)}
         return
     if values.get("random_weights") and cfg.model.name != "default" and not cfg.model.checkpoint:
         view.note(f"{cfg.model.name} runs with random weights, as asked: for testing only")
@@ -185,7 +185,6 @@ def restore_updates(token: str | None, session: str) -> dict[str, Any]:
     folder = RUNNER.find_kept(token)
     if folder is None:
         return {}
-    import json
     report = json.loads((folder / "report.json").read_text())
     out = {"status": "**Results of your last run** are below (kept on the server until newer runs replace "
                      "them).", **results_updates(report, folder, session)}

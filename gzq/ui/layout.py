@@ -16,6 +16,7 @@ import gradio as gr
 from . import handlers
 from .form import (BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, UI_PRESETS, default_preset,
                    preset_fields)
+from .figures import bn_figure, kl_figure
 from .runner import ON_ZEROGPU, RUNS_ROOT, device_label
 from .view import RunView, progress_html, results_frame, status_markdown
 
@@ -145,8 +146,10 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                                                 elem_id="gzq-class-filter")
                 c["gallery"] = gr.HTML(handlers.gallery_html(None), label="Synthetic images", elem_id="gzq-gallery")
                 with gr.Row():
-                    c["bn_plot"] = gr.Plot(label="Image quality", elem_id="gzq-bn-plot", min_width=300)
-                    c["kl_plot"] = gr.Plot(label="Small models vs original", elem_id="gzq-kl-plot", min_width=300)
+                    c["bn_plot"] = gr.Plot(bn_figure(RunView()), label="Image quality", elem_id="gzq-bn-plot",
+                                           min_width=300)
+                    c["kl_plot"] = gr.Plot(kl_figure(RunView()), label="Small models vs original",
+                                           elem_id="gzq-kl-plot", min_width=300)
         with gr.Column(visible=False, elem_id="gzq-results-section") as c["results_section"]:
             gr.Markdown("## Your result")
             c["downloads"] = gr.HTML("", elem_id="gzq-downloads")

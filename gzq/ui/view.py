@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from ..events import Done, Message, Preview, Progress, StageStarted, Stopped
 
@@ -171,7 +172,6 @@ def losses_markdown(view: RunView) -> str:
 def _data_uri(img: np.ndarray) -> str:
     """A thumbnail as a data URI: small images as PNG (the browser enlarges them pixel-sharp), large ones
     scaled down to THUMB_SIDE and sent as JPEG."""
-    from PIL import Image
     im = Image.fromarray(img)
     buf = io.BytesIO()
     if max(im.size) <= THUMB_SIDE:
@@ -225,7 +225,6 @@ def gallery_html(items: GalleryItems | None, only: str | None = None, note: str 
 
 def saved_gallery(out_dir: str | Path) -> GalleryItems | None:
     """The gallery of a finished run, from its images/ folder (labels.json names each file's class)."""
-    from PIL import Image
     folder = Path(out_dir) / "images"
     index = folder / "labels.json"
     if not index.exists():
