@@ -318,8 +318,13 @@ def test_bad_input_and_missing_weights_are_messages_and_the_log_says_why(monkeyp
     assert "did you mean" in updates[-1]["status"]
     assert "could not run: unknown model" in updates[-1]["log"].splitlines()[-1]
     updates = list(handlers.run_updates({**RUN_VALUES, "model": "resnet50"}, "s1"))
-    assert len(updates) == 2 and "has no trained weights here" in updates[-1]["status"]
+    assert len(updates) == 1 and "has no trained weights here" in updates[-1]["status"]  # refused at once
     assert not _runs(tmp_path)
+    # the click itself answers at once (outside the queue): the reason, or Run off and Stop on
+    armed = handlers.arm_updates({**RUN_VALUES, "model": "resnet_nonexistent"})
+    assert armed["status"].startswith("**Could not run.** unknown model") and armed["run"]["interactive"] is True
+    armed = handlers.arm_updates(dict(RUN_VALUES))
+    assert armed["status"] == "**Starting…**" and armed["stop"]["interactive"] is True
 
 
 def test_a_finished_run_comes_back_after_a_reload(monkeypatch, tmp_path):

@@ -6,7 +6,6 @@ reload; no table header breaks inside a word on the phone; Stop on a slow model 
 viewports go to GZQ_SCREENSHOT_DIR (the README's come from GZQ_SCREENSHOT_DIR=assets)."""
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import app
+from rss import settle
 from gzq.ui import runner
 from gzq.ui.view import format_bytes
 
@@ -29,22 +29,6 @@ PHONE = {"width": 390, "height": 844}
 RSS_MARGIN_MB = 300
 
 pytestmark = pytest.mark.slow
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status on this system")
-
-
-def settle() -> float:
-    for _ in range(3):
-        gc.collect()
-        time.sleep(0.3)
-    runner.free_memory()
-    return rss_mb()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +100,7 @@ def test_error_after_run_is_in_view_within_3_s(server, context, viewport):
     assert time.monotonic() - t0 < 3.0
     assert "unknown model 'resnet_nonexistent'" in page.locator("#gzq-status").inner_text()
     assert in_viewport(page, "#gzq-status"), "the error is next to Run, on screen"
+    page.locator("#gzq-details").get_by_text("Run details").click()
     log = page.locator("#gzq-log textarea").input_value()
     assert "could not run: unknown model" in log.splitlines()[-1]  # the log ends with the reason, not 'Loading'
     page.wait_for_function("!document.querySelector('#gzq-run').disabled", timeout=3_000)

@@ -2,7 +2,6 @@
 the queue is full; nothing errors, and the server's memory comes back to where it started."""
 from __future__ import annotations
 
-import gc
 import socket
 import tempfile
 import time
@@ -16,6 +15,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 import app  # noqa: E402
+from rss import rss_mb, settle  # noqa: E402
 from gzq.ui import runner  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,23 +24,6 @@ SMALLEST = dict(checkpoint=None, labelled_zip=None, preset="quick CPU", steps=6,
 VISITORS = 5
 MAX_QUEUE = 2
 RSS_MARGIN_MB = 150
-
-
-def rss_mb() -> float:
-    """Resident memory of this process (the in-process server), from /proc."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status on this system")
-
-
-def settle() -> float:
-    for _ in range(3):
-        gc.collect()
-        time.sleep(0.3)
-    runner.free_memory()  # hands freed heap back to the OS, as the server does after every run
-    return rss_mb()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typing import Any
 import timm
 
 from ..config import QuantSpec, RunConfig
-from ..models import POPULAR_BN_MODELS, has_batchnorm
+from ..models import POPULAR_BN_MODELS, _unknown_model_error, has_batchnorm
 from ..pipeline import make_config
 
 DEFAULT_MODEL_LABEL = "Example: clothing photos (ResNet-18 on Fashion-MNIST, bundled, works offline)"
@@ -211,3 +211,16 @@ def weights_problem(cfg: RunConfig, random_weights: bool = False) -> str | None:
             "\"Download its trained weights\" (needs internet), or upload your weights file under \"Use your own "
             "weights file\". To try the app on an untrained network anyway, tick \"random weights (for "
             "testing)\" under Advanced.")
+
+
+def check_form(values: dict[str, Any], data_dir: str | None = None) -> RunConfig:
+    """The RunConfig for the form's values, refused at once (ValueError, a message for the user) when the
+    values, the model name or its weights rule the run out: what needs no model load is checked here."""
+    cfg = build_config(**values, data_dir=data_dir)
+    name = cfg.model.name
+    if name != "default" and not timm.is_model(name) and not any(ch in name for ch in "*?["):
+        raise _unknown_model_error(name)   # the loader's own message, with its suggestions
+    problem = weights_problem(cfg, bool(values.get("random_weights")))
+    if problem:
+        raise ValueError(problem)
+    return cfg

@@ -20,7 +20,7 @@ import gradio as gr
 from ..data import extract_image_folder_zip
 from .estimate import estimate
 from .figures import bn_figure, kl_figure
-from .form import TIPS, build_config, weights_problem
+from .form import check_form
 from .runner import RUNNER, device_label
 from .view import (ALL_CLASSES, MANY_CLASSES, GalleryItems, RunView, downloads_html, files_html, gallery_html,
                    gallery_items, losses_markdown, progress_html, results_frame, run_files, saved_gallery,
@@ -90,24 +90,21 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
     every POLL_S seconds. Closed early (Gradio's cancel, the page left), it sets the stop flag.
     """
     view = RunView(device=device_label(), stage="waiting" if RUNNER.active_sessions() else "load")
-    yield {**_live(view), **_gallery(session, None), **no_results(), **_buttons(True)}
     cleanup: list[Path] = []
-    try:
+    try:   # what needs no model load is refused before anything else reaches the page
         data_dir = None
         if values.get("labelled_zip"):
             cleanup.append(Path(tempfile.mkdtemp(prefix="gzq_data_")))
             data_dir = str(extract_image_folder_zip(values["labelled_zip"], cleanup[-1]))
-        cfg = build_config(**values, data_dir=data_dir)
-        problem = weights_problem(cfg, bool(values.get("random_weights")))
-        if problem:
-            raise ValueError(problem)
+        cfg = check_form(values, data_dir)
     except ValueError as e:
         for folder in cleanup:
             shutil.rmtree(folder, ignore_errors=True)
         view.fail(str(e))
         gr.Warning(f"Could not run: {e}")
-        yield {"status": status_markdown(view), "log": "\n".join(view.log), **_buttons(False)}
+        yield {**refused(view), **_gallery(session, None), **no_results()}
         return
+    yield {**_live(view), **_gallery(session, None), **no_results(), **_buttons(True)}
     if values.get("random_weights") and cfg.model.name != "default" and not cfg.model.checkpoint:
         view.note(f"{cfg.model.name} runs with random weights, as asked: for testing only")
     handle = RUNNER.start(cfg, session, cleanup)
@@ -161,6 +158,24 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
         handle.stop.set()  # a no-op once the run has ended; otherwise it stops within one layer
 
 
+def refused(view: RunView) -> dict[str, Any]:
+    """The page for a run refused before it started: the reason next to Run, in the log, Run on again."""
+    return {"status": status_markdown(view), "progress": progress_html(RunView()), "log": "\n".join(view.log),
+            **_buttons(False)}
+
+
+def arm_updates(values: dict[str, Any]) -> dict[str, Any]:
+    """The instant answer to a click on Run (outside the queue): Run off and Stop on, or the reason the
+    form cannot run, without waiting for the queued run to say the same."""
+    try:
+        check_form({**values, "labelled_zip": None})
+    except ValueError as e:
+        view = RunView()
+        view.fail(str(e))
+        return refused(view)
+    return {"status": "**Starting…**", **_buttons(True)}
+
+
 def stop_updates(session: str) -> dict[str, Any]:
     """Stop this session's run and answer once it has wound down (or say it is still stopping, Run off:
     the timer turns Run back on when the server can take a run)."""
@@ -199,10 +214,7 @@ def class_updates(choice: str | None, session: str) -> dict[str, Any]:
 def estimate_markdown(values: dict[str, Any]) -> str:
     """The line under the form: how long this run will take on this device (measured), or why it cannot run."""
     try:
-        cfg = build_config(**{**values, "labelled_zip": None})
-        problem = weights_problem(cfg, bool(values.get("random_weights")))
-        if problem:
-            return f"⚠️ {problem}"
+        cfg = check_form({**values, "labelled_zip": None})
         est = estimate(cfg)
     except ValueError as e:
         return f"⚠️ {e}"
@@ -219,5 +231,5 @@ def release_session(session: str) -> None:
     _GALLERIES.pop(session, None)
 
 
-__all__ = ["FORM_KEYS", "RUN_OUTPUTS", "API_OUTPUTS", "TIPS", "run_updates", "stop_updates", "poll_updates", "restore_updates",
-           "class_updates", "estimate_markdown", "release_session", "results_updates"]
+__all__ = ["FORM_KEYS", "RUN_OUTPUTS", "API_OUTPUTS", "run_updates", "stop_updates", "poll_updates",
+           "restore_updates", "class_updates", "estimate_markdown", "release_session", "results_updates"]

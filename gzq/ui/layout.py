@@ -14,8 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from . import handlers
-from .form import (BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, UI_PRESETS, default_preset,
-                   preset_fields)
+from .form import BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, default_preset, preset_fields
 from .figures import bn_figure, kl_figure
 from .runner import ON_ZEROGPU, RUNS_ROOT, device_label
 from .view import RunView, progress_html, results_frame, status_markdown
@@ -204,12 +203,11 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markd
     def show_class(choice, request: gr.Request) -> dict:
         return _keyed(c, handlers.class_updates(choice, handlers._session(request)))
 
-    def arm() -> dict:
-        return _keyed(c, {"run": gr.update(interactive=False), "stop": gr.update(interactive=True),
-                          "status": "**Starting…**"})
+    def arm(**values) -> dict:
+        return _keyed(c, handlers.arm_updates(values))
 
-    c["run"].click(arm, None, [c["run"], c["stop"], c["status"]], queue=False, show_progress="hidden",
-                   api_visibility="private")   # at once, in parallel with the queued run below
+    c["run"].click(arm, inputs_kwargs=form, outputs=[c["run"], c["stop"], c["status"], c["progress"], c["log"]],
+                   queue=False, show_progress="hidden", api_visibility="private")  # at once, beside the run below
     run_event = c["run"].click(run, inputs_kwargs=form, outputs=run_out, api_name="run", concurrency_limit=1,
                                concurrency_id="gzq-run", show_progress="hidden")
     stop_out = [c["status"], c["progress"], c["run"], c["stop"], c["timer"]]
@@ -250,4 +248,4 @@ def main(argv: list[str] | None = None) -> None:
     create_ui().launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, theme=THEME)
 
 
-__all__ = ["create_ui", "main", "CSS", "THEME", "UI_PRESETS"]
+__all__ = ["create_ui", "main", "CSS", "THEME"]

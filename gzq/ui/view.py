@@ -212,7 +212,8 @@ def gallery_items(images: np.ndarray, labels: list[int], class_names: list[str] 
 def gallery_html(items: GalleryItems | None, only: str | None = None, note: str = "") -> str:
     """All images as a grid of thumbnails, each with its class written under it (not over it)."""
     if items is None or not items.uris:
-        return f'<div class="gzq-gallery-empty">{html.escape(note or "The synthetic images appear here as they form.")}</div>'
+        note = html.escape(note or "The synthetic images appear here as they form.")
+        return f'<div class="gzq-gallery-empty">{note}</div>'
     pairs = [(u, items.name(y)) for u, y in zip(items.uris, items.labels)]
     if only and only != ALL_CLASSES:
         pairs = [(u, n) for u, n in pairs if n == only]
