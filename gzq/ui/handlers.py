@@ -203,6 +203,8 @@ def restore_updates(token: str | None, session: str) -> dict[str, Any]:
     report = json.loads((folder / "report.json").read_text())
     out = {"status": "**Results of your last run** are below (kept on the server until newer runs replace "
                      "them).", **results_updates(report, folder, session)}
+    view = RunView(stage="done")
+    out["progress"] = progress_html(view)   # the live plots are not kept; their numbers are in the report
     out.update(_gallery(session, saved_gallery(folder)))
     return out
 

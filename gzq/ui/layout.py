@@ -209,7 +209,8 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markd
     c["run"].click(arm, inputs_kwargs=form, outputs=[c["run"], c["stop"], c["status"], c["progress"], c["log"]],
                    queue=False, show_progress="hidden", api_visibility="private")  # at once, beside the run below
     run_event = c["run"].click(run, inputs_kwargs=form, outputs=run_out, api_name="run", concurrency_limit=1,
-                               concurrency_id="gzq-run", show_progress="hidden")
+                               concurrency_id="gzq-run", show_progress="minimal",
+                               show_progress_on=[c["status"]])   # a visitor waiting in line sees the place
     stop_out = [c["status"], c["progress"], c["run"], c["stop"], c["timer"]]
     c["stop"].click(stop, None, stop_out, api_name="stop", queue=False, cancels=[run_event])
     c["timer"].tick(poll, None, stop_out, queue=False, api_visibility="private")

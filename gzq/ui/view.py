@@ -220,7 +220,8 @@ def gallery_html(items: GalleryItems | None, only: str | None = None, note: str 
     figs = "".join(f'<figure><img src="{u}" alt="synthetic image of {html.escape(n)}" loading="lazy">'
                    f'<figcaption title="{html.escape(n)}">{html.escape(n)}</figcaption></figure>' for u, n in pairs)
     shown = f"{len(pairs)} of {len(items.uris)}" if len(pairs) != len(items.uris) else f"all {len(pairs)}"
-    head = f'<div class="gzq-gallery-head">{shown} images{f" · step {items.step}" if items.step else ""}</div>'
+    head = (f'<div class="gzq-gallery-head">{shown} images{f" · step {items.step}" if items.step else ""} · '
+            "short runs leave them noisy: what matters is that they carry the statistics the model learned</div>")
     return f'{head}<div class="gzq-grid">{figs}</div>'
 
 
