@@ -170,6 +170,8 @@ def test_results_frame_plain_words_and_real_file_sizes(tmp_path):
     assert "Accuracy %" not in view.results_frame(no_labels).columns
     assert view.results_frame(None).empty
     assert "| w4a4 | all_layers | 0.013 |" in view.technical_markdown(REPORT)
+    healthy = {**REPORT, "synthesis": {"health": {"converged": True}}}
+    assert "Synthesis health: converged True" in view.technical_markdown(healthy)
 
 
 def test_primary_download_is_the_onnx_file_with_its_real_size(tmp_path):

@@ -280,7 +280,7 @@ def results_frame(report: dict | None, out_dir: str | Path | None = None) -> pd.
 
 
 def technical_markdown(report: dict | None) -> str:
-    """The numbers behind the table for specialists: protocol, KL, in-memory size, timings."""
+    """The numbers behind the table for specialists: protocol, KL, in-memory size, synthesis health, timings."""
     if not report:
         return ""
     lines = ["| student | protocol | KL to original | agreement % | real accuracy % | weights in memory |",
@@ -289,6 +289,9 @@ def technical_markdown(report: dict | None) -> str:
         acc = "—" if s.get("accuracy") is None else s["accuracy"]
         lines.append(f"| {s['name']} | {s['protocol']} | {s['kl']} | {s['agreement']} | {acc} | "
                      f"{format_bytes(s.get('size_bytes'))} |")
+    health = (report.get("synthesis") or {}).get("health") or {}
+    if health:
+        lines.append("\nSynthesis health: " + ", ".join(f"{k} {v}" for k, v in health.items()))
     timings = report.get("timings") or {}
     if timings:
         lines.append("\nTime per stage: " + ", ".join(f"{k} {format_seconds(v)}" for k, v in timings.items()))
