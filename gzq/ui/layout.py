@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 from typing import Any, Iterator
 
 import gradio as gr
@@ -170,7 +171,15 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
 
         _wire(demo, c, bits, estimate)
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    # measure the first page's estimate now, not while the first visitor is clicking around
+    threading.Thread(target=handlers.estimate_markdown, args=(_first_values(c),), daemon=True,
+                     name="gzq-estimate-warmup").start()
     return demo
+
+
+def _first_values(c: dict[str, Any]) -> dict[str, Any]:
+    """The form's values as the page opens."""
+    return {k: getattr(c[k], "value", None) for k in handlers.FORM_KEYS}
 
 
 def _outputs(c: dict[str, Any], names: list[str]) -> list:
