@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                         "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 (repeatable)")
-    r.add_argument("--data", help="labelled ImageFolder for real accuracy (the default model uses its test set)")
+    r.add_argument("--data", help="labelled ImageFolder (a folder, or a .zip of one) for real accuracy "
+                                  "(the default model uses its test set)")
     r.add_argument("--max-real-images", type=int)
     r.add_argument("--export", default="onnx,safetensors",
                    help="downloads to write: comma-separated onnx,safetensors, or 'none' (default: both)")
@@ -61,6 +62,12 @@ def _parse_value(text: str):
 
 def build_config(args):
     from .pipeline import make_config
+    if args.model == "default" and args.checkpoint:
+        from .models import read_model_card
+        if not read_model_card(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint} has no model card ({args.checkpoint.rsplit('.', 1)[0]}"
+                             ".json naming its architecture), so 'default' cannot tell what network it holds; "
+                             "name its timm architecture with --model, e.g. --model resnet18")
     if args.students:
         students = [QuantSpec.parse(s, args.protocol) for s in args.students.split(",") if s.strip()]
     else:
@@ -119,12 +126,24 @@ def _format_health(report: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import iter_run
+    import tempfile
+    from pathlib import Path
+
+    from .data import extract_image_folder_zip
+    if args.data and args.data.lower().endswith(".zip") and Path(args.data).is_file():
+        with tempfile.TemporaryDirectory(prefix="gzq_data_") as tmp:
+            try:
+                args.data = str(extract_image_folder_zip(args.data, tmp))
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            return cmd_run(args)
     try:
         cfg = build_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .pipeline import iter_run
     last_print = 0.0
     try:
         for ev in iter_run(cfg, args.out):

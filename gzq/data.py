@@ -7,7 +7,9 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from pathlib import Path
+import stat
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_ZIP_BYTES = int(os.environ.get("GZQ_MAX_ZIP_MB", "200")) * 2**20   # uncompressed labelled-data zip
+MAX_ZIP_FILES = 20_000
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -139,3 +143,73 @@ def load_image_folder(root: str | Path, input_size) -> tuple[torch.Tensor, torch
         raise ValueError(f"{root} has class folders {classes[:5]} but no images ({', '.join(IMAGE_EXTENSIONS)})")
     log.info("loaded %d images in %d classes from %s", len(images), len(classes), root)
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes
+
+
+# ------------------------------------------------------------------------- labelled data as a zip
+
+def extract_image_folder_zip(zip_path: str | Path, dest: str | Path, max_bytes: int = MAX_ZIP_BYTES,
+                             max_files: int = MAX_ZIP_FILES) -> Path:
+    """Extract an ImageFolder zip (<class>/<image>, optionally under one top folder) safely; return its root.
+
+    Refuses what is not a zip, absolute or '..' paths, links, more than `max_files` entries or
+    `max_bytes` uncompressed (counted while writing, so a lying header cannot get past), and zips
+    without class folders holding images. Raises ValueError with a message for the user.
+    """
+    zip_path, dest = Path(zip_path), Path(dest)
+    if not zipfile.is_zipfile(zip_path):
+        raise ValueError(f"labelled data {zip_path.name!r} is not a zip file; upload a .zip of an image folder "
+                         "(one sub-folder per class)")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = zf.infolist()
+            if len(infos) > max_files:
+                raise ValueError(f"labelled data zip has {len(infos)} entries; at most {max_files} are accepted")
+            if sum(i.file_size for i in infos) > max_bytes:
+                raise ValueError(f"labelled data zip unpacks to more than {max_bytes // 2**20} MB; "
+                                 "upload a smaller sample")
+            written = 0
+            for info in infos:
+                name = info.filename.replace("\\", "/")
+                parts = PurePosixPath(name).parts
+                if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+                    raise ValueError(f"labelled data zip has an unsafe path {info.filename!r}; refusing to extract")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ValueError(f"labelled data zip contains a link {info.filename!r}; refusing to extract")
+                if not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+                    continue
+                target = dest.joinpath(*parts)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise ValueError(f"labelled data zip unpacks to more than {max_bytes // 2**20} MB; "
+                                             "upload a smaller sample")
+                        dst.write(chunk)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"labelled data zip is corrupt ({e})") from None
+    return find_image_folder_root(dest)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_image_folder_root(root: Path) -> Path:
+    """The folder whose sub-folders are classes: `root` itself, or the single folder a zip wrapped it in."""
+    for _ in range(3):
+        subdirs = [d for d in root.iterdir() if d.is_dir()]
+        with_images = [d for d in subdirs if any(_is_image(p) for p in d.rglob("*"))]
+        loose = [p for p in root.iterdir() if _is_image(p)]
+        if len(subdirs) == 1 and not loose and not any(_is_image(p) for p in subdirs[0].iterdir()):
+            root = subdirs[0]  # zip of the folder itself: descend
+            continue
+        if with_images and not loose:
+            return root
+        break
+    raise ValueError("labelled data zip is not an image folder: expected one sub-folder per class with images "
+                     f"inside (e.g. cat/001.png, dog/002.jpg; {', '.join(IMAGE_EXTENSIONS)})")

@@ -154,12 +154,31 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
              synth_source: Callable[[Teacher, torch.device], SynthResult] | None = None) -> Iterator:
     """Run GZNQ end to end, yielding events; the last one is Done(report) (or Stopped).
 
+    The stop flag is checked every step and, through StopHooks, inside every forward and backward pass,
+    so a stop is honoured within one layer even where one step takes a minute (a large model on a CPU).
     synth_source replaces synthesis with a given image set (the benchmarks' real-data and noise baselines).
     """
-    if isinstance(stop, threading.Event):
-        stop_fn = stop.is_set
-    else:
-        stop_fn = stop or (lambda: False)
+    stop_fn = stop.is_set if isinstance(stop, threading.Event) else (stop or (lambda: False))
+    where = ["load", 0]   # the stage and step a stop inside a pass is reported at
+    stopped = False
+    run = _iter_run(cfg, out_dir, stop_fn, synth_source)
+    try:
+        for ev in run:
+            if isinstance(ev, StageStarted):
+                where = [ev.stage, 0]
+            elif isinstance(ev, Progress):
+                where = [ev.stage, ev.step]
+            yield ev
+    except RunStopped:
+        stopped = True    # yielded below, outside the except: its traceback holds the aborted pass's tensors
+    finally:
+        run.close()
+    if stopped:
+        yield Stopped(*where)
+
+
+def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], bool],
+              synth_source: Callable[[Teacher, torch.device], SynthResult] | None) -> Iterator:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -174,14 +193,19 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
         partial.mkdir(parents=True)
     finished = False
     students: dict = {}
+    stop_hooks = None
     try:
         t = time.perf_counter()
         yield StageStarted("load", 0, f"loading {cfg.model.name} on {device}")
         teacher = load_teacher(cfg.model, device)
         example = torch.zeros(2, *teacher.input_size, device=device)
         specs = dict(student_names(cfg))
-        students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in specs.items()}
+        for n, s in specs.items():
+            check_stop(stop_fn)
+            students[n] = create_student(teacher.model, s, example, teacher.classifier)
+        check_stop(stop_fn)
         labelled = load_labelled_data(teacher, cfg.eval)
+        stop_hooks = StopHooks(stop_fn, teacher.model, *students.values())  # after the copies: not copied
         timings["load"] = time.perf_counter() - t
         yield Message(f"teacher {teacher.architecture} ({teacher.num_classes} classes, input {teacher.input_size}) "
                       f"on {device}; students: {', '.join(students)}"
@@ -257,6 +281,8 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
                       warnings=health_warnings(health))
         for w in report["warnings"]:
             yield Message(w, level="warning")
+        stop_hooks.remove()  # export traces the students; saving is not interrupted half-way
+        check_stop(stop_fn)
         if partial is not None:
             t = time.perf_counter()
             yield StageStarted("save", 0, f"writing {final}")
@@ -271,9 +297,49 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
         finished = True
         yield Done(report, str(final) if final else None)
     finally:
+        if stop_hooks is not None:
+            stop_hooks.remove()
         students.clear()
         if partial is not None and not finished and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- stopping inside a pass
+
+class RunStopped(Exception):
+    """The stop flag was found set inside a forward or backward pass; iter_run turns it into Stopped."""
+
+
+def check_stop(stop_fn: Callable[[], bool]) -> None:
+    if stop_fn():
+        raise RunStopped()
+
+
+class StopHooks:
+    """Check the stop flag at every module's forward and at the backward of every module output.
+
+    One synthesis step of a large model on a CPU can take a minute; with these hooks a stop raises
+    RunStopped within one layer of the pass that is running, and unwinding frees that pass's tensors.
+    Forward hooks only (no module backward hooks, which would wrap outputs that timm modifies in place);
+    the backward check is a tensor hook on each output, which autograd calls as the gradient flows back.
+    """
+
+    def __init__(self, stop_fn: Callable[[], bool], *models: torch.nn.Module):
+        self.stop_fn = stop_fn
+        self.handles = [m.register_forward_hook(self._forward) for model in models for m in model.modules()]
+
+    def _check(self, *_) -> None:
+        check_stop(self.stop_fn)
+
+    def _forward(self, module, args, output) -> None:
+        self._check()
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._check)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResult, labelled, cfg: RunConfig,

@@ -1,5 +1,5 @@
-"""app.py without a server: events -> figures/rows/status, form -> RunConfig, safe zip extraction, the run
-handler's stop and cleanup."""
+"""The app (gzq/ui) without a server: events -> figures/rows/status/HTML, form -> RunConfig, the honest
+model choice, the measured estimate, the run handler's stop, cleanup and memory, results after a reload."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import app
 from gzq.events import Done, Message, Preview, Progress, StageStarted, Stopped
+from gzq.ui import estimate, figures, form, handlers, runner, view
 
 
 def _events(steps=4, students=("w4a4", "w8a8"), layers=3):
@@ -38,7 +38,7 @@ REPORT = {
 
 
 def _view(**kw):
-    v = app.RunView(device="CPU (2 threads)")
+    v = view.RunView(device="CPU (2 threads)")
     for ev in _events(**kw):
         v.update(ev)
     return v
@@ -57,107 +57,154 @@ def test_view_folds_events():
 
 
 def test_status_line_says_stage_step_device_time_left():
-    v = app.RunView(device="CPU (2 threads)")
-    assert app.status_markdown(v).startswith("**Ready.**") and "CPU (2 threads)" in app.status_markdown(v)
+    v = view.RunView(device="CPU (2 threads)")
+    assert view.status_markdown(v).startswith("**Ready.**") and "CPU (2 threads)" in view.status_markdown(v)
     for ev in list(_events(steps=10))[:6]:  # into synthesis, step 3 of 10 at 1.5 s
         v.update(ev)
-    s = app.status_markdown(v)
-    assert "Synthesising images" in s and "step 3/10" in s and "CPU (2 threads)" in s
+    s = view.status_markdown(v)
+    assert "Synthesising images" in s and "step 3/10" in s and "elapsed" in s
     assert "~4 s left" in s  # eta = 1.5 / 3 * 7 = 3.5 -> rounds to 4
+    loading = view.RunView(stage="load", estimate=60.0)
+    loading.started -= 10  # ten seconds into loading, no step yet: the clock and the estimate still speak
+    assert "10 s elapsed" in view.status_markdown(loading) and "about 50 s left" in view.status_markdown(loading)
     v.update(Stopped("synthesis", 4))
-    assert app.status_markdown(v).startswith("**Stopped**") and "step 4" in app.status_markdown(v)
+    assert view.status_markdown(v).startswith("**Stopped**") and "step 4" in view.status_markdown(v)
     v.error = "unknown model 'x'"
-    assert app.status_markdown(v) == "**Could not run.** unknown model 'x'"
+    assert view.status_markdown(v) == "**Could not run.** unknown model 'x'"
 
 
 def test_progress_fraction_runs_over_stages():
-    v = app.RunView()
+    v = view.RunView()
     v.update(StageStarted("synthesis", 10))
-    assert app.overall_fraction(v) == pytest.approx(0.05)
+    assert view.overall_fraction(v) == pytest.approx(0.05)
     v.update(Progress("synthesis", 5, 10, 1.0))
-    assert app.overall_fraction(v) == pytest.approx(0.05 + 0.75 * 0.5)
+    assert view.overall_fraction(v) == pytest.approx(0.05 + 0.75 * 0.5)
     v.update(StageStarted("finetune", 4))
-    assert app.overall_fraction(v) == pytest.approx(0.82)
+    assert view.overall_fraction(v) == pytest.approx(0.82)
     v.update(Done({}, None))
-    assert app.overall_fraction(v) == 1.0
-    assert 'style="width:100.0%"' in app.progress_html(v)
+    assert view.overall_fraction(v) == 1.0
+    assert 'style="width:100.0%"' in view.progress_html(v)
 
 
 def test_bn_figure_has_mean_and_one_trace_per_layer():
-    fig = app.bn_figure(_view(steps=4, layers=3))
+    fig = figures.bn_figure(_view(steps=4, layers=3))
     assert [t.name for t in fig.data] == ["per layer (3)", "BN layer 2", "BN layer 3", "mean over layers"]
     assert list(fig.data[-1].y) == [-1.0, -2.0, -3.0, -4.0]
     assert list(fig.data[2].y) == [-3.0, -4.0, -5.0, -6.0]
-    empty = app.bn_figure(app.RunView())
+    empty = figures.bn_figure(view.RunView())
     assert not empty.data and "appears when synthesis starts" in empty.layout.annotations[0].text
 
 
 def test_kl_figure_one_line_per_student_and_finetune_marker():
-    fig = app.kl_figure(_view(steps=4))
+    fig = figures.kl_figure(_view(steps=4))
     assert sorted(t.name for t in fig.data) == ["w4a4", "w8a8"]
     assert list(fig.data[0].x) == [2, 3, 4, 5, 6]
     assert fig.layout.yaxis.type == "log"  # 0.5 down to 0.05: a decade
-    narrow = app.RunView()
+    narrow = view.RunView()
     narrow.update(Progress("synthesis", 1, 2, 0.1, student_kl={"w4a4": 0.2}))
     narrow.update(Progress("synthesis", 2, 2, 0.2, student_kl={"w4a4": 0.1}))
-    assert app.kl_figure(narrow).layout.yaxis.type == "linear"
+    assert figures.kl_figure(narrow).layout.yaxis.type == "linear"
     assert any(s.x0 == 4.5 for s in fig.layout.shapes)  # the fine-tune boundary
 
 
 def test_long_histories_are_strided(monkeypatch):
-    monkeypatch.setattr(app, "PLOT_MAX_POINTS", 50)
-    fig = app.bn_figure(_view(steps=500, layers=2))
+    monkeypatch.setattr(figures, "PLOT_MAX_POINTS", 50)
+    fig = figures.bn_figure(_view(steps=500, layers=2))
     assert len(fig.data[-1].x) == 50 and fig.data[-1].x[0] == 1
 
 
 def test_losses_table():
-    md = app.losses_markdown(_view(steps=4))
+    md = view.losses_markdown(_view(steps=4))
     assert "| BN (−log-likelihood) | 2.5 |" in md and "| cross-entropy | 1 |" in md
-    assert "appear once synthesis starts" in app.losses_markdown(app.RunView())
+    assert "appear once synthesis starts" in view.losses_markdown(view.RunView())
 
 
-def test_gallery_items_limit_enlarge_and_caption():
-    items = app.gallery_items(_view(steps=4), max_images=32, min_side=96)
-    assert len(items) == 32
-    img, caption = items[11]
-    assert img.shape == (84, 84) and img.dtype == np.uint8 and caption == "c1"
-    assert app.gallery_items(app.RunView()) == []
+def test_gallery_shows_every_image_with_its_label_under_it():
+    v = _view(steps=4)
+    items = view.gallery_items(v.preview.images, v.preview.labels, v.preview.class_names, v.preview.step)
+    assert len(items.uris) == 40 and items.labels == sorted(items.labels)  # all of them, one class together
+    assert items.uris[0].startswith("data:image/png;base64,")              # 28 px: sent as is, enlarged by CSS
+    page = view.gallery_html(items)
+    assert page.count("<figure>") == 40 and page.count("<figcaption") == 40 and "all 40 images" in page
+    assert "<figcaption title=\"c0\">c0</figcaption>" in page
+    only = view.gallery_html(items, only="c3")
+    assert only.count("<figure>") == 4 and "4 of 40 images" in only
+    assert items.classes()[:3] == [view.ALL_CLASSES, "c0", "c1"]
+    assert "appear here" in view.gallery_html(None)
 
 
-def test_results_frame_teacher_then_students():
-    df = app.results_frame(REPORT)
-    assert list(df["model"]) == ["teacher resnet18 (FP32)", "student w4a4"]
-    row = df.iloc[1]
-    assert row["W/A bits"] == "4/4" and row["protocol"] == "all_layers"
-    assert row["agreement (%)"] == 96.9 and row["KL"] == 0.013
-    assert row["real accuracy (%)"] == 92.4 and row["size"] == "1.37 MB" and row["compression"] == "7.8×"
-    no_labels = json.loads(json.dumps(REPORT))
-    no_labels["teacher"]["accuracy"] = None
-    no_labels["students"][0]["accuracy"] = None
-    assert "real accuracy (%)" not in app.results_frame(no_labels).columns
-    assert app.results_frame(None).empty
+def test_large_images_become_small_jpeg_thumbnails():
+    big = np.random.default_rng(0).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    items = view.gallery_items(big, [0, 1, 2], None)
+    assert all(u.startswith("data:image/jpeg;base64,") for u in items.uris)
+    assert items.name(2) == "class 2"
 
 
-def test_run_files_lists_downloads_and_zips_images(tmp_path):
+def _run_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "0000_1.png").write_bytes(b"png")
     (tmp_path / "students").mkdir()
-    for f in ("w4a4.safetensors", "w4a4.json", "w4a4.onnx", "w4a4_int.safetensors"):
-        (tmp_path / "students" / f).write_bytes(b"x")
+    for f, size in (("w4a4.safetensors", 900), ("w4a4.json", 10), ("w4a4.onnx", 321), ("w4a4_int.safetensors", 200),
+                    ("w4a4_int.json", 10)):
+        (tmp_path / "students" / f).write_bytes(b"x" * size)
+    (tmp_path / "teacher_fp32.onnx").write_bytes(b"x" * 2568)
     for f in ("report.json", "config.json"):
         (tmp_path / f).write_text("{}")
-    names = [Path(p).name for p in app.run_files(tmp_path)]
+    report = json.loads(json.dumps(REPORT))
+    report["students"][0]["files"] = {"onnx": {"path": "students/w4a4.onnx", "bytes": 321}}
+    report["teacher"]["files"] = {"onnx": {"path": "teacher_fp32.onnx", "bytes": 2568}}
+    return report
+
+
+def test_results_frame_plain_words_and_real_file_sizes(tmp_path):
+    report = _run_folder(tmp_path)
+    df = view.results_frame(report, tmp_path)
+    assert list(df.columns) == ["Model", "Bits", "Agreement %", "Accuracy %", "File size", "Smaller"]
+    assert list(df["Model"]) == ["original resnet18", "quantized w4a4"]
+    row = df.iloc[1]
+    assert row["Bits"] == "4" and row["Agreement %"] == 96.9 and row["Accuracy %"] == 92.4
+    assert row["File size"] == "321 B" and row["Smaller"] == "8.0×"   # the ONNX files on disk: 2568 / 321
+    no_labels = json.loads(json.dumps(REPORT))
+    no_labels["teacher"]["accuracy"] = None
+    no_labels["students"][0]["accuracy"] = None
+    assert "Accuracy %" not in view.results_frame(no_labels).columns
+    assert view.results_frame(None).empty
+    assert "| w4a4 | all_layers | 0.013 |" in view.technical_markdown(REPORT)
+    healthy = {**REPORT, "synthesis": {"health": {"converged": True}}}
+    assert "Synthesis health: converged True" in view.technical_markdown(healthy)
+
+
+def test_primary_download_is_the_onnx_file_with_its_real_size(tmp_path):
+    report = _run_folder(tmp_path)
+    report["warnings"] = ["The images did not converge."]
+    page = view.downloads_html(report, tmp_path)
+    assert 'data-bytes="321"' in page and "w4a4.onnx" in page and "321 B" in page
+    assert "Quantized model (ONNX, runs in onnxruntime)" in page
+    assert page.index("did not converge") < page.index("gzq-primary")   # warnings first, prominently
+    assert f'href="gradio_api/file={(tmp_path / "students" / "w4a4.onnx").resolve()}"' in page
+    assert view.downloads_html(None, tmp_path) == ""
+
+
+def test_all_files_are_listed_with_a_line_each_and_images_zipped(tmp_path):
+    _run_folder(tmp_path)
+    files = view.run_files(tmp_path)
+    names = [Path(p).name for p in files]
     assert names == ["report.json", "config.json", "synthetic_images.zip", "w4a4.json", "w4a4.onnx",
-                     "w4a4.safetensors", "w4a4_int.safetensors"]
+                     "w4a4.safetensors", "w4a4_int.json", "w4a4_int.safetensors", "teacher_fp32.onnx"]
     with zipfile.ZipFile(tmp_path / "synthetic_images.zip") as zf:
         assert zf.namelist() == ["synthetic_images/0000_1.png"]
-    assert app.run_files(None) == [] and app.run_files(tmp_path / "missing") == []
+    page = view.files_html(files)
+    assert page.count("<li>") == len(files) and page.count('class="gzq-file-note"></div>') == 0  # a note each
+    assert view.file_note("w4a4.onnx").startswith("The quantized model as ONNX")
+    assert view.file_note("teacher_fp32.onnx").startswith("The original model")
+    assert view.file_note("w4a4_int.safetensors").startswith("Integer weights")
+    assert view.run_files(None) == [] and view.run_files(tmp_path / "missing") == []
 
 
 # ----------------------------------------------------------------------------------------- form -> config
 
 def test_build_config_quick_preset_and_students():
-    cfg = app.build_config("default", w_bits=4, a_bits=4, protocol="first_last_8bit", extra_students="w8a8, w3a3;w8a8",
+    cfg = form.build_config("default", w_bits=4, a_bits=4, protocol="first_last_8bit", extra_students="w8a8, w3a3;w8a8",
                            preset="quick CPU")
     assert cfg.model.name == "default" and cfg.preset == "cpu"
     assert (cfg.synth.num_images, cfg.synth.steps, cfg.train.epochs, cfg.eval.max_real_images) == (64, 40, 3, 2000)
@@ -165,7 +212,7 @@ def test_build_config_quick_preset_and_students():
 
 
 def test_build_config_scales_with_advanced_values():
-    cfg = app.build_config("resnet18", preset="quick CPU", steps=80, num_images=16, epochs=1, seed=3, lambda_adv=0,
+    cfg = form.build_config("resnet18", preset="quick CPU", steps=80, num_images=16, epochs=1, seed=3, lambda_adv=0,
                            bn_loss="mse", num_classes=10, in_chans=1, data_dir="/some/folder")
     s = cfg.synth
     assert (s.steps, s.warmup_steps) == (80, 30)
@@ -176,10 +223,10 @@ def test_build_config_scales_with_advanced_values():
 
 
 def test_preset_fields_follow_presets():
-    assert app.preset_fields("quick CPU")["steps"] == 40
-    assert app.preset_fields("standard")["steps"] == 300
-    assert app.preset_fields("paper-scale GPU")["num_images"] == 1024
-    assert len(app.apply_preset("standard")) == len(app.ADVANCED_KEYS)
+    assert form.preset_fields("quick CPU")["steps"] == 40
+    assert form.preset_fields("standard")["steps"] == 300
+    assert form.preset_fields("paper-scale GPU")["num_images"] == 1024
+    assert len(form.preset_fields("standard")) == len(form.ADVANCED_KEYS)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -191,107 +238,106 @@ def test_preset_fields_follow_presets():
     (dict(model="  "), "pick a model"),
     (dict(preset="huge"), "unknown preset 'huge'"),
     (dict(num_images=1), "image count must be at least 2, got 1"),
+    (dict(checkpoint="/some/file.safetensors"), "the bundled example takes no checkpoint"),
 ])
 def test_build_config_rejects_bad_values_with_a_message(kwargs, message):
     args = dict(model="default", preset="quick CPU")
     args.update(kwargs)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.").replace("?", r"\?")):
-        app.build_config(**args)
+        form.build_config(**args)
 
 
-# --------------------------------------------------------------------------------------- labelled-data zip
+# ------------------------------------------------------------------------------- the honest model choice
 
-def _zip(path: Path, entries: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return path
-
-
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+def test_model_without_weights_is_refused_unless_random_weights_are_asked_for():
+    cfg = form.build_config("resnet50", preset="quick CPU")
+    message = form.weights_problem(cfg)
+    assert message.startswith("resnet50 has no trained weights here") and "random weights (for testing)" in message
+    assert form.weights_problem(cfg, random_weights=True) is None
+    assert form.weights_problem(form.build_config("resnet50", pretrained=True)) is None
+    assert form.weights_problem(form.build_config("resnet50", checkpoint="/x.safetensors")) is None
+    assert form.weights_problem(form.build_config("default")) is None
+    # unknown names and models without BatchNorm get the loader's own message instead
+    assert form.weights_problem(form.build_config("resnet18x")) is None
+    assert form.weights_problem(form.build_config("vit_tiny_patch16_224")) is None
+    assert all("needs internet" in label or "internet" in label for label, v in form.MODEL_CHOICES if v != "default")
 
 
-def test_zip_extracts_class_folders_directly_or_under_one_top_folder(tmp_path):
-    flat = _zip(tmp_path / "flat.zip", {"a/1.png": _png(), "b/2.png": _png(), "__MACOSX/a/._1.png": b"junk"})
-    root = app.extract_image_folder_zip(flat, tmp_path / "x1")
-    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
-    nested = _zip(tmp_path / "nested.zip", {"data/a/1.png": _png(), "data/b/2.png": _png()})
-    root = app.extract_image_folder_zip(nested, tmp_path / "x2")
-    assert root.name == "data" and sorted(p.name for p in root.iterdir()) == ["a", "b"]
+def test_picker_labels_map_back_to_timm_names():
+    assert form.model_name(form.DEFAULT_MODEL_LABEL) == "default"
+    assert form.model_name(form.MODEL_CHOICES[1][0]) == form.MODEL_CHOICES[1][1]
+    assert form.model_name(" resnet18 ") == "resnet18"
 
 
-@pytest.mark.parametrize("entries, message", [
-    ({"../evil/1.png": b"x"}, "unsafe path"),
-    ({"/abs/1.png": b"x"}, "unsafe path"),
-    ({"1.png": b"x", "2.png": b"x"}, "not an image folder"),
-    ({"a/readme.txt": b"x"}, "not an image folder"),
-    ({"a/1.png": b"0" * 5000}, "more than 0 MB"),
-])
-def test_zip_refuses_unsafe_or_non_image_folders(tmp_path, entries, message):
-    z = _zip(tmp_path / "bad.zip", entries)
-    with pytest.raises(ValueError, match=message):
-        app.extract_image_folder_zip(z, tmp_path / "out", max_bytes=4000)
-    assert not (tmp_path / "evil").exists()
-
-
-def test_zip_refuses_non_zip_and_links(tmp_path):
-    notzip = tmp_path / "data.zip"
-    notzip.write_bytes(b"this is not a zip")
-    with pytest.raises(ValueError, match="is not a zip file"):
-        app.extract_image_folder_zip(notzip, tmp_path / "out")
-    link = tmp_path / "link.zip"
-    with zipfile.ZipFile(link, "w") as zf:
-        info = zipfile.ZipInfo("a/1.png")
-        info.external_attr = (0o120777 << 16)
-        zf.writestr(info, "/etc/passwd")
-    with pytest.raises(ValueError, match="contains a link"):
-        app.extract_image_folder_zip(link, tmp_path / "out2")
+def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
+    small = estimate.estimate(form.build_config("default", preset="quick CPU", device="cpu"))
+    large = estimate.estimate(form.build_config("default", preset="standard", device="cpu"))
+    assert 0 < small.seconds < large.seconds
+    assert set(small.per_stage) >= {"load", "synthesis", "finetune"} and "measured" in small.text
+    probe = next(iter(estimate._PROBES.values()))
+    assert probe.teacher_step > 0 and probe.student_step > 0 and probe.real_images == 10_000
 
 
 # ------------------------------------------------------------------------------------- the run handler
 
-RUN_ARGS = dict(model="default", checkpoint=None, num_classes=0, in_chans=0, pretrained=False, w_bits=4, a_bits=4,
-                protocol="all_layers", extra_students="", preset="quick CPU", steps=200, num_images=16, epochs=1,
-                num_students=0, seed=0, lambda_bn=None, lambda_ce=None, lambda_adv=None, lambda_tv=None,
-                lambda_l2=None, bn_loss=None, image_param=None, labelled_zip=None)
+RUN_VALUES = dict(model="default", checkpoint=None, num_classes=0, in_chans=0, pretrained=False,
+                  random_weights=False, w_bits=4, a_bits=4, protocol="all_layers", extra_students="",
+                  preset="quick CPU", steps=200, num_images=16, epochs=1, num_students=0, seed=0, lambda_bn=None,
+                  lambda_ce=None, lambda_adv=None, lambda_tv=None, lambda_l2=None, bn_loss=None, image_param=None,
+                  labelled_zip=None)
 
 
-class _Request:
-    session_hash = "test-session"
+def _runs(tmp):
+    return list(Path(tmp).glob("gzq_run_*"))
 
 
-def test_stop_flag_ends_the_run_within_a_step_and_removes_the_run_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(app.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(app, "UI_INTERVAL_S", 0.0)
-    assert app.stop_gzq(_Request())[0] == "**Ready.** No run was going."
-    gen = app.run_gzq(**RUN_ARGS, request=_Request())
+def test_stop_ends_the_run_inside_a_step_and_removes_the_run_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
+    assert handlers.stop_updates("test-session")["status"].startswith("**Stopped**")  # nothing was going
     updates, answer = [], []
-    stopper = threading.Thread(target=lambda: answer.append(app.stop_gzq(_Request())))
+    gen = handlers.run_updates(dict(RUN_VALUES), "test-session")
+    stopper = threading.Thread(target=lambda: answer.append(handlers.stop_updates("test-session")))
     for upd in gen:
         updates.append(upd)
-        if "step 3/200" in upd[0]:
+        if "step 3/200" in upd.get("status", "") and not stopper.is_alive() and not answer:
             assert list(tmp_path.glob("gzq_run_*/run.partial"))  # the run is writing its partial folder
-            stopper.start()  # Stop answers only once the run has wound down
-            time.sleep(0.2)
-            assert not answer
+            t0 = time.monotonic()
+            stopper.start()
     stopper.join(timeout=30)
-    assert answer and answer[0][0].startswith("**Stopped**") and answer[0][2]["interactive"] is True
+    assert time.monotonic() - t0 < handlers.STOP_WAIT_S + 1
+    assert answer and answer[0]["status"].startswith("**Stopped**") and answer[0]["run"]["interactive"] is True
     last = updates[-1]
-    assert last[0].startswith("**Stopped** during synthesising images at step 4"), last[0]
-    assert last[9]["interactive"] is True and last[10]["interactive"] is False  # Run on, Stop off
-    assert not list(tmp_path.glob("gzq_run_*")), "a stopped run leaves nothing behind"
-    assert "test-session" not in app._RUNS
+    assert last["status"].startswith("**Stopped** during synthesising images at step"), last["status"]
+    assert last["run"]["interactive"] is True and last["stop"]["interactive"] is False  # Run on, Stop off
+    assert not _runs(tmp_path), "a stopped run leaves nothing behind"
+    assert not runner.RUNNER.busy("test-session")
 
 
-def test_handler_turns_bad_input_into_a_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(app.tempfile, "tempdir", str(tmp_path))
-    updates = list(app.run_gzq(**{**RUN_ARGS, "model": "resnet18x"}, request=_Request()))
-    assert updates[-1][0].startswith("**Could not run.** unknown model 'resnet18x'")
-    assert "did you mean" in updates[-1][0]
-    assert not list(tmp_path.glob("gzq_run_*"))
+def test_bad_input_and_missing_weights_are_messages_and_the_log_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
+    updates = list(handlers.run_updates({**RUN_VALUES, "model": "resnet18x"}, "s1"))
+    assert updates[-1]["status"].startswith("**Could not run.** unknown model 'resnet18x'")
+    assert "did you mean" in updates[-1]["status"]
+    assert "could not run: unknown model" in updates[-1]["log"].splitlines()[-1]
+    updates = list(handlers.run_updates({**RUN_VALUES, "model": "resnet50"}, "s1"))
+    assert len(updates) == 1 and "has no trained weights here" in updates[-1]["status"]  # refused at once
+    assert not _runs(tmp_path)
+    # the click itself answers at once (outside the queue): the reason, or Run off and Stop on
+    armed = handlers.arm_updates({**RUN_VALUES, "model": "resnet_nonexistent"})
+    assert armed["status"].startswith("**Could not run.** unknown model") and armed["run"]["interactive"] is True
+    armed = handlers.arm_updates(dict(RUN_VALUES))
+    assert armed["status"] == "**Starting…**" and armed["stop"]["interactive"] is True
+
+
+def test_a_finished_run_comes_back_after_a_reload(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
+    updates = list(handlers.run_updates({**RUN_VALUES, "steps": 4, "epochs": 1}, "s2"))
+    final = updates[-1]
+    assert final["status"].startswith("**Done**"), final["status"]
+    token = final["last_run"]
+    assert (tmp_path / token / "run" / "report.json").exists()
+    restored = handlers.restore_updates(token, "s3")   # a new page: a new session, the browser's token
+    assert restored["status"].startswith("**Results of your last run**")
+    assert restored["results"].equals(final["results"]) and 'id="gzq-primary-download"' in restored["downloads"]
+    assert restored["gallery"].count("<figure>") == 16
+    assert handlers.restore_updates("gzq_run_unknown", "s3") == {} and handlers.restore_updates(None, "s3") == {}

@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import socket
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,11 +18,15 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 
 import app  # noqa: E402
+from gzq.ui import runner  # noqa: E402
+from gzq.ui.handlers import API_OUTPUTS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-# outputs of /run, in order (buttons are not returned to API clients)
-STATUS, PROGRESS, GALLERY, BN_PLOT, KL_PLOT, LOSSES, LOG, TABLE, FILES = range(9)
+# outputs of /run, in the order API clients receive them
+STATUS, GALLERY, BN_PLOT, KL_PLOT, LOSSES, TABLE, FILES, DOWNLOADS = (
+    API_OUTPUTS.index(n) for n in ("status", "gallery", "bn_plot", "kl_plot", "losses", "results", "files",
+                                   "downloads"))
 TINY = dict(steps=8, num_images=16, epochs=1)  # the smallest sensible run: a few seconds on the default model
 
 
@@ -63,7 +66,7 @@ def is_plot(v) -> bool:
 
 
 def run_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("gzq_run_*"))
+    return set(runner.RUNS_ROOT.glob("gzq_run_*"))
 
 
 def test_quick_run_streams_and_downloads_reproduce_the_report(client, tmp_path):
@@ -71,9 +74,9 @@ def test_quick_run_streams_and_downloads_reproduce_the_report(client, tmp_path):
 
     running = [o for o in outs[:-1] if "Synthesising images" in o[STATUS]]
     assert len(running) >= 3, "the status streams while synthesis runs"
-    galleries = [o[GALLERY] for o in running if isinstance(o[GALLERY], list) and o[GALLERY]]
+    galleries = [o[GALLERY] for o in running if isinstance(o[GALLERY], str) and "<figure>" in o[GALLERY]]
     assert len(galleries) >= 2, "the gallery updates while the images form"
-    assert all(Path(g[0]["image"]).is_file() for g in galleries)
+    assert all(g.count("<figure>") == 64 and g.count("<figcaption") == 64 for g in galleries), "every image, labelled"
     bn = [json.loads(o[BN_PLOT]["plot"]) for o in running if is_plot(o[BN_PLOT])]
     kl = [json.loads(o[KL_PLOT]["plot"]) for o in outs[:-1] if is_plot(o[KL_PLOT])]
     assert bn and any(t["name"] == "mean over layers" for t in bn[-1]["data"])
@@ -83,14 +86,19 @@ def test_quick_run_streams_and_downloads_reproduce_the_report(client, tmp_path):
 
     assert final[STATUS].startswith("**Done**")
     table = final[TABLE]
-    assert table["headers"][:2] == ["model", "W/A bits"] and "real accuracy (%)" in table["headers"]
-    assert [r[0] for r in table["data"]] == ["teacher resnet18 (FP32)", "student w4a4"]
+    assert table["headers"][:2] == ["Model", "Bits"] and "Accuracy %" in table["headers"]
+    assert [r[0] for r in table["data"]] == ["original resnet18", "quantized w4a4"]
 
     files = {Path(p).name: Path(p) for p in final[FILES]}
-    assert {"report.json", "config.json", "synthetic_images.zip", "w4a4.safetensors", "w4a4.json"} <= set(files)
+    assert {"report.json", "config.json", "synthetic_images.zip", "w4a4.safetensors", "w4a4.json",
+            "w4a4.onnx"} <= set(files)
     report = json.loads(files["report.json"].read_text())
     student = report["students"][0]
-    acc_col = table["headers"].index("real accuracy (%)")
+    # the primary download is the student's ONNX, and the size shown is that file's size
+    assert f'data-bytes="{files["w4a4.onnx"].stat().st_size}"' in final[DOWNLOADS]
+    size_col = table["headers"].index("File size")
+    assert table["data"][1][size_col] in final[DOWNLOADS]
+    acc_col = table["headers"].index("Accuracy %")
     assert table["data"][1][acc_col] == student["accuracy"]
     with zipfile.ZipFile(files["synthetic_images.zip"]) as zf:
         assert sum(n.endswith(".png") for n in zf.namelist()) == 64
@@ -145,6 +153,9 @@ BAD_INPUTS = {
     "checkpoint that does not fit": (dict(model="resnet34", checkpoint="wrong"), "does not fit resnet34"),
     "corrupt checkpoint": (dict(model="resnet18", checkpoint="corrupt"), "could not be read"),
     "bits out of range (extra students)": (dict(extra_students="w9a4"), "w_bits must be in 2..8, got 9"),
+    "timm model without weights": (dict(model="resnet50"), "resnet50 has no trained weights here"),
+    "bundled model with a checkpoint": (dict(model="default", checkpoint="corrupt"),
+                                        "the bundled example takes no checkpoint"),
     "zip that is not an image folder": (dict(labelled_zip="notfolder"), "is not an image folder"),
     "upload that is not a zip": (dict(labelled_zip="notzip"), "is not a zip file"),
     "image folder with more classes than the model": (dict(labelled_zip="toomany"),
@@ -203,8 +214,8 @@ def test_a_valid_run_with_labelled_data_follows_bad_inputs(client, tmp_path):
     outs, final = run(client, labelled_zip=handle_file(str(zip_path)), extra_students="w8a8", **TINY)
     assert final[STATUS].startswith("**Done**"), final[STATUS]
     table = final[TABLE]
-    assert [r[0] for r in table["data"]] == ["teacher resnet18 (FP32)", "student w4a4", "student w8a8"]
+    assert [r[0] for r in table["data"]] == ["original resnet18", "quantized w4a4", "quantized w8a8"]
     report = json.loads(next(Path(p) for p in final[FILES] if p.endswith("report.json")).read_text())
     assert report["labelled_data"].startswith("image folder") and "(30 images)" in report["labelled_data"]
-    acc = table["headers"].index("real accuracy (%)")
+    acc = table["headers"].index("Accuracy %")
     assert table["data"][1][acc] == report["students"][0]["accuracy"] is not None

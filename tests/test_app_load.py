@@ -2,7 +2,6 @@
 the queue is full; nothing errors, and the server's memory comes back to where it started."""
 from __future__ import annotations
 
-import gc
 import socket
 import tempfile
 import time
@@ -16,6 +15,8 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 import app  # noqa: E402
+from rss import rss_mb, settle  # noqa: E402
+from gzq.ui import runner  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -23,27 +24,6 @@ SMALLEST = dict(checkpoint=None, labelled_zip=None, preset="quick CPU", steps=6,
 VISITORS = 5
 MAX_QUEUE = 2
 RSS_MARGIN_MB = 150
-
-
-def rss_mb() -> float:
-    """Resident memory of this process (the in-process server), from /proc."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status on this system")
-
-
-def settle() -> float:
-    for _ in range(3):
-        gc.collect()
-        time.sleep(0.3)
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back to the OS, as a long-lived server would
-    except OSError:
-        pass
-    return rss_mb()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +60,7 @@ def test_concurrent_visitors_queue_and_memory_returns(server, tmp_path):
     # warm-up: the first run loads kernels, the dataset and caches that stay for the life of the process
     assert visit(server, tmp_path)["outcome"] == "done"
     start = settle()
-    kept_before = set(Path(tempfile.gettempdir()).glob("gzq_run_*"))
+    kept_before = set(runner.RUNS_ROOT.glob("gzq_run_*"))
 
     peak = start
     for _ in range(2):  # two waves, so a per-run leak would show
@@ -101,7 +81,7 @@ def test_concurrent_visitors_queue_and_memory_returns(server, tmp_path):
     end = settle()
     print(f"RSS: start {start:.0f} MB, peak {peak:.0f} MB, end {end:.0f} MB")
     assert end - start < RSS_MARGIN_MB, f"RSS grew from {start:.0f} to {end:.0f} MB (peak {peak:.0f})"
-    assert not app._RUNS, "no stop flags left behind"
-    leftovers = [p for p in Path(tempfile.gettempdir()).glob("gzq_run_*") if p not in kept_before]
-    assert len(leftovers) <= app.KEEP_RUNS and not any(p.name.endswith(".partial") for p in leftovers)
-    assert len(set(Path(tempfile.gettempdir()).glob("gzq_run_*"))) <= app.KEEP_RUNS + len(kept_before)
+    assert not runner.RUNNER.active_sessions(), "no run left going"
+    leftovers = [p for p in runner.RUNS_ROOT.glob("gzq_run_*") if p not in kept_before]
+    assert len(leftovers) <= runner.KEEP_RUNS and not list(runner.RUNS_ROOT.glob("gzq_run_*/*.partial"))
+    assert len(set(runner.RUNS_ROOT.glob("gzq_run_*"))) <= runner.KEEP_RUNS + len(kept_before)

@@ -121,3 +121,33 @@ def test_cli_refuses_to_overwrite_a_folder_that_is_not_a_run(tmp_path):
     r = _cli("run", "--steps", "2", "--images", "8", "--epochs", "1", "--out", str(tmp_path))
     assert r.returncode == 2 and "is not a GZQ run folder" in r.stderr
     assert keep.read_text() == "mine"
+
+
+def test_cli_default_model_with_a_card_less_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "mine.safetensors"
+    save_file({"w": torch.zeros(1)}, str(ckpt))
+    r = _cli("run", "--model", "default", "--checkpoint", str(ckpt), "--steps", "2", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "has no model card" in r.stderr and "--model resnet18" in r.stderr
+
+
+def test_cli_takes_labelled_data_as_a_zip(tmp_path):
+    import zipfile
+
+    from gzq.data import load_fashion_mnist
+    images, labels = load_fashion_mnist("test")
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(40):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(images[i].numpy()).save(path)
+            zf.write(path, f"fmnist/{int(labels[i]):02d}/{i}.png")
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    r = _cli("run", "--data", str(bad), "--steps", "2", "--images", "8", "--epochs", "1", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "is not a zip file" in r.stderr
+    r = _cli("run", "--data", str(archive), "--steps", "4", "--images", "16", "--epochs", "1", "--export", "none",
+             "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "image folder" in report["labelled_data"] and "(40 images)" in report["labelled_data"]

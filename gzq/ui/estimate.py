@@ -1,0 +1,110 @@
+"""How long a run will take on this device, measured before it starts.
+
+`estimate(cfg)` uses the library's `gzq.pipeline.estimate_run` where it exists; otherwise
+`estimate_seconds(cfg)`, a small measured probe kept apart here so it can be swapped out: load the model,
+time one forward+backward pass of the teacher and of one student on a few images at the model's input
+size, and scale by the steps and images the config asks for. Probes are cached per model and device.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import EvalConfig, RunConfig
+from ..pipeline import resolve_device
+
+_PROBES: dict[tuple, "Probe"] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+@dataclass
+class Probe:
+    """Measured costs of one model on one device, in seconds (per image where it says so)."""
+    load: float
+    teacher_step: float      # forward + backward of the teacher, per image
+    student_step: float      # forward + backward of one fake-quant student, per image
+    real_images: int         # labelled images the evaluation will run (the default model's test set)
+
+
+@dataclass
+class Estimate:
+    seconds: float
+    per_stage: dict[str, float]
+    text: str
+
+
+def _probe(cfg: RunConfig) -> Probe:
+    from ..evaluate import load_labelled_data
+    from ..models import load_teacher
+    from ..quant.convert import create_student
+
+    device = resolve_device(cfg.device)
+    spec = cfg.model
+    key = (spec.name, spec.checkpoint, spec.num_classes, spec.in_chans, spec.input_size, str(device))
+    with _PROBE_LOCK:
+        if key in _PROBES:
+            return _PROBES[key]
+        t = time.perf_counter()
+        # the same network without a download: an estimate needs its shape and size, not its weights
+        teacher = load_teacher(spec.__class__(**{**spec.to_dict(), "pretrained": False}), device)
+        student = create_student(teacher.model, cfg.students[0], torch.zeros(2, *teacher.input_size, device=device),
+                                 teacher.classifier)
+        labelled = load_labelled_data(teacher, EvalConfig()) if spec.name == "default" else None  # all of it
+        load = time.perf_counter() - t
+        n = 4 if teacher.input_size[-1] >= 128 else 32
+        x = torch.randn(n, *teacher.input_size, device=device, requires_grad=True)
+
+        def per_image(model: torch.nn.Module) -> float:
+            times = []
+            for _ in range(2 if n < 32 else 3):   # the first pass pays for allocations and kernel choice
+                t0 = time.perf_counter()
+                model(x).sum().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            return min(times[1:]) / n
+
+        probe = Probe(load, per_image(teacher.model), per_image(student.train()),
+                      len(labelled[0]) if labelled else 0)
+        del teacher, student, x
+        _PROBES[key] = probe
+        return probe
+
+
+def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
+    """Seconds per stage for `cfg` on its device, from a measured probe of its model."""
+    p = _probe(cfg)
+    s, tr = cfg.synth, cfg.train
+    m_all = max(s.num_students, len(cfg.students))     # students during synthesis
+    m = len(cfg.students)                               # students fine-tuned and exported
+    batch = min(s.batch_size, s.num_images)
+    joined = max(s.steps - s.warmup_steps, 0) if s.adversarial else 0
+    # every step: the teacher pass plus the BN and image terms (about 1.5 passes); once the students have
+    # joined, each student's pass, the images' gradient through it and its own update (about 3 passes)
+    synthesis = batch * (s.steps * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
+    n_train = s.num_images - s.holdout_images
+    fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
+        p.teacher_step / 3 + 2 * m * p.student_step)
+    n_real = min(p.real_images, cfg.eval.max_real_images or p.real_images)
+    # forward passes only, without gradients and in large batches: about a tenth of a training pass
+    evaluate = (s.holdout_images * cfg.eval.fresh_draws + n_real) * (p.teacher_step + m * p.student_step) / 10
+    save = p.load * (1 + m) / 2 if cfg.export.formats else 0.0    # export traces each model once
+    return dict(load=p.load, synthesis=synthesis, finetune=fine_tune, evaluate=evaluate, save=save)
+
+
+def estimate(cfg: RunConfig) -> Estimate:
+    """The run-time estimate shown before Run: the library's when it has one, else the probe above."""
+    from .. import pipeline
+    from .view import format_seconds
+    if hasattr(pipeline, "estimate_run"):
+        e = pipeline.estimate_run(cfg)
+        return Estimate(float(e.seconds), dict(e.per_stage), e.text)
+    per_stage = estimate_seconds(cfg)
+    total = sum(per_stage.values())
+    text = (f"about {format_seconds(total)} (measured on this device: loading {format_seconds(per_stage['load'])}, "
+            f"making images {format_seconds(per_stage['synthesis'])}, training "
+            f"{format_seconds(per_stage['finetune'])})")
+    return Estimate(total, per_stage, text)
