@@ -120,7 +120,7 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
         "save": EXPORT_SECONDS * num_students if cfg.export.formats else 0.5,
     }
     total = sum(stages.values())
-    text = (f"about {_fmt(total)} on this device ({s.num_images} images, {s.steps} synthesis steps, "
+    text = (f"about {_fmt(total)} on this device, measured ({s.num_images} images, {s.steps} synthesis steps, "
             f"{t.epochs} fine-tuning epochs; synthesis {_fmt(stages['synthesis'])}, "
             f"fine-tuning {_fmt(stages['finetune'])})")
     return RunEstimate(total, stages, text, 1.0, costs,

@@ -1,9 +1,9 @@
 """How long a run will take on this device, measured before it starts.
 
-`estimate(cfg)` uses the library's `gzq.pipeline.estimate_run` where it exists; otherwise
-`estimate_seconds(cfg)`, a small measured probe kept apart here so it can be swapped out: load the model,
-time one forward+backward pass of the teacher and of one student on a few images at the model's input
-size, and scale by the steps and images the config asks for. Probes are cached per model and device.
+`estimate(cfg)` uses `estimate_seconds(cfg)`, a small measured probe: load the model (without downloading
+weights), time one forward+backward pass of the teacher and of one student on a few images at the
+model's input size, and scale by the steps and images the config asks for. Probes are cached per model
+and device, so the form can ask at every change; the run itself prints the library's step-timed estimate.
 """
 from __future__ import annotations
 
@@ -96,12 +96,9 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
 
 
 def estimate(cfg: RunConfig) -> Estimate:
-    """The run-time estimate shown before Run: the library's when it has one, else the probe above."""
-    from .. import pipeline
+    """The run-time estimate shown before Run, from the probe above: cached per model, so the form can ask
+    again at every change (the run itself prints the library's step-timed estimate, gzq.budget)."""
     from .view import format_seconds
-    if hasattr(pipeline, "estimate_run"):
-        e = pipeline.estimate_run(cfg)
-        return Estimate(float(e.seconds), dict(e.per_stage), e.text)
     per_stage = estimate_seconds(cfg)
     total = sum(per_stage.values())
     text = (f"about {format_seconds(total)} (measured on this device: loading {format_seconds(per_stage['load'])}, "
