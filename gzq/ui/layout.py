@@ -215,6 +215,9 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markd
     def arm(**values) -> dict:
         return _keyed(c, handlers.arm_updates(values))
 
+    # the status (and any error in it) is centred on screen at the click, so it stays in view as it grows
+    c["run"].click(None, None, None, queue=False, api_visibility="private",
+                   js="() => { document.querySelector('#gzq-status')?.scrollIntoView({block: 'center'}); }")
     c["run"].click(arm, inputs_kwargs=form, outputs=[c["run"], c["stop"], c["status"], c["progress"], c["log"]],
                    queue=False, show_progress="hidden", api_visibility="private")  # at once, beside the run below
     run_event = c["run"].click(run, inputs_kwargs=form, outputs=run_out, api_name="run", concurrency_limit=1,
