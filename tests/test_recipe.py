@@ -107,19 +107,22 @@ class _ChiralBN(nn.Module):
         return self.head(self.bn(x))
 
 
-def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapts():
-    teacher = _toy_teacher(_ChiralBN())
-    cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=12, warmup_steps=6, adversarial=False,
-                      flip="auto", lambda_bn=1.0, ce_adapt_rate=0.5)
-    events, res = [], None
-    gen = iter_synthesize(teacher, {}, cfg, torch.device("cpu"))
+def _drain(gen):
+    """(events, return value) of a stage generator."""
+    events = []
     while True:
         try:
             events.append(next(gen))
         except StopIteration as e:
-            res = e.value
-            break
-    # under flips a chiral teacher cannot hold the labels: the check after the warm-up drops flips and jitter
+            return events, e.value
+
+
+def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapts():
+    teacher = _toy_teacher(_ChiralBN())
+    cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=12, warmup_steps=6, adversarial=False,
+                      flip="auto", lambda_bn=1.0, ce_adapt_rate=0.5)
+    events, res = _drain(iter_synthesize(teacher, {}, cfg, torch.device("cpu")))
+    # under flips a chiral teacher cannot hold the labels: the check at 3/4 of the steps drops flips and jitter
     assert res.flip_check["augmented_agreement"] < 0.9 and res.flip is False and res.jitter == 0
     assert any(isinstance(e, Message) and "jitter and flips off from here" in e.text for e in events)
     weights = res.history["ce_weight"]
@@ -134,21 +137,9 @@ def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapt
     sym = _toy_teacher(nn.Sequential(nn.BatchNorm2d(1).eval(), _Symmetric()))
     kept = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=30, warmup_steps=20, adversarial=False,
                        lambda_bn=0.01, ce_adapt_rate=0.5)
-    gen = iter_synthesize(sym, {}, kept, torch.device("cpu"))
-    while True:
-        try:
-            next(gen)
-        except StopIteration as e:
-            res = e.value
-            break
+    _, res = _drain(iter_synthesize(sym, {}, kept, torch.device("cpu")))
     assert res.flip is True and res.jitter == 1 and res.flip_check["augmented_agreement"] >= 0.9
-    gen = iter_synthesize(teacher, {}, fixed, torch.device("cpu"))
-    while True:
-        try:
-            next(gen)
-        except StopIteration as e:
-            res = e.value
-            break
+    _, res = _drain(iter_synthesize(teacher, {}, fixed, torch.device("cpu")))
     assert res.flip is True and set(res.history["ce_weight"]) == {1.0}   # flips asked for stay on
 
 
