@@ -14,6 +14,8 @@ from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConf
 from gzq.events import Message
 from gzq.models import Teacher
 from gzq.pipeline import health_warnings, make_config
+from test_synthesis import _run as _drain  # (events, return value) of a stage generator
+
 from gzq.synthesis import SyntheticImages, augment, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
 
 
@@ -105,16 +107,6 @@ class _ChiralBN(nn.Module):
 
     def forward(self, x):
         return self.head(self.bn(x))
-
-
-def _drain(gen):
-    """(events, return value) of a stage generator."""
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as e:
-            return events, e.value
 
 
 def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapts():
