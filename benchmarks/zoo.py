@@ -43,7 +43,7 @@ from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
 from gzq.cli import apply_overrides  # noqa: E402
-from gzq.config import ModelSpec, QuantSpec  # noqa: E402
+from gzq.config import ModelSpec  # noqa: E402
 from gzq.events import Done  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import iter_run, make_config, resolve_device, student_names  # noqa: E402

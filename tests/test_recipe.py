@@ -1,6 +1,5 @@
 """The synthesis recipe's balance does not depend on resolution, batch or class count; flips are used only where
 the teacher tolerates them; budgets follow the model's measured cost; unhealthy images are reported."""
-import math
 
 import pytest
 import timm
