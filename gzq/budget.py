@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig
+from .reconstruct import find_units
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class StepCosts:
     kd_step: float         # one fine-tuning step at the fine-tuning batch: teacher forward, every student
                            # forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
+    student_forward_image: float = 0.0   # one image through every student (no grad)
+    recon_units: int = 0   # blocks a reconstruction stage fits one after another (gzq.reconstruct.find_units)
 
 
 @dataclass
@@ -98,12 +101,30 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
             teacher.model(xk)
         for s in students.values():
             s(xk).logsumexp(1).mean().backward()
-    kd_step_s = _timed(kd_step) if cfg.train.epochs else 0.0
+    kd_step_s = _timed(kd_step) if cfg.train.epochs and _shares(cfg)[1] else 0.0
     for s in students.values():
         s.zero_grad(set_to_none=True)
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk)) / bk
-    return StepCosts(synth_step_s, kd_step_s, fwd)
+        s_fwd = _timed(lambda: [s(xk) for s in students.values()]) / bk
+    units = len(find_units(next(iter(students.values())), xk[:2])) if students and _shares(cfg)[0] else 0
+    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd, units)
+
+
+def _shares(cfg: RunConfig) -> tuple[float, float]:
+    """The shares of the students fitted by block reconstruction and by KD."""
+    methods = [cfg.train.method_for(s) for s in cfg.students]
+    return sum(m.recon for m in methods) / len(methods), sum(m.kd for m in methods) / len(methods)
+
+
+def recon_seconds(cfg: RunConfig, costs: StepCosts) -> float:
+    """A reconstruction stage: every unit captures its pool's inputs (a forward up to the unit, half the network
+    on average, of the teacher and every student), then trains `recon_steps` batches, one unit's share of a
+    full forward and backward each (so all units together: recon_steps full forward+backward passes)."""
+    t, share = cfg.train, _shares(cfg)[0]
+    capture = costs.recon_units * t.recon_pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
+    train = t.recon_steps * t.recon_batch_size * 3 * share * costs.student_forward_image
+    return capture + train if share else 0.0
 
 
 def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: int = 0) -> RunEstimate:
@@ -115,16 +136,24 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     stages = {
         "synthesis": s.steps * costs.synth_step,
         "calibration": 2 * train_images * costs.forward_image * num_students,
+        "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * costs.kd_step,
         "evaluate": (fresh + real_images) * costs.forward_image * (1 + num_students),
         "save": EXPORT_SECONDS * num_students if cfg.export.formats else 0.5,
     }
     total = sum(stages.values())
     text = (f"about {_fmt(total)} on this device, measured ({s.num_images} images, {s.steps} synthesis steps, "
-            f"{t.epochs} fine-tuning epochs; synthesis {_fmt(stages['synthesis'])}, "
-            f"fine-tuning {_fmt(stages['finetune'])})")
+            f"{_finetune_text(cfg)}; synthesis {_fmt(stages['synthesis'])}, "
+            f"fine-tuning {_fmt(stages['finetune'] + stages['reconstruct'])})")
     return RunEstimate(total, stages, text, 1.0, costs,
                        dict(num_images=s.num_images, steps=s.steps, epochs=t.epochs))
+
+
+def _finetune_text(cfg: RunConfig) -> str:
+    t, (recon, kd) = cfg.train, _shares(cfg)
+    parts = ([f"block reconstruction ({t.recon_steps} steps per block)"] if recon else []) + \
+        ([f"{t.epochs} fine-tuning epochs"] if kd else [])
+    return " then ".join(parts) or "no fine-tuning"
 
 
 def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: float,

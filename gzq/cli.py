@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from .config import ModelSpec, Protocol, QuantSpec
+from .config import FinetuneMethod, ModelSpec, Protocol, QuantSpec
 from .events import Done, Message, Preview, Progress, StageStarted, Stopped
 
 
@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="synthesis steps")
     r.add_argument("--images", type=int, help="number of synthetic images")
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    r.add_argument("--finetune", choices=[m.value for m in FinetuneMethod],
+                   help="how the quantized students are fitted: kd (end-to-end distillation), recon (block "
+                        "reconstruction: learnt rounding, QDrop), recon+kd (both), auto (default: by bit-width)")
     r.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="shrink images and steps to fit about this many seconds, measured on this device before the "
                         "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")
@@ -83,6 +86,8 @@ def build_config(args):
         synth["num_students"] = args.num_students
     if args.epochs is not None:
         train["epochs"] = args.epochs
+    if args.finetune is not None:
+        train["method"] = args.finetune
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
     sections = {"synth": synth, "train": train, "eval": evalc, "export": {"formats": formats}}
     apply_overrides(sections, args.set)
@@ -156,9 +161,11 @@ def cmd_run(args) -> int:
             elif isinstance(ev, Progress) and (time.time() - last_print > 2 or ev.step == ev.total_steps):
                 last_print = time.time()
                 parts = [f"{ev.stage} {ev.step}/{ev.total_steps}", f"eta {ev.eta:.0f}s"]
+                if ev.block:
+                    parts.append(f"block {ev.block}")
                 if ev.bn_log_likelihood is not None:
                     parts.append(f"bn_ll {ev.bn_log_likelihood:.2f}")
-                parts += [f"{k} {v:.4f}" for k, v in ev.losses.items() if k != "total"]
+                parts += [f"{k} {v:.4g}" for k, v in ev.losses.items() if k != "total"]
                 parts += [f"KL[{k}] {v:.4f}" for k, v in ev.student_kl.items()]
                 print("  ".join(parts), flush=True)
             elif isinstance(ev, Stopped):

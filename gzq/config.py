@@ -53,6 +53,22 @@ class Protocol(str, enum.Enum):
                                        # onnxruntime's quantize_static; gzq.quant.graph places the quantizers
 
 
+class FinetuneMethod(str, enum.Enum):
+    """How the students are fitted to the teacher on the synthetic images (docs/design.md 2.5)."""
+    AUTO = "auto"            # by bit-width: TrainConfig.method_for
+    KD = "kd"                # end-to-end knowledge distillation (KL of the logits)
+    RECON = "recon"          # block reconstruction: AdaRound rounding + LSQ steps + QDrop, unit by unit
+    RECON_KD = "recon+kd"    # block reconstruction, then KD
+
+    @property
+    def recon(self) -> bool:
+        return self in (FinetuneMethod.RECON, FinetuneMethod.RECON_KD)
+
+    @property
+    def kd(self) -> bool:
+        return self in (FinetuneMethod.KD, FinetuneMethod.RECON_KD)
+
+
 class ActInit(str, enum.Enum):
     """How activation step sizes are initialised from synthetic data."""
     MSE = "mse"
@@ -264,12 +280,36 @@ class TrainConfig(_Serialisable):
     lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
+    method: FinetuneMethod = FinetuneMethod.AUTO
+    # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
+    recon_steps: int = 200        # optimisation steps per unit (block)
+    recon_batch_size: int = 32
+    recon_pool: int = 512         # fresh draws of f_I(z) per unit
+    recon_lr_round: float = 1e-2  # Adam on AdaRound's rounding variables
+    recon_lr_act: float = 1e-3    # Adam on activation step sizes, relative to their magnitude
+    recon_drop: float = 0.5       # QDrop: probability that an element of a unit's input stays float
+    recon_reg: float = 0.01       # AdaRound's rounding regulariser
 
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)
         _check_positive("batch_size", self.batch_size)
-        for nm in ("lr", "lr_quant", "temperature"):
+        for nm in ("lr", "lr_quant", "temperature", "recon_steps", "recon_batch_size", "recon_pool",
+                   "recon_lr_round", "recon_lr_act"):
             _check_positive(nm, getattr(self, nm))
+        _check_range("recon_drop", self.recon_drop, 0.0, 1.0)
+        _check_positive("recon_reg", self.recon_reg, allow_zero=True)
+
+    def method_for(self, spec: "QuantSpec") -> FinetuneMethod:
+        """The method a student of `spec` is fitted with: `method`, or for AUTO the one that won at that
+        bit-width on the zoo's tuning set (README, "Fine-tuning method")."""
+        if self.method != FinetuneMethod.AUTO:
+            return self.method
+        return FinetuneMethod.RECON_KD if min(spec.w_bits, spec.a_bits) <= AUTO_RECON_MAX_BITS else FinetuneMethod.KD
+
+
+#: with method AUTO, students at this many bits or fewer (weights or activations) are reconstructed block by
+#: block, then distilled; wider ones are distilled only
+AUTO_RECON_MAX_BITS = 4
 
 
 @dataclass

@@ -24,6 +24,7 @@ class Progress:
     bn_log_likelihood: float | None = None                       # mean per (layer, channel)
     layer_log_likelihood: list[float] | None = None              # per BN layer
     student_kl: dict[str, float] = field(default_factory=dict)   # KL(teacher || student) per student
+    block: str | None = None                                     # the unit being reconstructed (stage "reconstruct")
 
     @property
     def eta(self) -> float:

@@ -25,8 +25,9 @@ from .distill import iter_distill
 from .evaluate import agreement, load_labelled_data, mean_kl, predict_logits, top1
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
-from .quant.convert import calibrate_, create_student, model_size_bytes
-from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
+from .quant.convert import calibrate_, create_student, fold_bn_, model_size_bytes
+from .reconstruct import iter_reconstruct, recon_settings
+from .synthesis import SynthResult, augment, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
 
 log = logging.getLogger(__name__)
 
@@ -259,17 +260,36 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 calibrate_(s, batches, specs[n].act_init.value, specs[n].act_percentile)
             timings["calibration"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        steps = yield from iter_distill(teacher, students, synth.images, synth.train_idx, cfg.train, device,
-                                        jitter_pixels(cfg.synth.jitter, teacher.input_size), synth.flip, cfg.seed,
-                                        stop_fn)   # the teacher labels each rolled image itself, so KD keeps the jitter
-        timings["finetune"] = time.perf_counter() - t
-        if cfg.train.epochs and steps == 0 or stop_fn():
-            return
+        jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)   # the teacher labels (or fits) each rolled
+        methods = {n: cfg.train.method_for(specs[n]) for n in students}   # image itself, so fine-tuning keeps it
+        recon = {n: s for n, s in students.items() if methods[n].recon}
+        if recon:
+            t = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed + 13)
+            dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 14)
+            draw = lambda idx: augment(synth.images(idx, dev_gen, noise=cfg.train.resample), jitter, synth.flip, gen)  # noqa: E731
+            reference = copy.deepcopy(teacher.model).requires_grad_(False)   # the float network in the students'
+            fold_bn_(reference, example)                                     # shape: BN folded
+            steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, recon_settings(cfg.train),
+                                                device, cfg.seed, stop_fn)
+            del reference
+            timings["reconstruct"] = time.perf_counter() - t
+            if steps == 0 or stop_fn():
+                return
+        kd = {n: s for n, s in students.items() if methods[n].kd}
+        if kd:
+            t = time.perf_counter()
+            steps = yield from iter_distill(teacher, kd, synth.images, synth.train_idx, cfg.train, device,
+                                            jitter, synth.flip, cfg.seed, stop_fn)
+            timings["finetune"] = time.perf_counter() - t
+            if cfg.train.epochs and steps == 0 or stop_fn():
+                return
 
         t = time.perf_counter()
         yield StageStarted("evaluate", len(students))
         report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
+        for row in report["students"]:
+            row["finetune"] = methods[row["name"]].value
         timings["evaluate"] = time.perf_counter() - t
 
         health = synthesis_health(report, synth)

@@ -1,7 +1,9 @@
-"""The run's two live plots: the BN-statistic log-likelihood over synthesis, and each student's KL to the
-teacher over synthesis then fine-tuning. Pure functions of a RunView."""
+"""The run's live plots: the BN-statistic log-likelihood over synthesis, each student's KL to the teacher over
+synthesis then fine-tuning, and, when the students are fitted block by block, each block's reconstruction
+error. Pure functions of a RunView."""
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 
@@ -70,4 +72,27 @@ def kl_figure(view: RunView) -> go.Figure:
                       xaxis_title="step (synthesis, then fine-tuning)", yaxis_title="KL(teacher ‖ student)",
                       yaxis=dict(type="log") if span >= 10 else dict(type="linear"),
                       legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def recon_figure(view: RunView) -> go.Figure:
+    """Each student's reconstruction error over the steps of block reconstruction, one block after another
+    (thin lines mark where a block starts; hovering a point names its block)."""
+    title = "Block by block<br><sup>reconstruction error of the block being fitted, lower is better</sup>"
+    if not view.recon:
+        return _empty_figure(title, "appears when the small models are fitted block by block")
+    starts = [s for s, _ in view.recon_blocks]
+    names = [b for _, b in view.recon_blocks]
+    fig = go.Figure()
+    for name, (xs, ys) in view.recon.items():
+        k = _stride(len(xs))
+        xs_k = xs[::k]
+        blocks = [names[max(bisect.bisect_right(starts, x) - 1, 0)] for x in xs_k]
+        fig.add_trace(go.Scatter(x=xs_k, y=[max(y, 1e-12) for y in ys[::k]], mode="lines", name=name,
+                                 customdata=blocks, hovertemplate="block %{customdata}<br>error %{y:.3g}"))
+    for x in starts[1:]:
+        fig.add_vline(x=x - 0.5, line_width=1, line_color="lightgrey")
+    fig.update_layout(title=title, template="plotly_white", height=300, margin=dict(l=50, r=20, t=50, b=40),
+                      xaxis_title=f"step ({len(starts)} blocks so far)", yaxis_title="mean squared error",
+                      yaxis=dict(type="log"), legend=dict(orientation="h", y=-0.25))
     return fig

@@ -19,7 +19,7 @@ import gradio as gr
 
 from ..data import extract_image_folder_zip
 from .estimate import estimate
-from .figures import bn_figure, kl_figure
+from .figures import bn_figure, kl_figure, recon_figure
 from .form import check_form
 from .runner import RUNNER, device_label
 from .view import (ALL_CLASSES, MANY_CLASSES, GalleryItems, RunView, downloads_html, files_html, gallery_html,
@@ -34,8 +34,8 @@ FORM_KEYS = ["model", "pretrained", "random_weights", "checkpoint", "num_classes
              "lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2", "bn_loss", "image_param",
              "labelled_zip"]
 #: what the run event updates, in the order API clients receive it (buttons and browser state are not sent)
-RUN_OUTPUTS = ["status", "progress", "gallery", "class_filter", "bn_plot", "kl_plot", "losses", "log",
-               "results_section", "downloads", "results", "technical", "files_list", "files", "run", "stop",
+RUN_OUTPUTS = ["status", "progress", "gallery", "class_filter", "bn_plot", "kl_plot", "recon_plot", "losses",
+               "log", "results_section", "downloads", "results", "technical", "files_list", "files", "run", "stop",
                "last_run"]
 #: the outputs API clients receive, in order (layout containers and buttons are not sent)
 API_OUTPUTS = [n for n in RUN_OUTPUTS if n not in ("results_section", "run", "stop")]
@@ -67,7 +67,8 @@ def _gallery(session: str, items: GalleryItems | None, note: str = "") -> dict[s
 
 def _live(view: RunView) -> dict[str, Any]:
     return {"status": status_markdown(view), "progress": progress_html(view), "bn_plot": bn_figure(view),
-            "kl_plot": kl_figure(view), "losses": losses_markdown(view), "log": "\n".join(view.log[-200:])}
+            "kl_plot": kl_figure(view), "recon_plot": recon_figure(view), "losses": losses_markdown(view),
+            "log": "\n".join(view.log[-200:])}
 
 
 def results_updates(report: dict, out_dir: str | Path, session: str) -> dict[str, Any]:

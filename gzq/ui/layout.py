@@ -16,7 +16,7 @@ import gradio as gr
 
 from . import handlers
 from .form import BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, default_preset, preset_fields
-from .figures import bn_figure, kl_figure
+from .figures import bn_figure, kl_figure, recon_figure
 from .runner import ON_ZEROGPU, RUNS_ROOT, device_label
 from .view import RunView, progress_html, results_frame, status_markdown
 
@@ -150,6 +150,8 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                                            min_width=300)
                     c["kl_plot"] = gr.Plot(kl_figure(RunView()), label="Small models vs original",
                                            elem_id="gzq-kl-plot", min_width=300)
+                    c["recon_plot"] = gr.Plot(recon_figure(RunView()), label="Block by block",
+                                              elem_id="gzq-recon-plot", min_width=300)
         with gr.Column(visible=False, elem_id="gzq-results-section") as c["results_section"]:
             gr.Markdown("## Your result")
             c["downloads"] = gr.HTML("", elem_id="gzq-downloads")

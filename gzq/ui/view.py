@@ -22,10 +22,11 @@ from PIL import Image
 from ..events import Done, Message, Preview, Progress, StageStarted, Stopped
 
 STAGE_LABELS = {"load": "Loading model", "synthesis": "Synthesising images", "calibration": "Measuring value ranges",
-                "finetune": "Training the small models", "evaluate": "Evaluating", "save": "Saving results"}
+                "reconstruct": "Fitting the small models block by block", "finetune": "Training the small models",
+                "evaluate": "Evaluating", "save": "Saving results"}
 #: share of the whole run each stage takes, for the overall progress bar
 STAGE_SPANS = {"load": (0.0, 0.05), "synthesis": (0.05, 0.80), "calibration": (0.80, 0.82),
-               "finetune": (0.82, 0.95), "evaluate": (0.95, 0.98), "save": (0.98, 1.0)}
+               "reconstruct": (0.82, 0.95), "finetune": (0.82, 0.95), "evaluate": (0.95, 0.98), "save": (0.98, 1.0)}
 THUMB_SIDE = 112          # gallery thumbnails: larger images are scaled down to this side
 MANY_CLASSES = 10         # above this many classes the gallery offers a per-class view
 ALL_CLASSES = "All classes"
@@ -48,6 +49,8 @@ class RunView:
     bn_layers: list[list[float]] = field(default_factory=list)     # (steps, layers)
     kl: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     finetune_offset: int | None = None       # x position where fine-tuning starts on the KL plot
+    recon: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)   # per student: step, error
+    recon_blocks: list[tuple[int, str]] = field(default_factory=list)   # (first step, unit) of block reconstruction
     synth_steps_done: int = 0
     preview: Preview | None = None
     preview_version: int = 0
@@ -65,7 +68,9 @@ class RunView:
             self.note(STAGE_LABELS.get(ev.stage, ev.stage) + (f": {ev.message}" if ev.message else ""))
         elif isinstance(ev, Progress):
             self.stage, self.step, self.total, self.eta = ev.stage, ev.step, ev.total_steps, ev.eta
-            if ev.losses:
+            if ev.stage == "reconstruct":
+                self._add_recon(ev)
+            elif ev.losses:
                 self.losses, self.losses_step = dict(ev.losses), ev.step
             if ev.stage == "synthesis":
                 self.synth_steps_done = ev.step
@@ -88,6 +93,14 @@ class RunView:
         elif isinstance(ev, Done):
             self.stage, self.report, self.out_dir = "done", ev.report, ev.out_dir
             self.note("done")
+
+    def _add_recon(self, ev: Progress) -> None:
+        if ev.block and (not self.recon_blocks or self.recon_blocks[-1][1] != ev.block):
+            self.recon_blocks.append((ev.step, ev.block))
+        for name, v in ev.losses.items():
+            xs, ys = self.recon.setdefault(name, ([], []))
+            xs.append(ev.step)
+            ys.append(float(v))
 
     def note(self, text: str) -> None:
         self.log.append(f"[{self.elapsed():5.1f}s] {text}")

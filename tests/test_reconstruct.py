@@ -1,0 +1,127 @@
+"""gzq.reconstruct: units found from the structure of any timm CNN, reconstruction that lowers each unit's
+output error, learnt rounding that stays exactly on the export's integer grid."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from gzq.config import Protocol, QuantSpec, TrainConfig
+from gzq.quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
+from gzq.reconstruct import ReconSettings, find_units, iter_reconstruct, recon_settings
+
+
+def _covered(model, units):
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [n for n in layers if any(n == u or n.startswith(u + ".") for u in units)], layers
+
+
+@pytest.mark.parametrize("arch, expect", [
+    # (architecture, units that must be found: residual blocks whole, stages split, stem and head alone)
+    ("resnet18", ["conv1", "layer1.0", "layer1.1", "layer4.1", "fc"]),
+    ("mobilenetv2_050", ["conv_stem", "blocks.0", "blocks.1.0", "blocks.1.1", "conv_head", "classifier"]),
+    ("regnetx_002", ["stem", "s1", "s3.b1", "s4.b7", "head"]),
+    ("densenet121", ["features.conv0", "features.denseblock1", "features.transition1", "classifier"]),
+    ("repvgg_a0", ["stem", "stages.0.0", "stages.2.13", "head"]),
+    ("ghostnet_050", ["conv_stem", "blocks.0", "blocks.9", "classifier"]),
+])
+def test_units_cover_every_layer_in_execution_order(arch, expect):
+    model = timm.create_model(arch, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    units = find_units(model, x)
+    covered, layers = _covered(model, units)
+    assert covered == layers                                   # every conv / linear in exactly one unit
+    assert all(sum(n == u or n.startswith(u + ".") for u in units) == 1 for n in layers)
+    for u in expect:
+        assert u in units, (u, units)
+    assert [units.index(u) for u in expect] == sorted(units.index(u) for u in expect)
+    # the same units in the BN-folded fake-quant student (BN replaced, convs wrapped)
+    student = create_student(model, QuantSpec.parse("w4a4"), x)
+    assert find_units(student, x) == units
+
+
+def test_deployable_student_units_are_its_layers(default_teacher):
+    """An fx-traced student calls no container module: its units are the layers themselves."""
+    t = default_teacher
+    x = torch.zeros(2, *t.input_size)
+    s = create_student(t.model, QuantSpec(4, 4, protocol=Protocol.DEPLOYABLE), x, t.classifier)
+    units = find_units(s, x)
+    assert units == [n for n, _ in quant_wrappers(s)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small trained-statistics ResNet-like timm model and a calibrated W3A3 student."""
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=10, in_chans=1).train()
+    with torch.no_grad():
+        for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):   # no zero-initialised
+            bn.weight.uniform_(0.5, 1.5)                                             # residual branches
+            bn.bias.uniform_(-0.2, 0.2)
+        for _ in range(4):
+            m(torch.randn(32, 1, 32, 32))
+    m.eval().requires_grad_(False)
+    x = torch.randn(64, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    s = create_student(m, QuantSpec(3, 3), x[:2])
+    calibrate_(s, [x])
+    ref = copy.deepcopy(m)
+    fold_bn_(ref, x[:2])
+    return m, ref, s, x
+
+
+def _unit_errors(ref, student, units, x):
+    out = {}
+    with torch.no_grad():
+        for u in units:
+            feats = {}
+            mod = ref.get_submodule(u)
+            hooks = [mod.register_forward_pre_hook(lambda m, a: feats.__setitem__("in", a[0].clone())),
+                     mod.register_forward_hook(lambda m, a, o: feats.__setitem__("out", o.clone()))]
+            ref(x)
+            for h in hooks:
+                h.remove()
+            inp, target = feats["in"], feats["out"]
+            out[u] = (student.get_submodule(u)(inp) - target).pow(2).mean().item()
+    return out
+
+
+def test_reconstruction_lowers_each_units_error_and_keeps_weights_on_the_grid(tiny):
+    m, ref, s0, x = tiny
+    s = copy.deepcopy(s0)
+    units = find_units(s, x[:2])
+    before = _unit_errors(ref, s, units, x)
+    gen = torch.Generator().manual_seed(3)
+    draw = lambda idx: x[idx] + 0.05 * torch.randn(x[idx].shape, generator=gen)   # noqa: E731
+    settings = ReconSettings(steps=60, batch_size=16, pool=64, lr_round=3e-2)
+    events = list(iter_reconstruct(ref, {"w3a3": s}, draw, torch.arange(len(x)), settings, torch.device("cpu")))
+    progress = [e for e in events if type(e).__name__ == "Progress"]
+    assert len(progress) == len(units) * settings.steps
+    assert [e.block for e in progress[::settings.steps]] == units
+    after = _unit_errors(ref, s, units, x)
+    assert sum(after.values()) < 0.8 * sum(before.values()), (before, after)
+    assert sum(after[u] < before[u] for u in units) >= len(units) - 1, (before, after)
+    with torch.no_grad():   # and the network's output, which no unit was fitted to directly
+        err0, err1 = ((net(x) - ref(x)).pow(2).mean().item() for net in (s0, s))
+    assert err1 < 0.7 * err0, (err0, err1)
+    # learnt rounding is baked into the float weight: it lies on its quantizer's grid, codes changed somewhere
+    changed = 0
+    for (n, w), (_, w0) in zip(quant_wrappers(s), quant_wrappers(s0)):
+        assert type(w.w_quant).__name__ == "WeightQuantizer"
+        with torch.no_grad():
+            torch.testing.assert_close(w.quantized_weight(), w.module.weight, rtol=0, atol=1e-6)
+            changed += int((w.quantized_weight() != w0.quantized_weight()).sum())
+    assert changed > 0
+
+
+def test_recon_settings_follow_the_config():
+    cfg = TrainConfig(method="recon", recon_steps=7, recon_pool=99, recon_drop=0.0)
+    s = recon_settings(cfg)
+    assert (s.steps, s.pool, s.drop) == (7, 99, 0.0)
+    assert cfg.uses_recon and not cfg.uses_kd
+    assert TrainConfig(method="recon+kd").uses_kd
+    with pytest.raises(ValueError, match="recon_drop"):
+        TrainConfig(recon_drop=1.5)
+    with pytest.raises(ValueError):
+        TrainConfig(method="adaround")
