@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig
-from .reconstruct import find_units
+from .reconstruct import find_units, recon_settings
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,10 @@ def recon_seconds(cfg: RunConfig, costs: StepCosts) -> float:
     """A reconstruction stage: every unit captures its pool's inputs (a forward up to the unit, half the network
     on average, of the teacher and every student), then trains `recon_steps` batches, one unit's share of a
     full forward and backward each (so all units together: recon_steps full forward+backward passes)."""
-    t, share = cfg.train, _shares(cfg)[0]
-    capture = costs.recon_units * t.recon_pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
-    train = t.recon_steps * t.recon_batch_size * 3 * share * costs.student_forward_image
+    share = _shares(cfg)[0]
+    r = recon_settings(cfg.train, cfg.synth.num_images - cfg.synth.holdout_images)
+    capture = costs.recon_units * r.pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
+    train = r.steps * r.batch_size * 3 * share * costs.student_forward_image
     return capture + train if share else 0.0
 
 
@@ -151,7 +152,8 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
 
 def _finetune_text(cfg: RunConfig) -> str:
     t, (recon, kd) = cfg.train, _shares(cfg)
-    parts = ([f"block reconstruction ({t.recon_steps} steps per block)"] if recon else []) + \
+    steps = recon_settings(t, cfg.synth.num_images - cfg.synth.holdout_images).steps
+    parts = ([f"block reconstruction ({steps} steps per block)"] if recon else []) + \
         ([f"{t.epochs} fine-tuning epochs"] if kd else [])
     return " then ".join(parts) or "no fine-tuning"
 

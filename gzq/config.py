@@ -282,7 +282,7 @@ class TrainConfig(_Serialisable):
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
-    recon_steps: int = 200        # optimisation steps per unit (block)
+    recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
     recon_batch_size: int = 32
     recon_pool: int = 512         # fresh draws of f_I(z) per unit
     recon_lr_round: float = 1e-2  # Adam on AdaRound's rounding variables
@@ -293,9 +293,14 @@ class TrainConfig(_Serialisable):
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)
         _check_positive("batch_size", self.batch_size)
-        for nm in ("lr", "lr_quant", "temperature", "recon_steps", "recon_batch_size", "recon_pool",
-                   "recon_lr_round", "recon_lr_act"):
+        for nm in ("lr", "lr_quant", "temperature", "recon_batch_size", "recon_pool", "recon_lr_round", "recon_lr_act"):
             _check_positive(nm, getattr(self, nm))
+        _check_positive("recon_steps", self.recon_steps, allow_zero=True)
+        try:
+            self.method = FinetuneMethod(self.method)
+        except ValueError:
+            raise ValueError(f"train.method must be one of {', '.join(m.value for m in FinetuneMethod)}, "
+                             f"got {self.method!r}") from None
         _check_range("recon_drop", self.recon_drop, 0.0, 1.0)
         _check_positive("recon_reg", self.recon_reg, allow_zero=True)
 

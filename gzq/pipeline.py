@@ -205,8 +205,13 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             check_stop(stop_fn)
             students[n] = create_student(teacher.model, s, example, teacher.classifier)
         check_stop(stop_fn)
+        methods = {n: cfg.train.method_for(specs[n]) for n in students}
+        reference = None
+        if any(m.recon for m in methods.values()):   # the float network in the students' shape (BN folded): what
+            reference = copy.deepcopy(teacher.model).requires_grad_(False)    # block reconstruction matches
+            fold_bn_(reference, example)
         labelled = load_labelled_data(teacher, cfg.eval)
-        stop_hooks = StopHooks(stop_fn, teacher.model, *students.values())  # after the copies: not copied
+        stop_hooks = StopHooks(stop_fn, teacher.model, reference, *students.values())  # after the copies: not copied
         timings["load"] = time.perf_counter() - t
         yield Message(f"teacher {teacher.architecture} ({teacher.num_classes} classes, input {teacher.input_size}) "
                       f"on {device}; students: {', '.join(students)}"
@@ -261,18 +266,15 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             timings["calibration"] = time.perf_counter() - t
 
         jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)   # the teacher labels (or fits) each rolled
-        methods = {n: cfg.train.method_for(specs[n]) for n in students}   # image itself, so fine-tuning keeps it
-        recon = {n: s for n, s in students.items() if methods[n].recon}
+        recon = {n: s for n, s in students.items() if methods[n].recon}   # image itself, so fine-tuning keeps it
         if recon:
             t = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed + 13)
             dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 14)
             draw = lambda idx: augment(synth.images(idx, dev_gen, noise=cfg.train.resample), jitter, synth.flip, gen)  # noqa: E731
-            reference = copy.deepcopy(teacher.model).requires_grad_(False)   # the float network in the students'
-            fold_bn_(reference, example)                                     # shape: BN folded
-            steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, recon_settings(cfg.train),
+            steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, recon_settings(cfg.train, len(synth.train_idx)),
                                                 device, cfg.seed, stop_fn)
-            del reference
+            reference = None
             timings["reconstruct"] = time.perf_counter() - t
             if steps == 0 or stop_fn():
                 return
@@ -346,7 +348,8 @@ class StopHooks:
 
     def __init__(self, stop_fn: Callable[[], bool], *models: torch.nn.Module):
         self.stop_fn = stop_fn
-        self.handles = [m.register_forward_hook(self._forward) for model in models for m in model.modules()]
+        self.handles = [m.register_forward_hook(self._forward) for model in models if model is not None
+                        for m in model.modules()]
 
     def _check(self, *_) -> None:
         check_stop(self.stop_fn)

@@ -58,9 +58,16 @@ class ReconSettings:
     beta: tuple[float, float] = (20.0, 2.0)
 
 
-def recon_settings(cfg) -> ReconSettings:
-    """The ReconSettings of a gzq.config.TrainConfig."""
-    return ReconSettings(steps=cfg.recon_steps, batch_size=cfg.recon_batch_size, pool=cfg.recon_pool,
+#: fewest steps per unit when the step count follows the fine-tuning budget
+MIN_AUTO_STEPS = 20
+
+
+def recon_settings(cfg, train_images: int) -> ReconSettings:
+    """The ReconSettings of a gzq.config.TrainConfig. recon_steps 0 sizes the stage like the KD stage it
+    replaces: all units together pass half as many images as `epochs` of KD over `train_images` would."""
+    steps = cfg.recon_steps or max(MIN_AUTO_STEPS, round(cfg.epochs * train_images / (2 * cfg.recon_batch_size)))
+    return ReconSettings(steps=steps, batch_size=cfg.recon_batch_size,
+                         pool=min(cfg.recon_pool, max(steps * cfg.recon_batch_size // 4, cfg.recon_batch_size)),
                          lr_round=cfg.recon_lr_round, lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg)
 
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from gzq.config import Protocol, QuantSpec, TrainConfig
+from gzq.config import FinetuneMethod, Protocol, QuantSpec, TrainConfig
 from gzq.quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
 from gzq.reconstruct import ReconSettings, find_units, iter_reconstruct, recon_settings
 
@@ -116,12 +116,47 @@ def test_reconstruction_lowers_each_units_error_and_keeps_weights_on_the_grid(ti
 
 
 def test_recon_settings_follow_the_config():
-    cfg = TrainConfig(method="recon", recon_steps=7, recon_pool=99, recon_drop=0.0)
-    s = recon_settings(cfg)
-    assert (s.steps, s.pool, s.drop) == (7, 99, 0.0)
-    assert cfg.uses_recon and not cfg.uses_kd
-    assert TrainConfig(method="recon+kd").uses_kd
+    cfg = TrainConfig(method="recon", recon_steps=7, recon_pool=99, recon_drop=0.0, recon_batch_size=32)
+    s = recon_settings(cfg, 1000)
+    assert (s.steps, s.pool, s.drop) == (7, 56, 0.0)                 # a pool of at most steps x batch / 4
+    auto = recon_settings(TrainConfig(epochs=40, recon_batch_size=32), 224)
+    assert auto.steps == 140 and auto.pool == 512                     # half the images 40 KD epochs pass
+    spec4, spec8 = QuantSpec(4, 4), QuantSpec(8, 8)
+    assert cfg.method_for(spec8) == FinetuneMethod.RECON
+    auto = TrainConfig()
+    assert auto.method_for(spec4).recon and auto.method_for(spec4).kd and not auto.method_for(spec8).recon
     with pytest.raises(ValueError, match="recon_drop"):
         TrainConfig(recon_drop=1.5)
     with pytest.raises(ValueError):
-        TrainConfig(method="adaround")
+        TrainConfig.from_dict({"method": "adaround"})
+
+
+def test_reconstructed_student_exports_exactly(default_teacher, tmp_path):
+    """Learnt rounding changes the weight codes; the ONNX file and the integer safetensors hold those codes,
+    so onnxruntime and the rebuilt student give the reconstructed student's outputs."""
+    from gzq.data import load_fashion_mnist, to_model_input
+    from gzq.export import export_onnx, load_int_weights, run_onnx, save_int_weights
+    t = default_teacher
+    xs, _ = load_fashion_mnist("train")
+    x = to_model_input(xs[:96], t.mean, t.std, t.input_size)
+    spec = QuantSpec(4, 4)
+    s = create_student(t.model, spec, x[:2], t.classifier)
+    calibrate_(s, [x])
+    nearest = {n: w.quantized_weight().clone() for n, w in quant_wrappers(s)}
+    ref = copy.deepcopy(t.model)
+    fold_bn_(ref, x[:2])
+    settings = ReconSettings(steps=15, batch_size=16, pool=32, lr_round=5e-2)
+    list(iter_reconstruct(ref, {"w4a4": s}, lambda idx: x[idx], torch.arange(len(x)), settings, torch.device("cpu")))
+    assert any(not torch.equal(w.quantized_weight(), nearest[n]) for n, w in quant_wrappers(s))
+    s.eval().requires_grad_(False)
+    test = x[:64]
+    with torch.no_grad():
+        expect = s(test)
+    info = export_onnx(s, tmp_path / "recon.onnx", t.input_size, 21, t.data_config(), spec)
+    got = run_onnx(info["path"], test)
+    assert (got.argmax(1) == expect.argmax(1)).float().mean() >= 0.98
+    assert (got - expect).abs().max() <= 0.05 * expect.abs().max()
+    ints = save_int_weights(s, tmp_path / "recon_int.safetensors", spec, t.data_config())
+    rebuilt, _, _ = load_int_weights(ints["path"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(test), expect)

@@ -15,6 +15,9 @@ import torch
 
 from ..config import EvalConfig, RunConfig
 from ..pipeline import resolve_device
+from ..reconstruct import recon_settings
+
+RECON_BLOCKS = 20   # typical number of reconstruction units, for the estimate before the model is traced
 
 _PROBES: dict[tuple, "Probe"] = {}
 _PROBE_LOCK = threading.Lock()
@@ -86,8 +89,14 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     # joined, each student's pass, the images' gradient through it and its own update (about 3 passes)
     synthesis = batch * (s.steps * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
     n_train = s.num_images - s.holdout_images
+    methods = [tr.method_for(spec) for spec in cfg.students]
+    m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
-        p.teacher_step / 3 + 2 * m * p.student_step)
+        p.teacher_step / 3 + 2 * m_kd * p.student_step) if m_kd else 0.0
+    if m_recon:   # every block: its pool's inputs (half a forward on average; a CNN has some 10-30 blocks),
+        r = recon_settings(tr, n_train)   # then the steps, one block's share of a training pass each
+        fine_tune += RECON_BLOCKS * r.pool * (p.teacher_step + m_recon * p.student_step) / 6 \
+            + r.steps * r.batch_size * m_recon * p.student_step
     n_real = min(p.real_images, cfg.eval.max_real_images or p.real_images)
     # forward passes only, without gradients and in large batches: about a tenth of a training pass
     evaluate = (s.holdout_images * cfg.eval.fresh_draws + n_real) * (p.teacher_step + m * p.student_step) / 10

@@ -62,6 +62,8 @@ TIPS: dict[str, str] = {
     "steps": "How many times the synthetic images are improved; more steps, more natural images.",
     "num_images": "How many synthetic images are made to train the small model on.",
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
+    "finetune": "How the small model learns from the original: kd matches its answers (distillation), recon "
+                "matches it block by block (learnt rounding), recon+kd does both; auto picks by bit-width.",
     "num_students": "Small models trained together (the 'students'); 0 means one per bit-width.",
     "seed": "The same seed gives the same images and the same result.",
     "lambda_bn": "Weight of the BatchNorm term (λ BN): how strongly images must match the statistics "
@@ -90,15 +92,16 @@ def preset_config(preset: str) -> RunConfig:
     return make_config(lib_preset, **overrides)
 
 
-ADVANCED_KEYS = ["steps", "num_images", "epochs", "num_students", "seed", "lambda_bn", "lambda_ce", "lambda_adv",
-                 "lambda_tv", "lambda_l2", "bn_loss", "image_param"]
+ADVANCED_KEYS = ["steps", "num_images", "epochs", "finetune", "num_students", "seed", "lambda_bn", "lambda_ce",
+                 "lambda_adv", "lambda_tv", "lambda_l2", "bn_loss", "image_param"]
 
 
 def preset_fields(preset: str) -> dict[str, Any]:
     """Values the advanced section shows for a preset (what Run will use unless edited)."""
     cfg = preset_config(preset)
     s = cfg.synth
-    return dict(steps=s.steps, num_images=s.num_images, epochs=cfg.train.epochs, num_students=s.num_students,
+    return dict(steps=s.steps, num_images=s.num_images, epochs=cfg.train.epochs, finetune=cfg.train.method.value,
+                num_students=s.num_students,
                 seed=cfg.seed, lambda_bn=s.lambda_bn, lambda_ce=s.lambda_ce, lambda_adv=s.lambda_adv,
                 lambda_tv=s.lambda_tv, lambda_l2=s.lambda_l2, bn_loss=s.bn_loss.value, image_param=s.image_param.value)
 
@@ -143,7 +146,8 @@ def model_name(model: str | None) -> str:
 def build_config(model: str | None, checkpoint: str | None = None, num_classes=None, in_chans=None,
                  pretrained: bool = False, w_bits=4, a_bits=4, protocol: str = "all_layers",
                  extra_students: str | None = "", preset: str = "quick CPU", steps=None, num_images=None,
-                 epochs=None, num_students=None, seed=None, lambda_bn=None, lambda_ce=None, lambda_adv=None,
+                 epochs=None, finetune=None, num_students=None, seed=None, lambda_bn=None, lambda_ce=None,
+                 lambda_adv=None,
                  lambda_tv=None, lambda_l2=None, bn_loss=None, image_param=None, data_dir: str | None = None,
                  device: str = "auto", **_ignored) -> RunConfig:
     """The RunConfig for the form's values. Raises ValueError with a message meant for the user.
@@ -180,6 +184,8 @@ def build_config(model: str | None, checkpoint: str | None = None, num_classes=N
     if image_param:
         synth["image_param"] = image_param
     train = {"epochs": _as_int("fine-tune epochs", epochs, 0)} if epochs not in (None, "") else {}
+    if finetune:
+        train["method"] = finetune
     model_spec: dict[str, Any] = dict(name=name, checkpoint=checkpoint or None, pretrained=bool(pretrained))
     if num_classes not in (None, "", 0):
         model_spec["num_classes"] = _as_int("number of classes", num_classes, 1)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from ..config import FinetuneMethod
 from . import handlers
 from .form import BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, default_preset, preset_fields
 from .figures import bn_figure, kl_figure, recon_figure
@@ -124,6 +125,9 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                         c["steps"] = _number("steps", f0["steps"], "synthesis steps")
                         c["num_images"] = _number("num_images", f0["num_images"], "synthetic images")
                         c["epochs"] = _number("epochs", f0["epochs"], "training epochs")
+                    c["finetune"] = gr.Radio([m.value for m in FinetuneMethod], value=f0["finetune"],
+                                             label="how the small model learns", info=TIPS["finetune"],
+                                             elem_id="gzq-finetune")
                     with gr.Row():
                         c["num_students"] = _number("num_students", f0["num_students"], "students")
                         c["seed"] = _number("seed", f0["seed"], "seed")
@@ -239,7 +243,7 @@ def _wire(demo: gr.Blocks, c: dict[str, Any], bits: gr.Radio, estimate: gr.Markd
         return handlers.estimate_markdown(values)
 
     for name in ("model", "pretrained", "random_weights", "checkpoint", "preset", "steps", "num_images", "epochs",
-                 "extra_students", "num_students", "w_bits", "a_bits"):
+                 "finetune", "extra_students", "num_students", "w_bits", "a_bits"):
         c[name].change(estimate_line, inputs_kwargs=form, outputs=estimate, concurrency_limit=1,
                        concurrency_id="gzq-estimate", trigger_mode="always_last", show_progress="minimal",
                        api_visibility="private")
