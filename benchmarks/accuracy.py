@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.cli import apply_overrides  # noqa: E402
-from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec  # noqa: E402
+from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
 from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.events import Done  # noqa: E402
-from gzq.pipeline import iter_run, make_config  # noqa: E402
+from gzq.pipeline import iter_run  # noqa: E402
+from gzq.presets import make_config  # noqa: E402
 from gzq.synthesis import SynthResult, SyntheticImages  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -99,7 +99,7 @@ def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, see
     spec = MODELS[model] if isinstance(model, str) else model
     cfg = make_config(budget.get("preset", "cpu"), device, model=spec, students=students, seed=seed,
                       synth=synth, train=budget.get("train", {}), eval=budget.get("eval", {}))
-    cfg = dataclasses.replace(cfg, time_budget_s=None)   # every method runs the same, fixed budget
+    cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)  # one fixed budget
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
     report = None
@@ -134,8 +134,10 @@ def main(argv=None):
         budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
                   "train": dict(epochs=1), "eval": dict(max_real_images=300)}
         seeds = seeds[:1]
+    if args.set:
+        budget["set"] = list(args.set)   # applied after the method's own fields; part of the cache key
     try:
-        apply_overrides({k: budget[k] for k in ("synth", "train", "eval")}, args.set)
+        override(make_config("cpu", "cpu"), *args.set)
     except ValueError as e:
         p.error(str(e))
     bits = [parse_bits(b) for b in args.bits.split(",")]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
-from .config import RunConfig, SynthConfig
+from .config import RunConfig, SynthConfig, scaled_synth
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,6 @@ class RunEstimate:
     scale: float = 1.0                 # share of the configured synthesis budget kept (1 = all of it)
     costs: StepCosts | None = None
     budget: dict = field(default_factory=dict)   # images, steps, epochs the estimate is for
-
-
-def with_budget(synth: SynthConfig, num_images: int | None = None, steps: int | None = None) -> dict:
-    """Synthesis overrides for a changed image count or step count, with the derived fields scaled by one rule:
-    hold-out = 1/8 of the images, batch <= images, warm-up = the same share of the steps as before."""
-    out = {}
-    if num_images is not None:
-        out.update(num_images=num_images, holdout_images=max(num_images // 8, 1) if num_images > 2 else 0,
-                   batch_size=min(synth.batch_size, num_images))
-    if steps is not None:
-        share = synth.warmup_steps / synth.steps if synth.steps else 0.0
-        out.update(steps=steps, warmup_steps=int(round(share * steps)))
-    return out
 
 
 def _timed(fn, repeats: int = 2) -> float:
@@ -145,7 +132,7 @@ def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: flo
         steps = max(int(cfg.synth.steps * g), min(MIN_STEPS, cfg.synth.steps))
         fitted = copy.deepcopy(cfg)
         d = fitted.synth.to_dict()
-        d.update(with_budget(cfg.synth, images, steps))
+        d.update(scaled_synth(cfg.synth, images, steps))
         fitted.synth = SynthConfig.from_dict(d)
         est = estimate(fitted, costs, num_students, real_images)
         if images == min(MIN_IMAGES, cfg.synth.num_images) and steps == min(MIN_STEPS, cfg.synth.steps):

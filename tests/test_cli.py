@@ -43,7 +43,7 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     from gzq.config import EvalConfig
     from gzq.evaluate import load_labelled_data, predict_logits, top1
     from gzq.models import load_teacher
-    from gzq.pipeline import load_student
+    from gzq.checkpoint import load_student
     student, spec, _ = load_student(out / "students" / "w4a4.safetensors")
     assert spec.name == "w4a4"
     x, y, _ = load_labelled_data(load_teacher("default"), EvalConfig(max_real_images=2000))

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from gzq.config import BNLoss, ModelSpec, Protocol, QuantSpec, RunConfig, SynthConfig
-from gzq.pipeline import make_config, student_names
+from gzq.config import student_specs
+from gzq.presets import make_config
 
 
 def test_round_trip_through_json():
@@ -12,7 +13,7 @@ def test_round_trip_through_json():
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.synth.bn_loss is BNLoss.MSE and again.model.input_size == (3, 64, 64)
-    assert [n for n, _ in student_names(cfg)] == ["w4a4", "w8a8", "w4a4_s1"]
+    assert [n for n, _ in student_specs(cfg)] == ["w4a4", "w8a8", "w4a4_s1"]
 
 
 @pytest.mark.parametrize("kwargs, msg", [

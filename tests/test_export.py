@@ -1,4 +1,4 @@
-"""gzq.export: ONNX QDQ and integer safetensors reproduce the fake-quant student (DESIGN 2.7).
+"""gzq.export: ONNX QDQ and integer safetensors reproduce the fake-quant student (docs/design.md 2.7).
 
 onnxruntime is run twice: with graph optimisations off (what the ONNX graph means: equal to PyTorch up to
 float summation order, which can flip a rare rounding) and with its defaults (what a user gets: 8-bit QDQ
@@ -16,8 +16,9 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from gzq.config import ExportConfig, ExportFormat, ModelSpec, Protocol, QuantSpec, RunConfig
-from gzq.export import (effective_scale, export_fp32_onnx, export_onnx, export_run, find_layer_quants,
-                        load_int_weights, onnx_session, run_onnx, save_int_weights)
+from gzq.checkpoint import load_int_weights, save_int_weights
+from gzq.export import export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
+from gzq.quant.integer import effective_scale, find_layer_quants
 from gzq.quant.convert import calibrate_, create_student, quant_wrappers
 from gzq.quant.primitives import fake_quantize
 

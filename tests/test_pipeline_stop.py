@@ -8,7 +8,8 @@ import timm
 import torch
 
 from gzq.events import Progress, StageStarted, Stopped
-from gzq.pipeline import RunStopped, StopHooks, iter_run, make_config
+from gzq.pipeline import RunStopped, StopHooks, iter_run
+from gzq.presets import make_config
 
 
 def test_forward_raises_once_the_flag_is_set_and_hooks_come_off():

@@ -10,12 +10,13 @@ from torch import nn
 from gzq.bn import BNStatsRecorder, bn_losses
 from gzq.budget import StepCosts, estimate, fit_budget, with_budget
 from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig
-from gzq.events import Message
+from gzq.events import Message, drain
 from gzq.models import Teacher
-from gzq.pipeline import health_warnings, make_config
-from test_synthesis import _run as _drain  # (events, return value) of a stage generator
+from gzq.evaluate import health_warnings
+from gzq.presets import make_config
 
-from gzq.synthesis import SyntheticImages, augment, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
+from gzq.augment import augment, jitter_pixels
+from gzq.synthesis import SyntheticImages, flip_check, flips_are_valid, iter_synthesize
 
 
 def _bn_terms(model, x, normalize):
@@ -112,7 +113,7 @@ def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapt
     teacher = _toy_teacher(_ChiralBN())
     cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=12, warmup_steps=6, adversarial=False,
                       flip="auto", lambda_bn=1.0, ce_adapt_rate=0.5)
-    events, res = _drain(iter_synthesize(teacher, {}, cfg, torch.device("cpu")))
+    events, res = drain(iter_synthesize(teacher, {}, cfg, torch.device("cpu")))
     # under flips a chiral teacher cannot hold the labels: the check at 3/4 of the steps drops flips and jitter
     assert res.flip_check["augmented_agreement"] < 0.9 and res.flip is False and res.jitter == 0
     assert any(isinstance(e, Message) and "jitter and flips off from here" in e.text for e in events)
@@ -128,9 +129,9 @@ def test_augmentation_check_drops_flips_for_a_chiral_teacher_and_ce_weight_adapt
     sym = _toy_teacher(nn.Sequential(nn.BatchNorm2d(1).eval(), _Symmetric()))
     kept = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=30, warmup_steps=20, adversarial=False,
                        lambda_bn=0.01, ce_adapt_rate=0.5)
-    _, res = _drain(iter_synthesize(sym, {}, kept, torch.device("cpu")))
+    _, res = drain(iter_synthesize(sym, {}, kept, torch.device("cpu")))
     assert res.flip is True and res.jitter == 1 and res.flip_check["augmented_agreement"] >= 0.9
-    _, res = _drain(iter_synthesize(teacher, {}, fixed, torch.device("cpu")))
+    _, res = drain(iter_synthesize(teacher, {}, fixed, torch.device("cpu")))
     assert res.flip is True and set(res.history["ce_weight"]) == {1.0}   # flips asked for stay on
 
 

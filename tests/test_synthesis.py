@@ -3,18 +3,11 @@ import torch
 from gzq.config import ImageParam, QuantSpec, SynthConfig, TrainConfig
 from gzq.distill import iter_distill
 from gzq.models import find_bn_layers
-from gzq.events import Preview, Progress, StageStarted, Stopped
+from gzq.events import Preview, Progress, StageStarted, Stopped, drain
 from gzq.quant import create_student
-from gzq.synthesis import augment, balanced_labels, ensemble_log_probs, iter_synthesize, kl_teacher_student
-
-
-def _run(gen):
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as e:
-            return events, e.value
+from gzq.augment import augment
+from gzq.losses import ensemble_log_probs, kl_teacher_student
+from gzq.synthesis import balanced_labels, iter_synthesize
 
 
 def _students(teacher, specs=("w4a4",)):
@@ -24,7 +17,7 @@ def _students(teacher, specs=("w4a4",)):
 
 def test_synthesis_raises_bn_log_likelihood(default_teacher):
     cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=25, warmup_steps=25, preview_every=5)
-    events, result = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
+    events, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
     assert isinstance(events[0], StageStarted) and len(progress) == 25
     first, last = progress[0], progress[-1]
@@ -40,7 +33,7 @@ def test_synthesis_raises_bn_log_likelihood(default_teacher):
 def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher):
     students = _students(default_teacher, ("w4a4", "w8a8"))
     cfg = SynthConfig(num_images=40, holdout_images=8, batch_size=20, steps=6, warmup_steps=3)
-    events, result = _run(iter_synthesize(default_teacher, students, cfg, torch.device("cpu"), seed=0))
+    events, result = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
     assert all(not p.student_kl for p in progress[:3])
     assert all(set(p.student_kl) == {"w4a4", "w8a8"} and "kl_ens" in p.losses for p in progress[3:])
@@ -50,12 +43,12 @@ def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher):
 
 def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
     cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=3, warmup_steps=3)
-    a = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
-    b = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
+    a = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
+    b = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
     assert torch.equal(a.images.mean, b.images.mean)
     calls = []
     stop = lambda: (calls.append(1), len(calls) > 2)[1]  # noqa: E731
-    events, result = _run(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
+    events, result = drain(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
                                           torch.device("cpu"), stop=stop))
     assert isinstance(events[-1], Stopped) and result.steps_done == 2
     assert all(not m._forward_pre_hooks for m in default_teacher.model.modules())   # hooks freed
@@ -64,7 +57,7 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
 def test_pixel_option_and_clamping(default_teacher):
     cfg = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=2, warmup_steps=2,
                       image_param=ImageParam.PIXEL, lr=5.0)
-    _, result = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    _, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
     assert result.images.log_scale is None
     lo, hi = default_teacher.pixel_bounds
     assert (result.images.mean >= lo - 1e-6).all() and (result.images.mean <= hi + 1e-6).all()
@@ -73,10 +66,10 @@ def test_pixel_option_and_clamping(default_teacher):
 def test_students_kl_falls_during_finetuning(default_teacher):
     students = _students(default_teacher, ("w3a3",))
     cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
-    _, synth = _run(iter_synthesize(default_teacher, students, cfg, torch.device("cpu")))
+    _, synth = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu")))
     from gzq.quant import calibrate_
     calibrate_(students["w3a3"], [synth.images(synth.train_idx, noise=False)])
-    events, steps = _run(iter_distill(default_teacher, students, synth.images, synth.train_idx,
+    events, steps = drain(iter_distill(default_teacher, students, synth.images, synth.train_idx,
                                       TrainConfig(epochs=8, batch_size=16, lr=3e-4), torch.device("cpu")))
     kls = [e.student_kl["w3a3"] for e in events if isinstance(e, Progress)]
     assert steps == 24 and len(kls) == 24

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EvalConfig, RunConfig
-from ..pipeline import resolve_device
+from ..presets import resolve_device
 
 _PROBES: dict[tuple, "Probe"] = {}
 _PROBE_LOCK = threading.Lock()
@@ -68,7 +68,7 @@ def _probe(cfg: RunConfig) -> Probe:
             return min(times[1:]) / n
 
         probe = Probe(load, per_image(teacher.model), per_image(student.train()),
-                      len(labelled[0]) if labelled else 0)
+                      len(labelled.labels) if labelled else 0)
         del teacher, student, x
         _PROBES[key] = probe
         return probe
