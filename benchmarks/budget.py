@@ -60,7 +60,7 @@ def main(argv=None):
             print(f"{bits:<6}{r['images']:>7}{r['steps']:>7}{r['images'] * r['steps']:>12}{r['accuracy']:>8.2f}"
                   f"{fp - r['accuracy']:>11.2f}{r['wall_s']:>8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(seed=args.seed, overrides=overrides, fp=fp, curves=curves), indent=2) + "\n")
+    args.out.write_text(json.dumps(dict(seed=args.seed, overrides=args.set, fp=fp, curves=curves), indent=2) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -3,7 +3,7 @@ labelled data exists, model size; the report a run writes, and the health of its
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +14,6 @@ from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_i
 from .losses import kl_teacher_student
 from .models import Teacher
 from .quant.convert import model_size_bytes
-
-if TYPE_CHECKING:   # the synthesis stage's result type, for annotations only
-    from .synthesis import SynthResult
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +70,12 @@ def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> LabelledData | None
     return LabelledData(to_model_input(images, teacher.mean, teacher.std, teacher.input_size), labels, source)
 
 
-def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResult,
-                 labelled: LabelledData | None, cfg: RunConfig, device: torch.device) -> dict:
-    """Teacher and student metrics: agreement and KL on held-out synthetic images, real top-1, size."""
+def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth, labelled: LabelledData | None,
+                 cfg: RunConfig, device: torch.device) -> dict:
+    """Teacher and student metrics: agreement and KL on held-out synthetic images, real top-1, size.
+
+    synth: the synthesis stage's SynthResult (its images, train and held-out indices).
+    """
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     idx = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
     with torch.no_grad():
@@ -112,7 +112,7 @@ def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResu
 MIN_LABEL_AGREEMENT = 90.0
 
 
-def synthesis_health(report: dict, synth: SynthResult) -> dict:
+def synthesis_health(report: dict, synth) -> dict:
     """Signals that the synthetic images are fit to train on: the teacher's agreement with their labels (on
     fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, and the
     flip decision."""

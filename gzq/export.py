@@ -39,7 +39,6 @@ import collections
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ from torch.func import functional_call
 
 from .checkpoint import save_int_weights
 from .config import ExportConfig, ExportFormat, QuantSpec
-from .quant.convert import quant_wrappers
 from .quant.graph import CONTAINER
 from .quant.integer import ActQuant, LayerQuant, find_layer_quants, find_tensor_quants
 from .quant.modules import QuantWrapper
@@ -552,13 +550,28 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int 
     return dict(path=str(path), bytes=path.stat().st_size, opset=min(opset, _TORCHSCRIPT_MAX_OPSET))
 
 
-def onnx_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
-    """An onnxruntime CPU session (optional thread count, optional dump of the optimised graph)."""
+def onnx_session(path: str | Path, threads: int | None = None, optimization: str = "all",
+                 optimized_path: str | Path | None = None, fold_weights: bool = False):
+    """An onnxruntime CPU session.
+
+    Args:
+        threads: intra-op threads (inter-op 1); None = onnxruntime's default.
+        optimization: "all" (onnxruntime's default: what a user gets), "extended" (the QDQ -> integer-kernel
+            fusions without hardware-specific layouts) or "none" (the graph as written).
+        optimized_path: where to write the optimised graph.
+        fold_weights: no QDQ fusion; weight DequantizeLinear is constant-folded at load.
+    """
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if optimization != "all":
+        levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        so.graph_optimization_level = levels[optimization]
+    if fold_weights:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

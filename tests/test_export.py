@@ -27,11 +27,7 @@ EFF_INPUT = (3, 64, 64)
 
 
 def _session(path, optimise: bool = True):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    if not optimise:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx_session(path, threads=1, optimization="all" if optimise else "none")
 
 
 def _assert_logits_match(onnx_out: torch.Tensor, ref: torch.Tensor, exact_frac: float, p95_rel: float):
@@ -211,21 +207,30 @@ def test_onnx_real_accuracy_and_agreement_on_10k(name, onnx_files, default_stude
     assert top1(ref, y) > 80.0                                   # a working student, not a degenerate one
 
 
+def _readme_block(marker: str) -> str:
+    """The ```python block of README.md that contains `marker`."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
 def test_readme_snippet_runs_the_download_with_plain_onnxruntime(onnx_files, default_students):
-    """The five lines of docs_export_section.md: numpy preprocessing from the file's own metadata."""
+    """The README's onnxruntime snippet, read from README.md and run as written on an exported file: numpy
+    preprocessing from the file's own metadata gives the fake-quant student's predictions."""
     import numpy as np
-    from gzq.data import load_fashion_mnist
+    from gzq.data import load_fashion_mnist, to_model_input
+    snippet = _readme_block("onnxruntime as ort")
+    assert '"runs/x/students/w4a4.onnx"' in snippet
     images_u8 = load_fashion_mnist("test")[0][:500].numpy()
-    path = onnx_files["default", "w4a4"]["path"]
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
-    mean, std = (np.reshape(meta[k], (1, -1, 1, 1)) for k in ("mean", "std"))
-    x = (images_u8.reshape(-1, *meta["input_size"]) / 255 - mean) / std
-    labels = [meta["class_names"][i] for i in sess.run(None, {"input": x.astype(np.float32)})[0].argmax(1)]
-    from gzq.data import to_model_input
+    scope = {"images_u8": images_u8}
+    exec(snippet.replace('"runs/x/students/w4a4.onnx"', repr(str(onnx_files["default", "w4a4"]["path"]))), scope)
+    labels, meta = scope["labels"], scope["meta"]
     with torch.no_grad():
         ref = default_students["w4a4"](to_model_input(torch.from_numpy(images_u8), meta["mean"], meta["std"],
                                                       meta["input_size"]))
+    assert len(labels) == len(images_u8)
     agree = np.mean([a == meta["class_names"][b] for a, b in zip(labels, ref.argmax(1).tolist())])
     assert agree >= 0.99 and meta["quant_spec"]["a_bits"] == 4
 
@@ -346,11 +351,8 @@ def dep_files(tmp_path_factory, default_teacher, mnv2_teacher, fmnist):
 
 def _optimised_ops(path, tmp_path) -> collections.Counter:
     """Op counts of the graph onnxruntime runs (its QDQ fusions, before the hardware-specific layout)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    onnx_session(path, optimization="extended", optimized_path=tmp_path / "optimised.onnx")
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node)
 
 
 @pytest.mark.parametrize("arch,name", [("default", "w8a8_dep"), ("default", "w4a4_dep"), ("default", "w3a5_dep"),

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import ActInit
-from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range, symmetric_scale
+from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range
 
 
 class WeightQuantizer(nn.Module):
