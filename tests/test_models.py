@@ -11,7 +11,6 @@ def test_default_model_is_bundled_and_accurate(default_teacher):
     t = default_teacher
     assert t.architecture == "resnet18" and t.input_size == (1, 28, 28) and t.num_classes == 10
     assert t.class_names[0] == "T-shirt/top" and t.dataset == "fashion-mnist"
-    assert t.reference_accuracy >= 92.0
     assert not any(p.requires_grad for p in t.model.parameters()) and not t.model.training
 
 
@@ -21,7 +20,8 @@ def test_default_model_real_accuracy_matches_its_card(default_teacher):
     x, y, _ = load_labelled_data(default_teacher, EvalConfig())
     assert len(y) == 10000
     acc = top1(predict_logits(default_teacher.model, x, torch.device("cpu")), y)
-    assert acc == pytest.approx(default_teacher.reference_accuracy, abs=0.01)
+    assert acc >= 92.0                                                             # measured here
+    assert acc == pytest.approx(default_teacher.reference_accuracy, abs=0.01)      # and what the card says
 
 
 def test_load_timm_name_with_local_checkpoint(tmp_path):

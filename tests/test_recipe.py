@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gzq.bn import BNStatsRecorder, bn_losses
-from gzq.budget import StepCosts, estimate, fit_budget, with_budget
-from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig
+from gzq.budget import StepCosts, estimate, fit_budget
+from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig, scaled_synth
 from gzq.events import Message, drain
 from gzq.models import Teacher
 from gzq.evaluate import health_warnings
@@ -160,8 +160,8 @@ def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     assert same is cfg and est_same.scale == 1.0
     tiny, _ = fit_budget(cfg, costs, 2, seconds=1.0)   # never below the floors
     assert tiny.synth.steps == 40 and tiny.synth.num_images == 32
-    assert with_budget(cfg.synth, 64, 90) == dict(num_images=64, holdout_images=8, batch_size=64, steps=90,
-                                                    warmup_steps=30)
+    assert scaled_synth(cfg.synth, 64, 90) == dict(num_images=64, holdout_images=8, batch_size=64, steps=90,
+                                                      warmup_steps=30)
     with pytest.raises(ValueError, match="time_budget_s"):
         RunConfig(time_budget_s=-1)
 
