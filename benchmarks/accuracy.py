@@ -88,6 +88,17 @@ def real_source(num: int, holdout: int, seed: int):
     return make
 
 
+def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:
+    """Record --set items in `budget` (applied by gzq.config.override after each method's own fields; part of
+    the cache key); a malformed one ends the program with the parser's error."""
+    try:
+        override(make_config("cpu", "cpu"), *items)
+    except ValueError as e:
+        parser.error(str(e))
+    if items:
+        budget["set"] = list(items)
+
+
 def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str,
              method_overrides: dict | None = None) -> tuple[dict, float]:
     """One pipeline run of `method` at a fixed budget (no time fitting), returning (report, wall seconds)."""
@@ -134,12 +145,7 @@ def main(argv=None):
         budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
                   "train": dict(epochs=1), "eval": dict(max_real_images=300)}
         seeds = seeds[:1]
-    if args.set:
-        budget["set"] = list(args.set)   # applied after the method's own fields; part of the cache key
-    try:
-        override(make_config("cpu", "cpu"), *args.set)
-    except ValueError as e:
-        p.error(str(e))
+    add_overrides(budget, args.set, p)
     bits = [parse_bits(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS + OPTIONS)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import real_source  # noqa: E402
+from accuracy import add_overrides, real_source  # noqa: E402
 from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
@@ -163,12 +163,7 @@ def main(argv=None):
         names, seeds = names[:1], seeds[:1]
         args.cache = Path(tempfile.mkdtemp()) / "zoo_runs.jsonl"   # smoke runs never touch the results
         args.out = args.out or args.cache.with_name("zoo.json")
-    if args.set:
-        base["set"] = list(args.set)   # applied after the method's own fields; part of the cache key
-    try:
-        override(make_config("cpu", "cpu"), *args.set)
-    except ValueError as e:
-        p.error(str(e))
+    add_overrides(base, args.set, p)
     bad = [n for n in names if n not in ZOO] + [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown models or methods {bad}; models: {', '.join(ZOO)}; methods: {', '.join(METHODS)}")
