@@ -10,7 +10,6 @@ import collections
 import json
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
@@ -44,28 +43,7 @@ def _assert_logits_match(onnx_out: torch.Tensor, ref: torch.Tensor, exact_frac: 
     assert agree >= 0.98, msg
 
 
-# ---------------------------------------------------------------- fixtures: students of two architectures
-
-@pytest.fixture(scope="module")
-def fmnist(default_teacher):
-    from gzq.data import load_fashion_mnist, to_model_input
-    t = default_teacher
-    train, _ = load_fashion_mnist("train")
-    test, labels = load_fashion_mnist("test")
-    return dict(calib=to_model_input(train[:256], t.mean, t.std, t.input_size),
-                test=to_model_input(test, t.mean, t.std, t.input_size), labels=labels)
-
-
-@pytest.fixture(scope="module")
-def default_students(default_teacher, fmnist):
-    t = default_teacher
-    out = {}
-    for spec in SPECS:
-        s = create_student(t.model, spec, torch.zeros(2, *t.input_size), t.classifier)
-        calibrate_(s, [fmnist["calib"]])
-        out[spec.name] = s.eval()
-    return out
-
+# ------------------------------------- fixtures: students of two architectures (the bundled model's: conftest)
 
 @pytest.fixture(scope="module")
 def eff_teacher():

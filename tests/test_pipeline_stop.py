@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 
+import gzq
 from gzq.events import Progress, StageStarted, Stopped
 from gzq.pipeline import RunStopped, StopHooks, iter_run
 from gzq.presets import make_config
@@ -54,4 +55,7 @@ def test_a_stop_inside_a_synthesis_pass_ends_the_run_with_stopped(tmp_path):
             calls["n"], calls["armed"] = 0, True
     assert isinstance(events[-1], Stopped) and events[-1].stage == "synthesis" and events[-1].step == 2
     assert any(isinstance(e, StageStarted) and e.stage == "synthesis" for e in events)
+    with pytest.raises(RunStopped, match="stopped during load"):   # the one-call form raises instead
+        gzq.run(cfg, tmp_path / "run2", stop=lambda: True)
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run2.partial").exists()
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

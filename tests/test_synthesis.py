@@ -1,18 +1,11 @@
 import torch
 
-from gzq.config import ImageParam, QuantSpec, SynthConfig, TrainConfig
+from gzq.config import ImageParam, SynthConfig, TrainConfig
 from gzq.distill import iter_distill
 from gzq.models import find_bn_layers
 from gzq.events import Preview, Progress, StageStarted, Stopped, drain
-from gzq.quant import create_student
-from gzq.augment import augment
 from gzq.losses import ensemble_log_probs, kl_teacher_student
 from gzq.synthesis import balanced_labels, iter_synthesize
-
-
-def _students(teacher, specs=("w4a4",)):
-    ex = torch.zeros(2, *teacher.input_size)
-    return {s: create_student(teacher.model, QuantSpec.parse(s), ex, teacher.classifier) for s in specs}
 
 
 def test_synthesis_raises_bn_log_likelihood(default_teacher):
@@ -30,8 +23,8 @@ def test_synthesis_raises_bn_log_likelihood(default_teacher):
     assert result.steps_done == 25
 
 
-def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher):
-    students = _students(default_teacher, ("w4a4", "w8a8"))
+def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher, new_student):
+    students = {n: new_student(n) for n in ("w4a4", "w8a8")}
     cfg = SynthConfig(num_images=40, holdout_images=8, batch_size=20, steps=6, warmup_steps=3)
     events, result = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
@@ -63,8 +56,8 @@ def test_pixel_option_and_clamping(default_teacher):
     assert (result.images.mean >= lo - 1e-6).all() and (result.images.mean <= hi + 1e-6).all()
 
 
-def test_students_kl_falls_during_finetuning(default_teacher):
-    students = _students(default_teacher, ("w3a3",))
+def test_students_kl_falls_during_finetuning(default_teacher, new_student):
+    students = {"w3a3": new_student("w3a3")}
     cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
     _, synth = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu")))
     from gzq.quant import calibrate_
@@ -81,8 +74,6 @@ def test_helpers():
     labels = balanced_labels(25, 10, g)
     counts = torch.bincount(labels, minlength=10)
     assert counts.max() - counts.min() <= 1
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float).view(2, 1, 4, 4)
-    assert torch.equal(augment(x, 0, False), x)
     p = torch.log_softmax(torch.randn(5, 3), 1)
     assert abs(kl_teacher_student(p, p).item()) < 1e-6
     q1, q2 = torch.randn(5, 3), torch.randn(5, 3)
@@ -92,14 +83,14 @@ def test_helpers():
     assert kl_teacher_student(p, ens) <= mean_kl + 1e-6
 
 
-def test_single_student_fused_backward_equals_two_pass_reference(default_teacher):
+def test_single_student_fused_backward_equals_two_pass_reference(default_teacher, new_student):
     """With M = 1 one backward (gradient reversal) gives exactly the two objectives' gradients."""
     import copy
 
     from gzq.config import ImageParam
     from gzq.synthesis import SyntheticImages, _adversarial_backward_
     torch.manual_seed(0)
-    student = _students(default_teacher, ("w4a4",))["w4a4"]
+    student = new_student("w4a4")
     from gzq.quant import calibrate_
     images = SyntheticImages(torch.arange(8) % 10, (1, 28, 28), default_teacher.pixel_bounds, ImageParam.REPARAM,
                              -1.0, torch.Generator().manual_seed(0))
@@ -128,11 +119,11 @@ def test_single_student_fused_backward_equals_two_pass_reference(default_teacher
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch):
+def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch, new_student):
     """After synthesis the adversaries are set back to their initial weights and calibrated on the final
     images; extra seeds of a configuration end with synthesis. keep_students carries them all on."""
+    import gzq
     import gzq.pipeline as pipeline
-    from gzq.events import Done
     seen = {}
     real_distill = pipeline.iter_distill
 
@@ -144,11 +135,10 @@ def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch
     monkeypatch.setattr(pipeline, "iter_distill", spy)
     synth = dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2, num_students=2)
     for keep in (False, True):
-        cfg = pipeline.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
-                                   train=dict(epochs=1), eval=dict(max_real_images=200))
-        report = next(ev.report for ev in pipeline.iter_run(cfg) if isinstance(ev, Done))
+        cfg = gzq.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
+                              train=dict(epochs=1), eval=dict(max_real_images=200))
+        report = gzq.run(cfg)   # the one-call form: iter_run drained, its report returned
         names = [s["name"] for s in report["students"]]
         assert names == seen["names"] == (["w4a4", "w4a4_s1"] if keep else ["w4a4"])
-        teacher = pipeline.load_teacher(cfg.model, torch.device("cpu"))
-        fresh = _students(teacher)["w4a4"].get_submodule("conv1").module.weight
+        fresh = new_student("w4a4").get_submodule("conv1").module.weight
         assert torch.equal(seen["weights"]["w4a4"], fresh) != keep   # trained during synthesis only if kept
