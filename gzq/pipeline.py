@@ -34,6 +34,7 @@ from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
 log = logging.getLogger(__name__)
 
+
 def _versions() -> dict[str, str]:
     import timm
     v = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
@@ -246,7 +247,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
 # ------------------------------------------------------------------------- stopping inside a pass
 
 class RunStopped(Exception):
-    """The stop flag was found set inside a forward or backward pass; iter_run turns it into Stopped."""
+    """The stop flag was found set inside a forward or backward pass; iter_run turns it into Stopped, and `run`
+    raises it for a run that stopped."""
 
 
 def check_stop(stop_fn: Callable[[], bool]) -> None:
