@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow   # each starts `python -m gzq` in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -170,6 +170,7 @@ def test_onnx_batch_axis_is_dynamic(onnx_files, default_students, fmnist):
     assert json.loads(meta["quant_spec"])["w_bits"] == 4 and json.loads(meta["mean"]) == [0.286]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["w4a4", "w8a8"])
 def test_onnx_real_accuracy_and_agreement_on_10k(name, onnx_files, default_students, fmnist):
     """The acceptance number: the downloaded file, run by onnxruntime with its defaults (integer kernels for
@@ -363,6 +364,7 @@ def test_deployable_w8a8_is_all_integer_kernels(arch, dep_files, tmp_path):
     assert all(t == {"weight": "int8", "input": "uint8"} for t in info["layers"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [s.name for s in DEP_SPECS])
 def test_deployable_real_accuracy_on_10k(name, dep_files, fmnist):
     """The number the app reports is the number the file gives, for 8 bit, 4 bit and an odd width."""

@@ -14,6 +14,7 @@ def test_default_model_is_bundled_and_accurate(default_teacher):
     assert not any(p.requires_grad for p in t.model.parameters()) and not t.model.training
 
 
+@pytest.mark.slow
 def test_default_model_real_accuracy_matches_its_card(default_teacher):
     from gzq.config import EvalConfig
     from gzq.evaluate import load_labelled_data, predict_logits, top1

@@ -39,6 +39,7 @@ def test_backward_raises_once_the_flag_is_set_after_the_forward():
     hooks.remove()
 
 
+@pytest.mark.slow
 def test_a_stop_inside_a_synthesis_pass_ends_the_run_with_stopped(tmp_path):
     cfg = make_config("cpu", device="cpu", synth=dict(num_images=16, holdout_images=2, batch_size=16, steps=50,
                                                       warmup_steps=5), train=dict(epochs=1))

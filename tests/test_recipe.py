@@ -177,6 +177,7 @@ def test_health_warning_only_when_images_lose_their_class():
     assert "42 %" in w and "90 %" in w
 
 
+@pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run
     cfg = make_config("cpu", students=["w4a4"], synth=dict(num_images=64, holdout_images=8, steps=20, warmup_steps=5),

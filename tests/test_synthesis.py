@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gzq.config import ImageParam, SynthConfig, TrainConfig
@@ -23,6 +24,7 @@ def test_synthesis_raises_bn_log_likelihood(default_teacher):
     assert result.steps_done == 25
 
 
+@pytest.mark.slow
 def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher, new_student):
     students = {n: new_student(n) for n in ("w4a4", "w8a8")}
     cfg = SynthConfig(num_images=40, holdout_images=8, batch_size=20, steps=6, warmup_steps=3)
@@ -56,6 +58,7 @@ def test_pixel_option_and_clamping(default_teacher):
     assert (result.images.mean >= lo - 1e-6).all() and (result.images.mean <= hi + 1e-6).all()
 
 
+@pytest.mark.slow
 def test_students_kl_falls_during_finetuning(default_teacher, new_student):
     students = {"w3a3": new_student("w3a3")}
     cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
@@ -119,6 +122,7 @@ def test_single_student_fused_backward_equals_two_pass_reference(default_teacher
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch, new_student):
     """After synthesis the adversaries are set back to their initial weights and calibrated on the final
     images; extra seeds of a configuration end with synthesis. keep_students carries them all on."""

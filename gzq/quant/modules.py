@@ -11,6 +11,9 @@ from ..config import ActInit
 from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range
 
 
+#: clipping ranges the MSE search tries per weight channel (most of the time to build a student; tests lower it)
+WEIGHT_GRID = 80
+
 class WeightQuantizer(nn.Module):
     """Per-output-channel weight quantizer with learnable step sizes (LSQ).
 
@@ -24,7 +27,7 @@ class WeightQuantizer(nn.Module):
         out = weight.shape[0]
         w = weight.detach().reshape(out, -1)                      # (O, K)
         lo, hi = w.min(1).values, w.max(1).values
-        scale, zp = mse_search(w, lo, hi, self.qmin, self.qmax, symmetric, bits)
+        scale, zp = mse_search(w, lo, hi, self.qmin, self.qmax, symmetric, bits, grid=WEIGHT_GRID)
         self.scale = nn.Parameter(scale)                          # (O,)
         if symmetric:
             self.register_buffer("zero_point", torch.zeros(out))
