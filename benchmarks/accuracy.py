@@ -37,8 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
 from gzq.data import load_dataset, to_model_input  # noqa: E402
-from gzq.events import Done  # noqa: E402
-from gzq.pipeline import iter_run  # noqa: E402
+from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
 from gzq.synthesis import SynthResult, SyntheticImages  # noqa: E402
 
@@ -113,10 +112,7 @@ def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, see
     cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)  # one fixed budget
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
-    report = None
-    for ev in iter_run(cfg, None, synth_source=source):
-        if isinstance(ev, Done):
-            report = ev.report
+    report = run(cfg, synth_source=source)
     return report, time.perf_counter() - t
 
 

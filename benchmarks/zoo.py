@@ -43,9 +43,8 @@ from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
 from gzq.config import ModelSpec, override, student_specs  # noqa: E402
-from gzq.events import Done  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
-from gzq.pipeline import iter_run  # noqa: E402
+from gzq.pipeline import run as run_pipeline  # noqa: E402
 from gzq.presets import make_config, resolve_device  # noqa: E402
 from gzq.quant import create_student  # noqa: E402
 
@@ -86,7 +85,7 @@ def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str) -> d
     cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
-    report = next(ev.report for ev in iter_run(cfg, None, synth_source=source) if isinstance(ev, Done))
+    report = run_pipeline(cfg, synth_source=source)
     return dict(teacher=report["teacher"], students=report["students"], health=report["synthesis"]["health"],
                 secs=round(time.perf_counter() - t, 1))
 

@@ -73,14 +73,16 @@ def estimate_run(cfg: RunConfig):
 
 
 def run(cfg: RunConfig, out_dir: str | Path | None = None,
-        stop: Callable[[], bool] | threading.Event | None = None) -> dict:
-    """Run GZNQ end to end and return its report (what report.json holds); the one-call form of iter_run.
+        stop: Callable[[], bool] | threading.Event | None = None,
+        synth_source: Callable[[Teacher, torch.device], SynthResult] | None = None) -> dict:
+    """Run GZNQ end to end and return its report (what report.json holds); the one-call form of iter_run,
+    with the same arguments.
 
     Raises:
         RunStopped: the stop flag was set before the run finished.
     """
     last = None
-    for last in iter_run(cfg, out_dir, stop):
+    for last in iter_run(cfg, out_dir, stop, synth_source):
         pass
     if isinstance(last, Stopped):
         raise RunStopped(f"stopped during {last.stage} at step {last.step}")
