@@ -454,6 +454,21 @@ def test_int_safetensors_round_trip_is_exact(arch, name, default_teacher, defaul
         assert torch.equal(rebuilt(x), s(x))                    # bit for bit
 
 
+@pytest.mark.parametrize("arch", ["default", "eff"])
+def test_float_checkpoint_round_trip_is_exact(arch, default_teacher, default_students, eff_teacher, eff_students,
+                                              fmnist, tmp_path):
+    """students/<name>.safetensors + .json rebuild the same student (rebuild_student, the path both formats take)."""
+    from gzq.checkpoint import load_student, save_student
+    s = _students(arch, default_students, eff_students)["w4a4"]
+    dc = default_teacher.data_config() if arch == "default" else eff_teacher[1]
+    save_student(tmp_path / "w4a4.safetensors", s, QuantSpec(4, 4), dc, "teacher")
+    rebuilt, spec, dc2 = load_student(tmp_path / "w4a4.safetensors")
+    assert spec == QuantSpec(4, 4) and dc2 == json.loads(json.dumps(dc))
+    x = _inputs(arch, fmnist)[:32]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), s(x))
+
+
 def test_int_safetensors_rejects_a_foreign_json(tmp_path, default_students, default_teacher):
     info = save_int_weights(default_students["w8a8"], tmp_path / "w_int.safetensors", QuantSpec(8, 8),
                             default_teacher.data_config())
