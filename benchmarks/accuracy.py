@@ -35,11 +35,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.cli import apply_overrides  # noqa: E402
-from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec  # noqa: E402
+from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
 from gzq.data import load_dataset, to_model_input  # noqa: E402
-from gzq.events import Done  # noqa: E402
-from gzq.pipeline import iter_run, make_config  # noqa: E402
+from gzq.pipeline import run  # noqa: E402
+from gzq.presets import make_config  # noqa: E402
 from gzq.synthesis import SynthResult, SyntheticImages  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -88,6 +87,17 @@ def real_source(num: int, holdout: int, seed: int):
     return make
 
 
+def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:
+    """Record --set items in `budget` (applied by gzq.config.override after each method's own fields; part of
+    the cache key); a malformed one ends the program with the parser's error."""
+    try:
+        override(make_config("cpu", "cpu"), *items)
+    except ValueError as e:
+        parser.error(str(e))
+    if items:
+        budget["set"] = list(items)
+
+
 def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, seed: int, budget: dict, device: str,
              method_overrides: dict | None = None) -> tuple[dict, float]:
     """One pipeline run of `method` at a fixed budget (no time fitting), returning (report, wall seconds)."""
@@ -99,13 +109,10 @@ def run_once(model: str | ModelSpec, students: list[QuantSpec], method: str, see
     spec = MODELS[model] if isinstance(model, str) else model
     cfg = make_config(budget.get("preset", "cpu"), device, model=spec, students=students, seed=seed,
                       synth=synth, train=budget.get("train", {}), eval=budget.get("eval", {}))
-    cfg = dataclasses.replace(cfg, time_budget_s=None)   # every method runs the same, fixed budget
+    cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)  # one fixed budget
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
-    report = None
-    for ev in iter_run(cfg, None, synth_source=source):
-        if isinstance(ev, Done):
-            report = ev.report
+    report = run(cfg, synth_source=source)
     return report, time.perf_counter() - t
 
 
@@ -134,10 +141,7 @@ def main(argv=None):
         budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
                   "train": dict(epochs=1), "eval": dict(max_real_images=300)}
         seeds = seeds[:1]
-    try:
-        apply_overrides({k: budget[k] for k in ("synth", "train", "eval")}, args.set)
-    except ValueError as e:
-        p.error(str(e))
+    add_overrides(budget, args.set, p)
     bits = [parse_bits(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS + OPTIONS)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.cli import apply_overrides  # noqa: E402
-from gzq.events import Done  # noqa: E402
-from gzq.pipeline import iter_run, make_config  # noqa: E402
+from gzq.config import override  # noqa: E402
+from gzq.pipeline import run  # noqa: E402
+from gzq.presets import make_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = [(32, 20), (64, 40), (128, 100), (256, 300), (512, 500)]
@@ -34,9 +34,8 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="change a default, e.g. --set synth.init_log_scale=-1 (repeatable)")
     args = p.parse_args(argv)
-    overrides = {"synth": {}, "train": {}}
     try:
-        apply_overrides(overrides, args.set)
+        override(make_config("cpu", "cpu"), *args.set)
     except ValueError as e:
         p.error(str(e))
     curves: dict[str, list] = {}
@@ -44,12 +43,11 @@ def main(argv=None):
     for bits in args.bits.split(","):
         rows = curves.setdefault(bits, [])
         for images, steps in BUDGETS:
-            synth = {**dict(num_images=images, holdout_images=max(images // 8, 2), batch_size=min(96, images),
-                            steps=steps, warmup_steps=steps // 3), **overrides["synth"]}
-            cfg = make_config("cpu", args.device, students=[bits], seed=args.seed, synth=synth,
-                              train=overrides["train"])
+            synth = dict(num_images=images, holdout_images=max(images // 8, 2), batch_size=min(96, images),
+                         steps=steps, warmup_steps=steps // 3)   # each point of the curve, all fields given
+            cfg = override(make_config("cpu", args.device, students=[bits], seed=args.seed, synth=synth), *args.set)
             t = time.perf_counter()
-            report = next(ev.report for ev in iter_run(cfg) if isinstance(ev, Done))
+            report = run(cfg)
             secs = time.perf_counter() - t
             fp = report["teacher"]["accuracy"]
             acc = report["students"][0]["accuracy"]
@@ -62,7 +60,7 @@ def main(argv=None):
             print(f"{bits:<6}{r['images']:>7}{r['steps']:>7}{r['images'] * r['steps']:>12}{r['accuracy']:>8.2f}"
                   f"{fp - r['accuracy']:>11.2f}{r['wall_s']:>8.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(seed=args.seed, overrides=overrides, fp=fp, curves=curves), indent=2) + "\n")
+    args.out.write_text(json.dumps(dict(seed=args.seed, overrides=args.set, fp=fp, curves=curves), indent=2) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")

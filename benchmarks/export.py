@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.config import Protocol, QuantSpec  # noqa: E402
-from gzq.export import export_fp32_onnx, export_onnx, run_onnx  # noqa: E402
+from gzq.export import export_fp32_onnx, export_onnx, onnx_session, run_onnx  # noqa: E402
 from gzq.quant import calibrate_, create_student  # noqa: E402
 
 CONV_OPS = ("Conv", "FusedConv", "QLinearConv", "ConvInteger")
@@ -48,15 +48,8 @@ FUSED = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool")
 
 
 def session(path: Path, threads: int, optimized: Path | None = None, fold: bool = False):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    if fold:                              # no QDQ fusion: weight DequantizeLinear is constant-folded at load
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
-    if optimized is not None:             # EXTENDED: the QDQ -> integer-kernel fusions, no hardware layout
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """A session at `threads`; with `optimized`, the QDQ -> integer-kernel fusions are written there."""
+    return onnx_session(path, threads, "extended" if optimized is not None else "all", optimized, fold)
 
 
 def kernel_counts(path: Path, fold: bool = False) -> dict[str, int]:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
 from gzq.events import Progress  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
-from gzq.pipeline import PRESETS, resolve_device  # noqa: E402
+from gzq.presets import PRESETS, resolve_device  # noqa: E402
 from gzq.quant import create_student  # noqa: E402
 from gzq.synthesis import iter_synthesize  # noqa: E402
 

@@ -25,29 +25,22 @@ from gzq.config import EvalConfig, FlipMode, SynthConfig, TrainConfig  # noqa: E
 from gzq.distill import iter_distill  # noqa: E402
 from gzq.evaluate import load_labelled_data, predict_logits, top1  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
-from gzq.pipeline import PRESETS, resolve_device  # noqa: E402
+from gzq.events import drain  # noqa: E402
+from gzq.presets import PRESETS, resolve_device  # noqa: E402
 from gzq.quant import calibrate_, create_student  # noqa: E402
-from gzq.synthesis import iter_synthesize, jitter_pixels  # noqa: E402
+from gzq.augment import jitter_pixels  # noqa: E402
+from gzq.synthesis import iter_synthesize  # noqa: E402
 
 ROWS = [("gznq", None), ("mse", None), ("real", None),
         ("gznq", "gznq"), ("mse", "mse"), ("real", "real"),
         ("real", "gznq"), ("real", "mse"), ("gznq", "real"), ("mse", "real")]
 
 
-def _drain(gen):
-    """Run a generator of events to the end and return its return value."""
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
-
-
 def image_sets(teacher, device, seed: int, synth: dict) -> dict:
     synth = dict(synth, adversarial=False)
     sets = {}
     for name, extra in [("gznq", {}), ("mse", dict(bn_loss="mse", lambda_bn=MSE_LAMBDA_BN))]:
-        res = _drain(iter_synthesize(teacher, {}, SynthConfig(**synth, **extra), device, seed))
+        _, res = drain(iter_synthesize(teacher, {}, SynthConfig(**synth, **extra), device, seed), keep=False)
         sets[name] = (res.images, res.train_idx)
     real = real_source(synth["num_images"], synth["holdout_images"], seed)(teacher, device)
     sets["real"] = (real.images, real.train_idx)
@@ -83,12 +76,12 @@ def main(argv=None):
             images, idx = sets[calib]
             with torch.no_grad():
                 calibrate_(student, [images(i.to(device), noise=False) for i in torch.split(idx, 64)],
-                           spec.act_init.value, spec.act_percentile)
+                           spec.act_init, spec.act_percentile)
             if kd is not None:
                 images, idx = sets[kd]
-                _drain(iter_distill(teacher, {spec.name: student}, images, idx, train, device,
-                                    jitter_pixels(synth_defaults.jitter, teacher.input_size),
-                                    synth_defaults.flip != FlipMode.OFF, seed))
+                drain(iter_distill(teacher, {spec.name: student}, images, idx, train, device,
+                                   jitter_pixels(synth_defaults.jitter, teacher.input_size),
+                                   synth_defaults.flip != FlipMode.OFF, seed), keep=False)
             acc = round(top1(predict_logits(student, xs, device), ys), 2)
             results.setdefault((calib, kd), []).append(acc)
             print(f"  seed {seed}: calibrate on {calib:<5} fine-tune on {kd or '-':<5} top-1 {acc:6.2f}", flush=True)

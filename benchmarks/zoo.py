@@ -38,15 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import real_source  # noqa: E402
+from accuracy import add_overrides, real_source  # noqa: E402
 from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
-from gzq.cli import apply_overrides  # noqa: E402
-from gzq.config import ModelSpec  # noqa: E402
-from gzq.events import Done  # noqa: E402
+from gzq.config import ModelSpec, override, student_specs  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
-from gzq.pipeline import iter_run, make_config, resolve_device, student_names  # noqa: E402
+from gzq.pipeline import run as run_pipeline  # noqa: E402
+from gzq.presets import make_config, resolve_device  # noqa: E402
 from gzq.quant import create_student  # noqa: E402
 
 BITS = ["w4a4", "w8a8"]
@@ -63,12 +62,12 @@ ZOO_BUDGET = {"synth": dict(num_images=128, holdout_images=16, batch_size=64, st
 
 def fitted_budget(name: str, spec: ModelSpec, base: dict, seconds: float, device: str) -> dict:
     """The preset's synthesis budget fitted to `seconds` for this model (measured here, once)."""
-    cfg = make_config("cpu", device, model=spec, students=BITS, synth=base["synth"], train=base["train"],
-                      eval=base["eval"])
+    cfg = override(make_config("cpu", device, model=spec, students=BITS, synth=base["synth"], train=base["train"],
+                               eval=base["eval"]), *base.get("set", []))
     dev = resolve_device(device)
     teacher = load_teacher(spec, dev)
     example = torch.zeros(2, *teacher.input_size, device=dev)
-    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_names(cfg)}
+    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_specs(cfg)}
     costs = measure_costs(teacher, students, cfg, dev)
     fitted, est = fit_budget(cfg, costs, len(students), seconds, cfg.eval.max_real_images or 0)
     keep = ("num_images", "holdout_images", "batch_size", "steps", "warmup_steps")
@@ -83,10 +82,10 @@ def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str) -> d
         synth.update(METHODS[method])
     cfg = make_config("cpu", device, model=spec, students=BITS, seed=seed, synth=synth, train=budget["train"],
                       eval=budget["eval"])
-    cfg = dataclasses.replace(cfg, time_budget_s=None)
+    cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
     t = time.perf_counter()
-    report = next(ev.report for ev in iter_run(cfg, None, synth_source=source) if isinstance(ev, Done))
+    report = run_pipeline(cfg, synth_source=source)
     return dict(teacher=report["teacher"], students=report["students"], health=report["synthesis"]["health"],
                 secs=round(time.perf_counter() - t, 1))
 
@@ -163,10 +162,7 @@ def main(argv=None):
         names, seeds = names[:1], seeds[:1]
         args.cache = Path(tempfile.mkdtemp()) / "zoo_runs.jsonl"   # smoke runs never touch the results
         args.out = args.out or args.cache.with_name("zoo.json")
-    try:
-        apply_overrides(base, args.set)
-    except ValueError as e:
-        p.error(str(e))
+    add_overrides(base, args.set, p)
     bad = [n for n in names if n not in ZOO] + [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown models or methods {bad}; models: {', '.join(ZOO)}; methods: {', '.join(METHODS)}")

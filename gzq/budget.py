@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
-from .config import RunConfig, SynthConfig
-from .reconstruct import find_units, recon_settings
+from .config import RunConfig, SynthConfig, scaled_synth
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,8 @@ class StepCosts:
                            # forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
     student_forward_image: float = 0.0   # one image through every student (no grad)
-    recon_units: int = 0   # blocks a reconstruction stage fits one after another (gzq.reconstruct.find_units)
+    recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
+                           # gzq.reconstruct.find_units)
 
 
 @dataclass
@@ -47,19 +47,6 @@ class RunEstimate:
     scale: float = 1.0                 # share of the configured synthesis budget kept (1 = all of it)
     costs: StepCosts | None = None
     budget: dict = field(default_factory=dict)   # images, steps, epochs the estimate is for
-
-
-def with_budget(synth: SynthConfig, num_images: int | None = None, steps: int | None = None) -> dict:
-    """Synthesis overrides for a changed image count or step count, with the derived fields scaled by one rule:
-    hold-out = 1/8 of the images, batch <= images, warm-up = the same share of the steps as before."""
-    out = {}
-    if num_images is not None:
-        out.update(num_images=num_images, holdout_images=max(num_images // 8, 1) if num_images > 2 else 0,
-                   batch_size=min(synth.batch_size, num_images))
-    if steps is not None:
-        share = synth.warmup_steps / synth.steps if synth.steps else 0.0
-        out.update(steps=steps, warmup_steps=int(round(share * steps)))
-    return out
 
 
 def _timed(fn, repeats: int = 2) -> float:
@@ -107,8 +94,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk)) / bk
         s_fwd = _timed(lambda: [s(xk) for s in students.values()]) / bk
-    units = len(find_units(next(iter(students.values())), xk[:2])) if students and _shares(cfg)[0] else 0
-    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd, units)
+    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd)
 
 
 def _shares(cfg: RunConfig) -> tuple[float, float]:
@@ -122,9 +108,9 @@ def recon_seconds(cfg: RunConfig, costs: StepCosts) -> float:
     on average, of the teacher and every student), then trains `recon_steps` batches, one unit's share of a
     full forward and backward each (so all units together: recon_steps full forward+backward passes)."""
     share = _shares(cfg)[0]
-    r = recon_settings(cfg.train, cfg.synth.num_images - cfg.synth.holdout_images)
-    capture = costs.recon_units * r.pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
-    train = r.steps * r.batch_size * 3 * share * costs.student_forward_image
+    steps, pool = cfg.train.recon_budget(cfg.synth.num_images - cfg.synth.holdout_images)
+    capture = costs.recon_units * pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
+    train = steps * cfg.train.recon_batch_size * 3 * share * costs.student_forward_image
     return capture + train if share else 0.0
 
 
@@ -152,7 +138,7 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
 
 def _finetune_text(cfg: RunConfig) -> str:
     t, (recon, kd) = cfg.train, _shares(cfg)
-    steps = recon_settings(t, cfg.synth.num_images - cfg.synth.holdout_images).steps
+    steps = t.recon_budget(cfg.synth.num_images - cfg.synth.holdout_images)[0]
     parts = ([f"block reconstruction ({steps} steps per block)"] if recon else []) + \
         ([f"{t.epochs} fine-tuning epochs"] if kd else [])
     return " then ".join(parts) or "no fine-tuning"
@@ -176,7 +162,7 @@ def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: flo
         steps = max(int(cfg.synth.steps * g), min(MIN_STEPS, cfg.synth.steps))
         fitted = copy.deepcopy(cfg)
         d = fitted.synth.to_dict()
-        d.update(with_budget(cfg.synth, images, steps))
+        d.update(scaled_synth(cfg.synth, images, steps))
         fitted.synth = SynthConfig.from_dict(d)
         est = estimate(fitted, costs, num_students, real_images)
         if images == min(MIN_IMAGES, cfg.synth.num_images) and steps == min(MIN_STEPS, cfg.synth.steps):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
 
-from .config import FinetuneMethod, ModelSpec, Protocol, QuantSpec
+from .config import FinetuneMethod, ModelSpec, Protocol, QuantSpec, override
 from .events import Done, Message, Preview, Progress, StageStarted, Stopped
 
 
@@ -56,15 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def build_config(args):
-    from .pipeline import make_config
+    from .presets import make_config
     if args.model == "default" and args.checkpoint:
         from .models import read_model_card
         if not read_model_card(args.checkpoint):
@@ -79,9 +71,6 @@ def build_config(args):
                       num_classes=args.num_classes, in_chans=args.in_chans, input_size=args.input_size,
                       mean=args.mean, std=args.std)
     synth, train, evalc = {}, {}, {"data": args.data, "max_real_images": args.max_real_images}
-    if args.steps is not None or args.images is not None:
-        from .budget import with_budget
-        synth.update(with_budget(make_config(args.preset, args.device).synth, args.images, args.steps))
     if args.num_students is not None:
         synth["num_students"] = args.num_students
     if args.epochs is not None:
@@ -89,23 +78,14 @@ def build_config(args):
     if args.finetune is not None:
         train["method"] = args.finetune
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
-    sections = {"synth": synth, "train": train, "eval": evalc, "export": {"formats": formats}}
-    apply_overrides(sections, args.set)
-    cfg = make_config(args.preset, args.device, model=model, students=students, seed=args.seed, **sections)
+    cfg = make_config(args.preset, args.device, model=model, students=students, seed=args.seed, synth=synth,
+                      train=train, eval=evalc, export={"formats": formats})
+    budget = {f"synth.{k}": v for k, v in (("num_images", args.images), ("steps", args.steps)) if v is not None}
+    cfg = override(cfg, budget, *args.set)   # hold-out, batch and warm-up follow a new image or step count
     if args.time_budget is not None or args.steps is not None or args.images is not None:
         # an explicit budget is run as given unless a time budget is asked for too
         cfg = dataclasses.replace(cfg, time_budget_s=args.time_budget or None)
     return cfg
-
-
-def apply_overrides(sections: dict[str, dict], items: list[str]) -> None:
-    """Apply "section.field=value" strings (the CLI's --set) to per-section override dicts, in place."""
-    for item in items:
-        key, eq, val = item.partition("=")
-        section, _, fld = key.partition(".")
-        if section not in sections or not fld or not eq:
-            raise ValueError(f"--set {item!r} must look like synth.lr=0.1 (sections: {', '.join(sections)})")
-        sections[section][fld] = _parse_value(val)
 
 
 def _format_table(report: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,6 +305,14 @@ class TrainConfig(_Serialisable):
         _check_range("recon_drop", self.recon_drop, 0.0, 1.0)
         _check_positive("recon_reg", self.recon_reg, allow_zero=True)
 
+    def recon_budget(self, train_images: int) -> tuple[int, int]:
+        """(steps per unit, pool of fresh draws per unit) of block reconstruction. recon_steps 0 sizes the stage
+        like the KD stage it replaces: all units together pass half as many images as `epochs` of KD over
+        `train_images`; the pool holds at most a quarter of the images one unit's steps pass."""
+        steps = self.recon_steps or max(MIN_AUTO_RECON_STEPS,
+                                        round(self.epochs * train_images / (2 * self.recon_batch_size)))
+        return steps, min(self.recon_pool, max(steps * self.recon_batch_size // 4, self.recon_batch_size))
+
     def method_for(self, spec: "QuantSpec") -> FinetuneMethod:
         """The method a student of `spec` is fitted with: `method`, or for AUTO the one that won at that
         bit-width on the zoo's tuning set (README, "Fine-tuning method")."""
@@ -312,6 +321,8 @@ class TrainConfig(_Serialisable):
         return FinetuneMethod.RECON_KD if min(spec.w_bits, spec.a_bits) <= AUTO_RECON_MAX_BITS else FinetuneMethod.KD
 
 
+#: fewest steps per unit when block reconstruction's step count follows the KD budget
+MIN_AUTO_RECON_STEPS = 20
 #: with method AUTO, students at this many bits or fewer (weights or activations) are reconstructed block by
 #: block, then distilled; wider ones are distilled only
 AUTO_RECON_MAX_BITS = 4
@@ -395,3 +406,82 @@ class ExportConfig(_Serialisable):
 
 
 _NESTED[("RunConfig", "export")] = ExportConfig
+
+
+# --- derived fields and overrides --------------------------------------------------------------------------
+
+def student_specs(cfg: RunConfig) -> list[tuple[str, QuantSpec]]:
+    """The M students as (name, QuantSpec) pairs: the requested configurations, then extra seeds of the first
+    one (named `<config>_s1`, `_s2`, ...) up to synth.num_students."""
+    out = [(s.name, s) for s in cfg.students]
+    extra = max(cfg.synth.num_students - len(out), 0)
+    out += [(f"{cfg.students[0].name}_s{i + 1}", cfg.students[0]) for i in range(extra)]
+    return out
+
+
+def scaled_synth(synth: SynthConfig, num_images: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    """The synthesis fields that follow a new image count or step count, by one rule: hold-out = 1/8 of the
+    images (none below 3 images), batch <= images, warm-up = the same share of the steps as before.
+    Returns the changed fields, drivers included; a driver left None changes nothing."""
+    out: dict[str, Any] = {}
+    if num_images is not None:
+        out.update(num_images=num_images, holdout_images=max(num_images // 8, 1) if num_images > 2 else 0,
+                   batch_size=min(synth.batch_size, num_images))
+    if steps is not None:
+        share = synth.warmup_steps / synth.steps if synth.steps else 0.0
+        out.update(steps=steps, warmup_steps=int(round(share * steps)))
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: JSON where it parses (numbers, true/false, null, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+_SECTIONS = ("model", "synth", "train", "eval", "export")
+
+
+def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
+    """A validated copy of `cfg` with "section.field=value" overrides (e.g. "synth.steps=80", "train.lr=3e-4",
+    "seed=1"), or dicts {"section.field": value}. What the CLI's --set, the app's form and the benchmarks use.
+
+    A changed synth.num_images or synth.steps moves the fields derived from it (scaled_synth): hold-out
+    images, batch size, warm-up steps; a derived field given in the same call keeps the given value.
+    """
+    values: dict[str, Any] = {}
+    for item in items:
+        if isinstance(item, dict):
+            values.update(item)
+            continue
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"override {item!r} must look like synth.lr=0.1 (sections: {', '.join(_SECTIONS)})")
+        values[key.strip()] = parse_value(val.strip())
+    d = cfg.to_dict()
+    given: dict[str, set[str]] = {}
+    for key, val in values.items():
+        section, dot, fld = key.partition(".")
+        if dot and section in _SECTIONS and fld:
+            if fld not in d[section]:
+                raise ValueError(f"unknown field {key!r}; {section} has: {', '.join(d[section])}")
+            d[section][fld] = val
+            given.setdefault(section, set()).add(fld)
+        elif key == "students":
+            names = val.split(",") if isinstance(val, str) else val
+            d[key] = [QuantSpec.parse(v).to_dict() if isinstance(v, str) else v for v in names]
+        elif not dot and key in d and key not in _SECTIONS:
+            d[key] = val
+        else:
+            raise ValueError(f"override {key!r} must be section.field (sections: {', '.join(_SECTIONS)}) or one "
+                             f"of {', '.join(k for k in d if k not in _SECTIONS)}")
+    old = cfg.synth
+    new_images, new_steps = d["synth"]["num_images"], d["synth"]["steps"]
+    derived = scaled_synth(old, new_images if new_images != old.num_images else None,
+                           new_steps if new_steps != old.steps else None)
+    for fld, val in derived.items():
+        if fld not in given.get("synth", set()):
+            d["synth"][fld] = val
+    return RunConfig.from_dict(d)

@@ -95,14 +95,19 @@ def to_model_input(images_u8: torch.Tensor, mean, std, input_size) -> torch.Tens
         if x.shape[1] == 1:
             x = x.expand(-1, c, -1, -1)
         elif c == 1:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = (x * channel_view([0.299, 0.587, 0.114])).sum(1, keepdim=True)
         else:
             raise ValueError(f"cannot convert {x.shape[1]}-channel images to {c} channels")
     if x.shape[-2:] != (h, w):
         x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+    return (x - channel_view(mean, x)) / channel_view(std, x)
+
+
+def channel_view(values, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel values (a mean or std) as a (1, C, 1, 1) tensor, in `like`'s dtype and on its device."""
+    if like is None:
+        return torch.tensor(values).view(1, -1, 1, 1)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
 def load_image_folder(root: str | Path, input_size) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -5,28 +5,21 @@ fresh noise from f_I(z), so the students see a new sample of each image every ep
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .augment import augment
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
+from .losses import kd_loss
 from .models import Teacher
-from .quant.convert import student_optimizer
-from .synthesis import SyntheticImages, augment, kl_teacher_student
+from .optim import cosine_schedule, student_optimizer
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
-    t = temperature
-    return kl_teacher_student(F.log_softmax(teacher_logits / t, 1), F.log_softmax(student_logits / t, 1)) * t * t
-
-
-def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: SyntheticImages, train_idx: torch.Tensor,
+def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Module, train_idx: torch.Tensor,
                  cfg: TrainConfig, device: torch.device, jitter: int = 0, flip: bool = False, seed: int = 0,
                  stop: Callable[[], bool] = lambda: False) -> Iterator:
     """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run."""
@@ -39,8 +32,7 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: Synth
     opts, scheds = {}, {}
     for name, s in students.items():
         opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
-        scheds[name] = torch.optim.lr_scheduler.LambdaLR(
-            opts[name], lambda i: 0.5 * (1 + math.cos(math.pi * i / max(total, 1))))
+        scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
     yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")
     t0 = time.perf_counter()

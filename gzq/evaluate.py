@@ -1,17 +1,19 @@
 """Evaluation (docs/design.md 2.6): data-free agreement and KL on held-out synthetic images, real top-1 when
-labelled data exists, model size."""
+labelled data exists, model size; the report a run writes, and the health of its synthetic images."""
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EvalConfig
+from .config import EvalConfig, RunConfig
 from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_input
+from .losses import kl_teacher_student
 from .models import Teacher
-from .synthesis import kl_teacher_student
+from .quant.convert import model_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,16 @@ def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float
     return kl_teacher_student(F.log_softmax(teacher_logits, 1), F.log_softmax(student_logits, 1)).item()
 
 
-def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """Real labelled images for `teacher`, normalised: an ImageFolder (cfg.data) or the default model's
-    own test set. None when neither exists.
+class LabelledData(NamedTuple):
+    """Real labelled images, normalised for the teacher."""
+    images: torch.Tensor    # (N, C, H, W) float
+    labels: torch.Tensor    # (N,) int64
+    source: str             # a description of where they come from
 
-    Returns:
-        x (N, C, H, W) float, y (N,) int64, a description of the source.
-    """
+
+def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> LabelledData | None:
+    """Real labelled images for `teacher`, normalised: an ImageFolder (cfg.data) or the default model's
+    own test set. None when neither exists."""
     if cfg.data:
         images, labels, classes = load_image_folder(cfg.data, teacher.input_size)
         if len(classes) > teacher.num_classes:
@@ -62,4 +67,69 @@ def load_labelled_data(teacher: Teacher, cfg: EvalConfig) -> tuple[torch.Tensor,
         return None
     if cfg.max_real_images is not None:
         images, labels = images[:cfg.max_real_images], labels[:cfg.max_real_images]
-    return to_model_input(images, teacher.mean, teacher.std, teacher.input_size), labels, source
+    return LabelledData(to_model_input(images, teacher.mean, teacher.std, teacher.input_size), labels, source)
+
+
+def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth, labelled: LabelledData | None,
+                 cfg: RunConfig, device: torch.device) -> dict:
+    """Teacher and student metrics: agreement and KL on held-out synthetic images, real top-1, size.
+
+    synth: the synthesis stage's SynthResult (its images, train and held-out indices).
+    """
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
+    idx = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
+    with torch.no_grad():
+        fresh = torch.cat([synth.images(idx.to(device), gen) for _ in range(cfg.eval.fresh_draws)]).cpu()
+    t_fresh = predict_logits(teacher.model, fresh, device)
+    t_real = predict_logits(teacher.model, labelled.images, device) if labelled else None
+    fp_size = sum(p.numel() * 4 for p in teacher.model.parameters())
+    rows = []
+    for name, s in students.items():
+        s.eval()
+        s_fresh = predict_logits(s, fresh, device)
+        row = dict(name=name, w_bits=specs[name].w_bits, a_bits=specs[name].a_bits,
+                   protocol=specs[name].protocol.value, agreement=round(agreement(t_fresh, s_fresh), 2),
+                   kl=round(mean_kl(t_fresh, s_fresh), 5), size_bytes=model_size_bytes(s))
+        if labelled:
+            s_real = predict_logits(s, labelled.images, device)
+            row.update(accuracy=round(top1(s_real, labelled.labels), 2),
+                       real_agreement=round(agreement(t_real, s_real), 2))
+        else:
+            row.update(accuracy=None, real_agreement=None)
+        rows.append(row)
+    return dict(
+        teacher=dict(name=teacher.name, architecture=teacher.architecture,
+                     accuracy=round(top1(t_real, labelled.labels), 2) if labelled else None, size_bytes=fp_size,
+                     synthetic_label_agreement=round(top1(t_fresh, synth.images.labels[idx.to(device)].cpu()
+                                                          .repeat(cfg.eval.fresh_draws)), 2)),
+        students=rows,
+        labelled_data=labelled.source if labelled else None,
+        fresh_images=len(fresh),
+    )
+
+
+#: below this share of held-out synthetic images carrying their label, the images have lost their class signal
+MIN_LABEL_AGREEMENT = 90.0
+
+
+def synthesis_health(report: dict, synth) -> dict:
+    """Signals that the synthetic images are fit to train on: the teacher's agreement with their labels (on
+    fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, and the
+    flip decision."""
+    h = synth.history
+    return dict(label_agreement=report["teacher"]["synthetic_label_agreement"],
+                final_bn_log_likelihood=h["bn_ll"][-1] if h.get("bn_ll") else None,
+                final_ce_weight=h["ce_weight"][-1] if h.get("ce_weight") else None,
+                flip=synth.flip, jitter_pixels=synth.jitter, flip_check=synth.flip_check)
+
+
+def health_warnings(health: dict) -> list[str]:
+    """Plain-language warnings for a report (empty when the synthesis looks healthy)."""
+    out = []
+    agree = health.get("label_agreement")
+    if agree is not None and agree < MIN_LABEL_AGREEMENT:
+        out.append(f"the teacher recognises only {agree:.0f} % of the synthetic images as their intended class "
+                   f"(healthy: {MIN_LABEL_AGREEMENT:.0f} % or more), so the quantized models learnt from weak "
+                   "images; try the standard preset, more synthesis steps, or check that the model's weights are "
+                   "trained (a randomly initialised network has no classes to show)")
+    return out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -56,3 +56,16 @@ class Stopped:
 class Done:
     report: dict[str, Any]
     out_dir: str | None
+
+
+def drain(events: Iterator, keep: bool = True) -> tuple[list, Any]:
+    """Run a stage's generator of events to its end. Returns (the events, or [] when not `keep`; the value the
+    generator returned, e.g. a SynthResult)."""
+    out = []
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as stop:
+            return out, stop.value
+        if keep:
+            out.append(ev)

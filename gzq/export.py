@@ -1,9 +1,9 @@
-"""Export a fake-quant student as what it simulates (DESIGN 2.7): ONNX QDQ and integer safetensors.
+"""Export a fake-quant student as what it simulates (docs/design.md 2.7): ONNX QDQ and integer safetensors.
 
 ONNX. The student is traced by torch's exporter with every QuantWrapper and tensor quantizer swapped for
 a module that marks its quantization points with a placeholder node (`gzq::Mark`); the placeholders are
 then rewritten with `onnx.helper` into standard operators, so any bit width is exact (torch.onnx's own
-fake-quant translation accepts 8-bit ranges only, DESIGN 6). Two tracers: TorchScript (the default) and
+fake-quant translation accepts 8-bit ranges only, docs/design.md 6). Two tracers: TorchScript (the default) and
 dynamo (torch.export + onnxscript, placeholders through `torch.onnx.ops.symbolic`). Measured on the
 bundled model, both give the same fused integer graph in onnxruntime; TorchScript exports about 40x
 faster and needs no extra package, dynamo is the exporter torch maintains.
@@ -30,12 +30,8 @@ which is `primitives.quantize` / `primitives.dequantize` with the step sizes the
 (the absolute, clamped LSQ step: `effective_scale`), so the graph means what the
 PyTorch model means, bit for bit up to float summation order.
 
-Integer safetensors. Per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
-`<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float), `<layer>.input_scale` / `.input_zero_point`
-(per tensor); every other tensor of the student (an unfolded BN, a layer scale, the step sizes and zero
-points of the deployable protocol's tensor quantizers) as float under its state-dict name; plus a JSON
-with the quantization spec, the per-layer and per-tensor bit widths and the data config.
-`load_int_weights` rebuilds the fake-quant student from it exactly.
+Integer safetensors: gzq.checkpoint (save_int_weights, load_int_weights); the integer form both read is
+gzq.quant.integer.
 """
 from __future__ import annotations
 
@@ -43,7 +39,6 @@ import collections
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,123 +46,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .checkpoint import save_int_weights
 from .config import ExportConfig, ExportFormat, QuantSpec
-from .quant.convert import create_student, quant_wrappers
-from .quant.graph import CONTAINER, tensor_quantizers
-from .quant.modules import INT32_RANGE, ActQuantizer, QuantWrapper, WeightQuantizer
-from .quant.primitives import dequantize, quantize
+from .quant.graph import CONTAINER
+from .quant.integer import ActQuant, LayerQuant, find_layer_quants, find_tensor_quants
+from .quant.modules import QuantWrapper
 
 log = logging.getLogger(__name__)
 
-INT_FORMAT_VERSION = 1
 MIN_OPSET = 13            # per-channel QuantizeLinear/DequantizeLinear (axis)
 INT4_OPSET = 21           # int4 / uint4 tensor types
 _TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter stops at 20; the QDQ rewrite then declares the target
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Integer form of a student
-# ----------------------------------------------------------------------------------------------------------
-
-def effective_scale(q: nn.Module) -> torch.Tensor:
-    """Step size(s) the fake-quant forward of `q` really multiplies by: (O,) for weights, () for activations."""
-    if not isinstance(q, (WeightQuantizer, ActQuantizer)):
-        raise TypeError(f"not a gzq quantizer: {type(q).__name__}")
-    return q.effective_scale()
-
-
-@dataclass
-class ActQuant:
-    """One per-tensor activation quantizer in integer form. Its ONNX initializers are `<prefix>scale` and
-    `<prefix>zero_point`: `<layer>.input_` for a layer's input quantizer, `<module path>.` for a tensor
-    quantizer of the deployable protocol (the names of its state-dict entries)."""
-    prefix: str
-    bits: int
-    scale: torch.Tensor             # () float32
-    zero_point: int
-    qmin: int
-    qmax: int
-    numel: int                      # per-sample tensor size; sets the LSQ gain of the step size
-
-    @classmethod
-    def of(cls, prefix: str, aq: ActQuantizer) -> "ActQuant":
-        return cls(prefix=prefix, bits=aq.bits, scale=effective_scale(aq).cpu(), qmin=aq.qmin, qmax=aq.qmax,
-                   zero_point=int(torch.round(aq.zero_point.detach().float()).item()), numel=int(aq._numel))
-
-
-@torch.no_grad()
-def find_tensor_quants(student: nn.Module) -> list[ActQuant]:
-    """The integer form of every tensor quantizer (deployable protocol; empty otherwise), in module order."""
-    return [ActQuant.of(f"{name}.", aq) for name, aq in tensor_quantizers(student)]
-
-
-@dataclass
-class LayerQuant:
-    """One QuantWrapper in integer form: what the ONNX graph and the integer safetensors store."""
-    name: str
-    op: str                         # "conv" | "linear"
-    codes: torch.Tensor             # (O, ...) int64, in [w_qmin, w_qmax]
-    w_scale: torch.Tensor           # (O,) float32
-    w_zero_point: torch.Tensor      # (O,) int64
-    w_bits: int
-    w_qmin: int
-    w_qmax: int
-    w_symmetric: bool
-    bias: torch.Tensor | None       # (O,) float32
-    a_bits: int | None = None
-    a_scale: torch.Tensor | None = None   # () float32
-    a_zero_point: int | None = None
-    a_qmin: int | None = None
-    a_qmax: int | None = None
-    a_numel: int | None = None      # per-sample input size; sets the activation LSQ gain
-    bias_scale: torch.Tensor | None = None  # (O,) step of int32 bias codes (QuantWrapper.bias_scale), or None
-
-    def input_quant(self) -> ActQuant | None:
-        if self.a_bits is None:
-            return None
-        return ActQuant(prefix=f"{self.name}.input_", bits=self.a_bits, scale=self.a_scale,
-                        zero_point=self.a_zero_point, qmin=self.a_qmin, qmax=self.a_qmax, numel=self.a_numel)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """(O, ...) float: equal to the fake-quant student's quantized weight."""
-        view = (-1,) + (1,) * (self.codes.ndim - 1)
-        return dequantize(self.codes.float(), self.w_scale.view(view), self.w_zero_point.float().view(view))
-
-    def meta(self) -> dict[str, Any]:
-        return dict(op=self.op, w_bits=self.w_bits, w_symmetric=self.w_symmetric, w_qmin=self.w_qmin,
-                    w_qmax=self.w_qmax, a_bits=self.a_bits, a_qmin=self.a_qmin, a_qmax=self.a_qmax,
-                    a_numel=self.a_numel, weight_shape=list(self.codes.shape), has_bias=self.bias is not None,
-                    int_bias=self.bias_scale is not None)
-
-    def bias_codes(self) -> torch.Tensor:
-        """(O,) int32 codes of an integer bias: what the fake-quant forward dequantizes."""
-        zero = torch.zeros_like(self.bias_scale)
-        return quantize(self.bias, self.bias_scale, zero, *INT32_RANGE).to(torch.int64)
-
-
-@torch.no_grad()
-def find_layer_quants(student: nn.Module) -> list[LayerQuant]:
-    """The integer form of every quantized layer of `student`, in module order."""
-    out = []
-    for name, w in quant_wrappers(student):
-        wq, mod = w.w_quant, w.module
-        weight = mod.weight.detach().float().cpu()                                   # (O, ...)
-        view = (-1,) + (1,) * (weight.ndim - 1)
-        scale = effective_scale(wq).cpu()                                            # (O,)
-        zp = torch.round(wq.zero_point.detach().float().cpu())                       # (O,)
-        codes = quantize(weight, scale.view(view), zp.view(view), wq.qmin, wq.qmax)
-        lq = LayerQuant(name=name, op="conv" if isinstance(mod, nn.Conv2d) else "linear",
-                        codes=codes.to(torch.int64), w_scale=scale, w_zero_point=zp.to(torch.int64),
-                        w_bits=wq.bits, w_qmin=wq.qmin, w_qmax=wq.qmax, w_symmetric=wq.symmetric,
-                        bias=None if mod.bias is None else mod.bias.detach().float().cpu().clone())
-        b_scale = w.bias_scale()
-        lq.bias_scale = None if b_scale is None else b_scale.detach().float().cpu()
-        if w.a_quant is not None:
-            a = ActQuant.of(f"{name}.input_", w.a_quant)
-            lq.a_bits, lq.a_qmin, lq.a_qmax, lq.a_numel = a.bits, a.qmin, a.qmax, a.numel
-            lq.a_scale, lq.a_zero_point = a.scale, a.zero_point
-        out.append(lq)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -661,13 +550,28 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int 
     return dict(path=str(path), bytes=path.stat().st_size, opset=min(opset, _TORCHSCRIPT_MAX_OPSET))
 
 
-def onnx_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None):
-    """An onnxruntime CPU session (optional thread count, optional dump of the optimised graph)."""
+def onnx_session(path: str | Path, threads: int | None = None, optimization: str = "all",
+                 optimized_path: str | Path | None = None, fold_weights: bool = False):
+    """An onnxruntime CPU session.
+
+    Args:
+        threads: intra-op threads (inter-op 1); None = onnxruntime's default.
+        optimization: "all" (onnxruntime's default: what a user gets), "extended" (the QDQ -> integer-kernel
+            fusions without hardware-specific layouts) or "none" (the graph as written).
+        optimized_path: where to write the optimised graph.
+        fold_weights: no QDQ fusion; weight DequantizeLinear is constant-folded at load.
+    """
     import onnxruntime as ort
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if optimization != "all":
+        levels = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        so.graph_optimization_level = levels[optimization]
+    if fold_weights:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -680,106 +584,6 @@ def run_onnx(session_or_path, x: torch.Tensor, batch: int = 500) -> torch.Tensor
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch].detach().cpu().float().numpy()})[0] for i in range(0, len(x), batch)]
     return torch.from_numpy(np.concatenate(outs))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Integer safetensors
-# ----------------------------------------------------------------------------------------------------------
-
-def _int_json_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-@torch.no_grad()
-def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data_config: dict) -> dict[str, Any]:
-    """Integer weights, scales, zero points and float remainder of `student` (+ `<stem>.json` beside it).
-
-    Returns:
-        {"path", "bytes", "json"}.
-    """
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    layers = find_layer_quants(student)
-    tensors: dict[str, torch.Tensor] = {}
-    prefixes = tuple(f"{lq.name}." for lq in layers)
-    for k, v in student.state_dict().items():                 # what is not a quantized layer stays float
-        if not k.startswith(prefixes):
-            tensors[k] = v.detach().cpu().contiguous()
-    for lq in layers:
-        n = lq.name
-        code_type = torch.int8 if lq.w_qmin < 0 else torch.uint8   # codes always lie in [qmin, qmax]
-        tensors[f"{n}.weight"] = lq.codes.to(code_type).contiguous()
-        tensors[f"{n}.weight_scale"] = lq.w_scale.contiguous()
-        tensors[f"{n}.weight_zero_point"] = lq.w_zero_point.to(torch.int32).contiguous()
-        if lq.bias is not None:
-            tensors[f"{n}.bias"] = lq.bias.contiguous()
-        if lq.a_bits is not None:
-            tensors[f"{n}.input_scale"] = lq.a_scale.reshape(()).contiguous()
-            tensors[f"{n}.input_zero_point"] = torch.tensor(lq.a_zero_point, dtype=torch.int32)
-    meta = dict(format="gzq-int", version=INT_FORMAT_VERSION, quant_spec=spec.to_dict(), data_config=data_config,
-                layers={lq.name: lq.meta() for lq in layers},
-                tensors={a.prefix[:-1]: dict(bits=a.bits, qmin=a.qmin, qmax=a.qmax, numel=a.numel)
-                         for a in find_tensor_quants(student)},
-                formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
-                        "qmin, qmax); weights per output channel (axis 0), inputs per tensor")
-    save_file(tensors, str(path), metadata={"format": "gzq-int", "version": str(INT_FORMAT_VERSION)})
-    jpath = _int_json_path(path)
-    jpath.write_text(json.dumps(meta, indent=2) + "\n")
-    return dict(path=str(path), bytes=path.stat().st_size, json=str(jpath))
-
-
-@torch.no_grad()
-def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, QuantSpec, dict]:
-    """Rebuild the fake-quant student from integer safetensors: architecture from timm, BN folded,
-    quantizers, then weights = dequantized codes and step sizes whose forward value is the stored scale.
-
-    Returns:
-        (student in eval mode, its QuantSpec, the data config).
-    """
-    import timm
-    from safetensors.torch import load_file
-    path = Path(path)
-    meta = json.loads(_int_json_path(path).read_text())
-    if meta.get("format") != "gzq-int":
-        raise ValueError(f"{path} is not a gzq integer-weights file (its JSON has no format 'gzq-int')")
-    spec = QuantSpec.from_dict(meta["quant_spec"])
-    dc = meta["data_config"]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dc["model_kwargs"].items()}
-    model = timm.create_model(dc["architecture"], pretrained=False, **kwargs).eval()
-    student = create_student(model, spec, torch.zeros(1, *dc["input_size"]), dc.get("classifier"))
-    tensors = load_file(str(path))
-    wrappers = dict(quant_wrappers(student))
-    if set(wrappers) != set(meta["layers"]):
-        raise ValueError(f"{path.name} does not fit {dc['architecture']}: quantized layers differ "
-                         f"({sorted(set(wrappers) ^ set(meta['layers']))[:3]}...)")
-    sd = {}
-    prefixes = tuple(f"{n}." for n in wrappers)
-    for k, v in tensors.items():
-        if not k.startswith(prefixes):
-            sd[k] = v
-    for n, w in wrappers.items():
-        lm = meta["layers"][n]
-        codes = tensors[f"{n}.weight"].to(torch.int64)
-        scale, zp = tensors[f"{n}.weight_scale"].float(), tensors[f"{n}.weight_zero_point"].float()
-        if (w.w_quant.bits, w.w_quant.symmetric) != (lm["w_bits"], lm["w_symmetric"]):
-            raise ValueError(f"layer {n}: file has w{lm['w_bits']} symmetric={lm['w_symmetric']}, "
-                             f"the spec rebuilds w{w.w_quant.bits} symmetric={w.w_quant.symmetric}")
-        view = (-1,) + (1,) * (codes.ndim - 1)
-        sd[f"{n}.module.weight"] = dequantize(codes.float(), scale.view(view), zp.view(view))
-        if f"{n}.bias" in tensors:
-            sd[f"{n}.module.bias"] = tensors[f"{n}.bias"]
-        sd[f"{n}.w_quant.scale"] = scale.float()
-        sd[f"{n}.w_quant.zero_point"] = zp
-        if w.a_quant is not None:
-            w.a_quant._numel = int(lm["a_numel"])                    # sets the LSQ gain of the step size
-            s = tensors[f"{n}.input_scale"].float()
-            sd[f"{n}.a_quant.scale"] = s.float()
-            sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
-    for n, aq in tensor_quantizers(student):                      # deployable protocol: tensor quantizers
-        aq._numel = int(meta["tensors"][n]["numel"])
-    student.load_state_dict(sd, strict=True)
-    return student.to(device).eval().requires_grad_(False), spec, dc
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import ModelSpec
+from .data import channel_view
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ class Teacher:
     @property
     def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid range of a [0, 1] pixel in normalised space, (1, C, 1, 1) each."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean, std = channel_view(self.mean), channel_view(self.std)
         return (0 - mean) / std, (1 - mean) / std
 
     def data_config(self) -> dict:

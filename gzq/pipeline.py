@@ -1,8 +1,9 @@
 """The whole GZNQ run as one generator of events: load -> synthesise (+ students) -> fine-tune -> evaluate -> save.
 
-What the app, the CLI and the tests call. A run writes one folder: config.json, report.json, images/,
-students/. It is written to `<out>.partial` and renamed when complete, so a stopped or failed run
-leaves nothing half-written behind.
+Orchestration only: the stages live in their modules (synthesis, distill, evaluate, export, budget) and this
+module chains them. What the app, the CLI and the tests call; `run` is the one-call form for Python users.
+A run writes one folder: config.json, report.json, images/, students/. It is written to `<out>.partial`
+and renamed when complete, so a stopped or failed run leaves nothing half-written behind.
 """
 from __future__ import annotations
 
@@ -19,73 +20,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import FlipMode, ModelSpec, QuantSpec, RunConfig, SynthConfig, TrainConfig
+from .augment import augment, jitter_pixels
 from .budget import estimate, fit_budget, measure_costs
+from .checkpoint import save_student
+from .config import FlipMode, RunConfig, student_specs
 from .distill import iter_distill
-from .evaluate import agreement, load_labelled_data, mean_kl, predict_logits, top1
+from .evaluate import evaluate_run, health_warnings, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
-from .quant.convert import calibrate_, create_student, fold_bn_, model_size_bytes
-from .reconstruct import iter_reconstruct, recon_settings
-from .synthesis import SynthResult, augment, flip_check, flips_are_valid, iter_synthesize, jitter_pixels
+from .presets import resolve_device
+from .quant.convert import calibrate_, create_student, fold_bn_
+from .reconstruct import find_units, iter_reconstruct, recon_settings
+from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
 log = logging.getLogger(__name__)
-
-# Presets: what fits a 2-core CPU in a few minutes on the bundled model, and a GPU budget near the paper's.
-# time_budget_s caps the run: on a costlier model the images and steps shrink to fit (gzq.budget).
-PRESETS: dict[str, dict] = {
-    "cpu": dict(synth=dict(num_images=256, holdout_images=32, batch_size=96, steps=300, warmup_steps=100),
-                train=dict(epochs=40, batch_size=64), time_budget_s=600),
-    "gpu": dict(synth=dict(num_images=1024, holdout_images=128, batch_size=256, steps=2000, warmup_steps=500),
-                train=dict(epochs=100, batch_size=128), time_budget_s=3600),
-}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def make_config(preset: str | None = None, device: str = "auto", **sections) -> RunConfig:
-    """A RunConfig from a preset ("cpu", "gpu", or None = chosen by device) with section overrides.
-
-    Args:
-        sections: model=ModelSpec|dict, students=[QuantSpec|str], synth=dict, train=dict, eval=dict, seed=int.
-    """
-    if preset is None:
-        preset = "gpu" if resolve_device(device).type == "cuda" else "cpu"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    base = copy.deepcopy(PRESETS[preset])
-    d = RunConfig().to_dict()
-    d["synth"].update(base["synth"])
-    d["train"].update(base["train"])
-    d["time_budget_s"] = base.get("time_budget_s")
-    for key, val in sections.items():
-        if val is None:
-            continue
-        if key == "students":
-            d[key] = [QuantSpec.parse(v).to_dict() if isinstance(v, str) else
-                      (v.to_dict() if isinstance(v, QuantSpec) else v) for v in val]
-        elif key == "model":
-            d[key] = val.to_dict() if isinstance(val, ModelSpec) else {**d[key], **val}
-        elif isinstance(val, dict):
-            d[key].update(val)
-        else:
-            d[key] = val
-    d["device"], d["preset"] = device, preset
-    return RunConfig.from_dict(d)
-
-
-def student_names(cfg: RunConfig) -> list[tuple[str, QuantSpec]]:
-    """The M students: the requested configurations, then extra seeds of the first one up to num_students."""
-    out = [(s.name, s) for s in cfg.students]
-    extra = max(cfg.synth.num_students - len(out), 0)
-    out += [(f"{cfg.students[0].name}_s{i + 1}", cfg.students[0]) for i in range(extra)]
-    return out
 
 
 def _versions() -> dict[str, str]:
@@ -97,31 +45,6 @@ def _versions() -> dict[str, str]:
     except Exception:
         v["gzq"] = "source"
     return v
-
-
-def save_student(path: Path, student: torch.nn.Module, spec: QuantSpec, teacher: Teacher) -> None:
-    """Student weights (BN-folded float weights, step sizes, zero points) + the spec needed to rebuild it."""
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(path))
-    meta = {"quant_spec": spec.to_dict(), "teacher": teacher.data_config(), "teacher_name": teacher.name}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, QuantSpec, dict]:
-    """Rebuild a saved student exactly: architecture from timm, BN folded, quantizers, then the saved tensors."""
-    import timm
-    from safetensors.torch import load_file
-    path = Path(path)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    spec = QuantSpec.from_dict(meta["quant_spec"])
-    dc = meta["teacher"]
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dc["model_kwargs"].items()}
-    model = timm.create_model(dc["architecture"], pretrained=False, **kwargs).eval()
-    example = torch.zeros(1, *dc["input_size"])
-    student = create_student(model, spec, example, dc.get("classifier"))
-    student.load_state_dict(load_file(str(path)))
-    return student.to(device).eval().requires_grad_(False), spec, dc
 
 
 def estimate_run(cfg: RunConfig):
@@ -136,11 +59,12 @@ def estimate_run(cfg: RunConfig):
     t = time.perf_counter()
     teacher = load_teacher(cfg.model, device)
     example = torch.zeros(2, *teacher.input_size, device=device)
-    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_names(cfg)}
+    students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_specs(cfg)}
     labelled = load_labelled_data(teacher, cfg.eval)
     load_s = time.perf_counter() - t
     costs = measure_costs(teacher, students, cfg, device)
-    n_real = len(labelled[1]) if labelled else 0
+    costs.recon_units = _recon_units(cfg, students, example)
+    n_real = len(labelled.labels) if labelled else 0
     if cfg.time_budget_s is not None:
         _, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
     else:
@@ -148,6 +72,25 @@ def estimate_run(cfg: RunConfig):
     est.per_stage = {"load": load_s, **est.per_stage}
     est.seconds += load_s
     return est
+
+
+def run(cfg: RunConfig, out_dir: str | Path | None = None,
+        stop: Callable[[], bool] | threading.Event | None = None,
+        synth_source: Callable[[Teacher, torch.device], SynthResult] | None = None) -> dict:
+    """Run GZNQ end to end and return its report (what report.json holds); the one-call form of iter_run,
+    with the same arguments.
+
+    Raises:
+        RunStopped: the stop flag was set before the run finished.
+    """
+    last = None
+    for last in iter_run(cfg, out_dir, stop, synth_source):
+        pass
+    if isinstance(last, Stopped):
+        raise RunStopped(f"stopped during {last.stage} at step {last.step}")
+    if not isinstance(last, Done):
+        raise RunStopped("the run ended without a report")
+    return last.report
 
 
 def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
@@ -200,7 +143,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         yield StageStarted("load", 0, f"loading {cfg.model.name} on {device}")
         teacher = load_teacher(cfg.model, device)
         example = torch.zeros(2, *teacher.input_size, device=device)
-        specs = dict(student_names(cfg))
+        specs = dict(student_specs(cfg))
         for n, s in specs.items():
             check_stop(stop_fn)
             students[n] = create_student(teacher.model, s, example, teacher.classifier)
@@ -215,11 +158,12 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         timings["load"] = time.perf_counter() - t
         yield Message(f"teacher {teacher.architecture} ({teacher.num_classes} classes, input {teacher.input_size}) "
                       f"on {device}; students: {', '.join(students)}"
-                      + (f"; labelled data: {labelled[2]}" if labelled else "; no labelled data"))
+                      + (f"; labelled data: {labelled.source}" if labelled else "; no labelled data"))
 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device)
-        n_real = len(labelled[1]) if labelled else 0
+        costs.recon_units = _recon_units(cfg, students, example)
+        n_real = len(labelled.labels) if labelled else 0
         if cfg.time_budget_s is not None and synth_source is None:
             fitted, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
             cfg = dataclasses.replace(fitted, time_budget_s=None)   # the saved config reproduces this budget
@@ -231,7 +175,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         yield Message(f"estimated time: {est.text}")
 
         t = time.perf_counter()
-        calib = dict(method=cfg.students[0].act_init.value, percentile=cfg.students[0].act_percentile)
+        calib = dict(method=cfg.students[0].act_init, percentile=cfg.students[0].act_percentile)
         seeds = {n for n in students if n not in {s.name for s in cfg.students}}
         if synth_source is not None:
             yield StageStarted("synthesis", 0, "images from a given source")
@@ -262,7 +206,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             with torch.no_grad():
                 batches = [synth.images(i.to(device), noise=False) for i in torch.split(synth.train_idx, 64)]
             for n, s in students.items():
-                calibrate_(s, batches, specs[n].act_init.value, specs[n].act_percentile)
+                calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile)
             timings["calibration"] = time.perf_counter() - t
 
         jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)   # the teacher labels (or fits) each rolled
@@ -272,8 +216,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             gen = torch.Generator().manual_seed(cfg.seed + 13)
             dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 14)
             draw = lambda idx: augment(synth.images(idx, dev_gen, noise=cfg.train.resample), jitter, synth.flip, gen)  # noqa: E731
-            steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, recon_settings(cfg.train, len(synth.train_idx)),
-                                                device, cfg.seed, stop_fn)
+            settings = recon_settings(cfg.train, len(synth.train_idx))
+            steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, settings, device, cfg.seed,
+                                                stop_fn)
             reference = None
             timings["reconstruct"] = time.perf_counter() - t
             if steps == 0 or stop_fn():
@@ -326,10 +271,18 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:
+    """How many blocks block reconstruction will fit (0 when no student is reconstructed), for the estimate."""
+    if not students or not any(cfg.train.method_for(s).recon for s in cfg.students):
+        return 0
+    return len(find_units(next(iter(students.values())), example))
+
+
 # ------------------------------------------------------------------------- stopping inside a pass
 
 class RunStopped(Exception):
-    """The stop flag was found set inside a forward or backward pass; iter_run turns it into Stopped."""
+    """The stop flag was found set inside a forward or backward pass; iter_run turns it into Stopped, and `run`
+    raises it for a run that stopped."""
 
 
 def check_stop(stop_fn: Callable[[], bool]) -> None:
@@ -365,68 +318,6 @@ class StopHooks:
         self.handles = []
 
 
-def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth: SynthResult, labelled, cfg: RunConfig,
-                 device: torch.device) -> dict:
-    """Teacher and student metrics: agreement and KL on held-out synthetic images, real top-1, size."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
-    idx = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
-    with torch.no_grad():
-        fresh = torch.cat([synth.images(idx.to(device), gen) for _ in range(cfg.eval.fresh_draws)]).cpu()
-    t_fresh = predict_logits(teacher.model, fresh, device)
-    t_real = predict_logits(teacher.model, labelled[0], device) if labelled else None
-    fp_size = sum(p.numel() * 4 for p in teacher.model.parameters())
-    rows = []
-    for name, s in students.items():
-        s.eval()
-        s_fresh = predict_logits(s, fresh, device)
-        row = dict(name=name, w_bits=specs[name].w_bits, a_bits=specs[name].a_bits,
-                   protocol=specs[name].protocol.value, agreement=round(agreement(t_fresh, s_fresh), 2),
-                   kl=round(mean_kl(t_fresh, s_fresh), 5), size_bytes=model_size_bytes(s))
-        if labelled:
-            s_real = predict_logits(s, labelled[0], device)
-            row.update(accuracy=round(top1(s_real, labelled[1]), 2),
-                       real_agreement=round(agreement(t_real, s_real), 2))
-        else:
-            row.update(accuracy=None, real_agreement=None)
-        rows.append(row)
-    return dict(
-        teacher=dict(name=teacher.name, architecture=teacher.architecture,
-                     accuracy=round(top1(t_real, labelled[1]), 2) if labelled else None, size_bytes=fp_size,
-                     synthetic_label_agreement=round(top1(t_fresh, synth.images.labels[idx.to(device)].cpu()
-                                                          .repeat(cfg.eval.fresh_draws)), 2)),
-        students=rows,
-        labelled_data=labelled[2] if labelled else None,
-        fresh_images=len(fresh),
-    )
-
-
-#: below this share of held-out synthetic images carrying their label, the images have lost their class signal
-MIN_LABEL_AGREEMENT = 90.0
-
-
-def synthesis_health(report: dict, synth: SynthResult) -> dict:
-    """Signals that the synthetic images are fit to train on: the teacher's agreement with their labels (on
-    fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, and the
-    flip decision."""
-    h = synth.history
-    return dict(label_agreement=report["teacher"]["synthetic_label_agreement"],
-                final_bn_log_likelihood=h["bn_ll"][-1] if h.get("bn_ll") else None,
-                final_ce_weight=h["ce_weight"][-1] if h.get("ce_weight") else None,
-                flip=synth.flip, jitter_pixels=synth.jitter, flip_check=synth.flip_check)
-
-
-def health_warnings(health: dict) -> list[str]:
-    """Plain-language warnings for a report (empty when the synthesis looks healthy)."""
-    out = []
-    agree = health.get("label_agreement")
-    if agree is not None and agree < MIN_LABEL_AGREEMENT:
-        out.append(f"the teacher recognises only {agree:.0f} % of the synthetic images as their intended class "
-                   f"(healthy: {MIN_LABEL_AGREEMENT:.0f} % or more), so the quantized models learnt from weak "
-                   "images; try the standard preset, more synthesis steps, or check that the model's weights are "
-                   "trained (a randomly initialised network has no classes to show)")
-    return out
-
-
 def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, students: dict, specs: dict,
              synth: SynthResult) -> None:
     from PIL import Image
@@ -445,7 +336,7 @@ def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, stude
                           split="holdout" if i in holdout else "train"))
     (img_dir / "labels.json").write_text(json.dumps(index, indent=1) + "\n")
     for name, s in students.items():
-        save_student(folder / "students" / f"{name}.safetensors", s, specs[name], teacher)
+        save_student(folder / "students" / f"{name}.safetensors", s, specs[name], teacher.data_config(), teacher.name)
     if cfg.export.formats:  # ONNX QDQ + integer safetensors (gzq/export.py); records files in the report
         from .export import export_run
         export_run(folder, cfg.export, report, teacher, students, specs)

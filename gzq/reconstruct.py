@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .events import Progress, StageStarted, Stopped
-from .quant.convert import adam
+from .optim import adam, cosine_schedule
 from .quant.modules import ActQuantizer, QuantWrapper
 
 LAYERS = (QuantWrapper, nn.Conv2d, nn.Linear)
@@ -58,17 +58,11 @@ class ReconSettings:
     beta: tuple[float, float] = (20.0, 2.0)
 
 
-#: fewest steps per unit when the step count follows the fine-tuning budget
-MIN_AUTO_STEPS = 20
-
-
 def recon_settings(cfg, train_images: int) -> ReconSettings:
-    """The ReconSettings of a gzq.config.TrainConfig. recon_steps 0 sizes the stage like the KD stage it
-    replaces: all units together pass half as many images as `epochs` of KD over `train_images` would."""
-    steps = cfg.recon_steps or max(MIN_AUTO_STEPS, round(cfg.epochs * train_images / (2 * cfg.recon_batch_size)))
-    return ReconSettings(steps=steps, batch_size=cfg.recon_batch_size,
-                         pool=min(cfg.recon_pool, max(steps * cfg.recon_batch_size // 4, cfg.recon_batch_size)),
-                         lr_round=cfg.recon_lr_round, lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg)
+    """The ReconSettings of a gzq.config.TrainConfig for `train_images` images (TrainConfig.recon_budget)."""
+    steps, pool = cfg.recon_budget(train_images)
+    return ReconSettings(steps=steps, batch_size=cfg.recon_batch_size, pool=pool, lr_round=cfg.recon_lr_round,
+                         lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg)
 
 
 # ------------------------------------------------------------------------------------------ unit discovery
@@ -295,8 +289,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
             for q in (m for m in unit.modules() if isinstance(m, ActQuantizer)):
                 q.requires_grad_(True)
             opt = _unit_optimizer(unit, roundings, settings)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(settings.steps, 1))))
+            sched = cosine_schedule(opt, settings.steps)
             state[n] = (unit, wrappers, roundings, opt, sched)
         try:
             for i in range(settings.steps):

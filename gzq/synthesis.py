@@ -33,11 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import augment, jitter_pixels
 from .bn import BNStatsRecorder, bn_losses
-from .config import FlipMode, ImageParam, SynthConfig, VRule
+from .config import ActInit, FlipMode, ImageParam, SynthConfig, VRule
+from .data import channel_view
 from .events import Message, Preview, Progress, StageStarted, Stopped
+from .losses import ensemble_log_probs, kl_teacher_student, total_variation
 from .models import Teacher
-from .quant.convert import adam, calibrate_, student_optimizer
+from .optim import adam, cosine_schedule, student_optimizer
+from .quant.convert import calibrate_
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +83,7 @@ class SyntheticImages(nn.Module):
     def to_uint8(self, idx: torch.Tensor | None = None, mean=None, std=None) -> np.ndarray:
         """The image means as (N, H, W, C) uint8 pixels."""
         m = self.mean if idx is None else self.mean[idx]
-        mean_t = torch.tensor(mean, device=m.device).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, device=m.device).view(1, -1, 1, 1)
-        px = (m * std_t + mean_t).clamp(0, 1).mul(255).round().to(torch.uint8)
+        px = (m * channel_view(std, m) + channel_view(mean, m)).clamp(0, 1).mul(255).round().to(torch.uint8)
         return px.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -90,38 +92,6 @@ def balanced_labels(num: int, num_classes: int, generator: torch.Generator) -> t
     reps = math.ceil(num / num_classes)
     labels = torch.cat([torch.randperm(num_classes, generator=generator) for _ in range(reps)])[:num]
     return labels[torch.randperm(num, generator=generator)]
-
-
-def jitter_pixels(fraction: float, input_size) -> int:
-    """The roll, in pixels, that `fraction` of the input's shorter side gives (SynthConfig.jitter)."""
-    return int(round(fraction * min(input_size[-2:])))
-
-
-def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random roll by up to `jitter` pixels (one shift per batch) and per-image horizontal flips."""
-    if jitter > 0:
-        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if flip:
-        mask = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
-        x = torch.where(mask, x.flip(3), x)
-    return x
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-
-
-def kl_teacher_student(p_log: torch.Tensor, q_log: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p || q) from log-probabilities, mean over the batch (weighted mean with per-sample `weights`)."""
-    kl = (p_log.exp() * (p_log - q_log)).sum(1)
-    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum().clamp_min(1e-8)
-
-
-def ensemble_log_probs(student_logits: list[torch.Tensor]) -> torch.Tensor:
-    """log( (1/M) sum_i softmax(q_i) ), (B, K)."""
-    stacked = torch.stack([F.log_softmax(q, 1) for q in student_logits])   # (M, B, K)
-    return torch.logsumexp(stacked, 0) - math.log(len(student_logits))
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -216,7 +186,7 @@ class SynthResult:
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
                     seed: int = 0, stop: Callable[[], bool] = lambda: False,
-                    calibration: dict | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
+                    calibration: dict[str, ActInit | float] | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
     """Optimise the synthetic images (and train the students in alternation). Yields events; returns SynthResult.
 
     Args:
@@ -241,7 +211,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     if images.log_scale is not None:
         groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
     opt = adam(groups, betas=(0.5, 0.9))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(cfg.steps, 1))))
+    sched = cosine_schedule(opt, cfg.steps)
     s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
     history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": [], "agreement": [], "ce_weight": []}
     jitter = jitter_pixels(cfg.jitter, teacher.input_size)

@@ -269,6 +269,7 @@ def test_picker_labels_map_back_to_timm_names():
     assert form.model_name(" resnet18 ") == "resnet18"
 
 
+@pytest.mark.slow
 def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
     small = estimate.estimate(form.build_config("default", preset="quick CPU", device="cpu"))
     large = estimate.estimate(form.build_config("default", preset="standard", device="cpu"))
@@ -291,6 +292,7 @@ def _runs(tmp):
     return list(Path(tmp).glob("gzq_run_*"))
 
 
+@pytest.mark.slow
 def test_stop_ends_the_run_inside_a_step_and_removes_the_run_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
     assert handlers.stop_updates("test-session")["status"].startswith("**Stopped**")  # nothing was going
@@ -329,6 +331,7 @@ def test_bad_input_and_missing_weights_are_messages_and_the_log_says_why(monkeyp
     assert armed["status"] == "**Starting…**" and armed["stop"]["interactive"] is True
 
 
+@pytest.mark.slow
 def test_a_finished_run_comes_back_after_a_reload(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
     updates = list(handlers.run_updates({**RUN_VALUES, "steps": 4, "epochs": 1}, "s2"))

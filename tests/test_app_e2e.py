@@ -107,7 +107,7 @@ def test_quick_run_streams_and_downloads_reproduce_the_report(client, tmp_path):
     from gzq.data import load_fashion_mnist, to_model_input
     from gzq.evaluate import agreement, predict_logits, top1
     from gzq.models import load_teacher
-    from gzq.pipeline import load_student
+    from gzq.checkpoint import load_student
     for name in ("w4a4.safetensors", "w4a4.json"):
         shutil.copy(files[name], tmp_path / name)
     model, spec, dc = load_student(tmp_path / "w4a4.safetensors")

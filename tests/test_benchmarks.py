@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # each runs a benchmark in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +37,7 @@ def test_accuracy_benchmark_set_overrides(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     budget = json.loads(out.read_text())["budget"]
-    assert budget["synth"]["init_log_scale"] == -1 and budget["train"]["lr"] == 2e-4
+    assert budget["set"] == ["synth.init_log_scale=-1", "train.lr=2e-4"]   # applied by gzq.config.override
     bad = subprocess.run(cmd + ["--set", "synth.lr"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "must look like synth.lr=0.1" in bad.stderr
 

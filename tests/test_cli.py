@@ -4,11 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+pytestmark = pytest.mark.slow   # each starts `python -m gzq` in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     from gzq.config import EvalConfig
     from gzq.evaluate import load_labelled_data, predict_logits, top1
     from gzq.models import load_teacher
-    from gzq.pipeline import load_student
+    from gzq.checkpoint import load_student
     student, spec, _ = load_student(out / "students" / "w4a4.safetensors")
     assert spec.name == "w4a4"
     x, y, _ = load_labelled_data(load_teacher("default"), EvalConfig(max_real_images=2000))

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from gzq.config import BNLoss, ModelSpec, Protocol, QuantSpec, RunConfig, SynthConfig
-from gzq.pipeline import make_config, student_names
+from gzq.config import BNLoss, ModelSpec, Protocol, QuantSpec, RunConfig, SynthConfig, override, student_specs
+from gzq.presets import make_config
 
 
 def test_round_trip_through_json():
@@ -12,7 +12,7 @@ def test_round_trip_through_json():
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.synth.bn_loss is BNLoss.MSE and again.model.input_size == (3, 64, 64)
-    assert [n for n, _ in student_names(cfg)] == ["w4a4", "w8a8", "w4a4_s1"]
+    assert [n for n, _ in student_specs(cfg)] == ["w4a4", "w8a8", "w4a4_s1"]
 
 
 @pytest.mark.parametrize("kwargs, msg", [
@@ -43,3 +43,29 @@ def test_other_validation():
         make_config("tpu")
     with pytest.raises(ValueError, match="unknown SynthConfig fields: \\['stepz'\\]"):
         SynthConfig.from_dict({"stepz": 3})
+
+
+def test_override_scales_derived_fields_by_one_rule():
+    cfg = make_config("cpu", "cpu")                                   # 256 images / 32 held out, 300 / 100 steps
+    o = override(cfg, "synth.steps=80", "synth.num_images=64", "train.lr=3e-4", "seed=2")
+    assert (o.synth.steps, o.synth.warmup_steps) == (80, 27)           # the same share of the steps
+    assert (o.synth.num_images, o.synth.holdout_images, o.synth.batch_size) == (64, 8, 64)
+    assert o.train.lr == 3e-4 and o.seed == 2 and cfg.synth.steps == 300   # a copy; the original is kept
+    given = override(cfg, {"synth.steps": 80, "synth.warmup_steps": 5})  # a derived field given wins
+    assert (given.synth.steps, given.synth.warmup_steps) == (80, 5)
+    assert override(cfg, "synth.lr=0.2").synth.warmup_steps == 100      # other fields move nothing
+    assert [s.name for s in override(cfg, "students=w4a4,w8a8").students] == ["w4a4", "w8a8"]
+    assert override(cfg, "synth.bn_loss=mse").synth.bn_loss.value == "mse"
+    for bad in ("synth.nope=1", "nope.lr=1", "synth.lr", "synth.steps=-1"):
+        with pytest.raises(ValueError):
+            override(cfg, bad)
+
+
+def test_cli_and_app_budgets_agree():
+    from gzq.cli import _parser, build_config
+    from gzq.ui.form import build_config as form_config
+    cli = build_config(_parser().parse_args(["run", "--model", "resnet18", "--preset", "cpu", "--steps", "80",
+                                             "--images", "24", "--out", "x"]))
+    app = form_config("resnet18", preset="standard", steps=80, num_images=24)
+    keep = ("num_images", "holdout_images", "batch_size", "steps", "warmup_steps")
+    assert [getattr(cli.synth, k) for k in keep] == [getattr(app.synth, k) for k in keep] == [24, 3, 24, 80, 27]

@@ -1,4 +1,4 @@
-"""gzq.export: ONNX QDQ and integer safetensors reproduce the fake-quant student (DESIGN 2.7).
+"""gzq.export: ONNX QDQ and integer safetensors reproduce the fake-quant student (docs/design.md 2.7).
 
 onnxruntime is run twice: with graph optimisations off (what the ONNX graph means: equal to PyTorch up to
 float summation order, which can flip a rare rounding) and with its defaults (what a user gets: 8-bit QDQ
@@ -10,14 +10,14 @@ import collections
 import json
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
 from gzq.config import ExportConfig, ExportFormat, ModelSpec, Protocol, QuantSpec, RunConfig
-from gzq.export import (effective_scale, export_fp32_onnx, export_onnx, export_run, find_layer_quants,
-                        load_int_weights, onnx_session, run_onnx, save_int_weights)
+from gzq.checkpoint import load_int_weights, save_int_weights
+from gzq.export import export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
+from gzq.quant.integer import effective_scale, find_layer_quants
 from gzq.quant.convert import calibrate_, create_student, quant_wrappers
 from gzq.quant.primitives import fake_quantize
 
@@ -26,11 +26,7 @@ EFF_INPUT = (3, 64, 64)
 
 
 def _session(path, optimise: bool = True):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    if not optimise:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx_session(path, threads=1, optimization="all" if optimise else "none")
 
 
 def _assert_logits_match(onnx_out: torch.Tensor, ref: torch.Tensor, exact_frac: float, p95_rel: float):
@@ -47,28 +43,7 @@ def _assert_logits_match(onnx_out: torch.Tensor, ref: torch.Tensor, exact_frac: 
     assert agree >= 0.98, msg
 
 
-# ---------------------------------------------------------------- fixtures: students of two architectures
-
-@pytest.fixture(scope="module")
-def fmnist(default_teacher):
-    from gzq.data import load_fashion_mnist, to_model_input
-    t = default_teacher
-    train, _ = load_fashion_mnist("train")
-    test, labels = load_fashion_mnist("test")
-    return dict(calib=to_model_input(train[:256], t.mean, t.std, t.input_size),
-                test=to_model_input(test, t.mean, t.std, t.input_size), labels=labels)
-
-
-@pytest.fixture(scope="module")
-def default_students(default_teacher, fmnist):
-    t = default_teacher
-    out = {}
-    for spec in SPECS:
-        s = create_student(t.model, spec, torch.zeros(2, *t.input_size), t.classifier)
-        calibrate_(s, [fmnist["calib"]])
-        out[spec.name] = s.eval()
-    return out
-
+# ------------------------------------- fixtures: students of two architectures (the bundled model's: conftest)
 
 @pytest.fixture(scope="module")
 def eff_teacher():
@@ -195,6 +170,7 @@ def test_onnx_batch_axis_is_dynamic(onnx_files, default_students, fmnist):
     assert json.loads(meta["quant_spec"])["w_bits"] == 4 and json.loads(meta["mean"]) == [0.286]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["w4a4", "w8a8"])
 def test_onnx_real_accuracy_and_agreement_on_10k(name, onnx_files, default_students, fmnist):
     """The acceptance number: the downloaded file, run by onnxruntime with its defaults (integer kernels for
@@ -210,21 +186,30 @@ def test_onnx_real_accuracy_and_agreement_on_10k(name, onnx_files, default_stude
     assert top1(ref, y) > 80.0                                   # a working student, not a degenerate one
 
 
+def _readme_block(marker: str) -> str:
+    """The ```python block of README.md that contains `marker`."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
 def test_readme_snippet_runs_the_download_with_plain_onnxruntime(onnx_files, default_students):
-    """The five lines of docs_export_section.md: numpy preprocessing from the file's own metadata."""
+    """The README's onnxruntime snippet, read from README.md and run as written on an exported file: numpy
+    preprocessing from the file's own metadata gives the fake-quant student's predictions."""
     import numpy as np
-    from gzq.data import load_fashion_mnist
+    from gzq.data import load_fashion_mnist, to_model_input
+    snippet = _readme_block("onnxruntime as ort")
+    assert '"runs/x/students/w4a4.onnx"' in snippet
     images_u8 = load_fashion_mnist("test")[0][:500].numpy()
-    path = onnx_files["default", "w4a4"]["path"]
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
-    mean, std = (np.reshape(meta[k], (1, -1, 1, 1)) for k in ("mean", "std"))
-    x = (images_u8.reshape(-1, *meta["input_size"]) / 255 - mean) / std
-    labels = [meta["class_names"][i] for i in sess.run(None, {"input": x.astype(np.float32)})[0].argmax(1)]
-    from gzq.data import to_model_input
+    scope = {"images_u8": images_u8}
+    exec(snippet.replace('"runs/x/students/w4a4.onnx"', repr(str(onnx_files["default", "w4a4"]["path"]))), scope)
+    labels, meta = scope["labels"], scope["meta"]
     with torch.no_grad():
         ref = default_students["w4a4"](to_model_input(torch.from_numpy(images_u8), meta["mean"], meta["std"],
                                                       meta["input_size"]))
+    assert len(labels) == len(images_u8)
     agree = np.mean([a == meta["class_names"][b] for a, b in zip(labels, ref.argmax(1).tolist())])
     assert agree >= 0.99 and meta["quant_spec"]["a_bits"] == 4
 
@@ -345,11 +330,8 @@ def dep_files(tmp_path_factory, default_teacher, mnv2_teacher, fmnist):
 
 def _optimised_ops(path, tmp_path) -> collections.Counter:
     """Op counts of the graph onnxruntime runs (its QDQ fusions, before the hardware-specific layout)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    onnx_session(path, optimization="extended", optimized_path=tmp_path / "optimised.onnx")
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node)
 
 
 @pytest.mark.parametrize("arch,name", [("default", "w8a8_dep"), ("default", "w4a4_dep"), ("default", "w3a5_dep"),
@@ -382,6 +364,7 @@ def test_deployable_w8a8_is_all_integer_kernels(arch, dep_files, tmp_path):
     assert all(t == {"weight": "int8", "input": "uint8"} for t in info["layers"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [s.name for s in DEP_SPECS])
 def test_deployable_real_accuracy_on_10k(name, dep_files, fmnist):
     """The number the app reports is the number the file gives, for 8 bit, 4 bit and an odd width."""
@@ -469,6 +452,21 @@ def test_int_safetensors_round_trip_is_exact(arch, name, default_teacher, defaul
     x = _inputs(arch, fmnist)[:32]
     with torch.no_grad():
         assert torch.equal(rebuilt(x), s(x))                    # bit for bit
+
+
+@pytest.mark.parametrize("arch", ["default", "eff"])
+def test_float_checkpoint_round_trip_is_exact(arch, default_teacher, default_students, eff_teacher, eff_students,
+                                              fmnist, tmp_path):
+    """students/<name>.safetensors + .json rebuild the same student (rebuild_student, the path both formats take)."""
+    from gzq.checkpoint import load_student, save_student
+    s = _students(arch, default_students, eff_students)["w4a4"]
+    dc = default_teacher.data_config() if arch == "default" else eff_teacher[1]
+    save_student(tmp_path / "w4a4.safetensors", s, QuantSpec(4, 4), dc, "teacher")
+    rebuilt, spec, dc2 = load_student(tmp_path / "w4a4.safetensors")
+    assert spec == QuantSpec(4, 4) and dc2 == json.loads(json.dumps(dc))
+    x = _inputs(arch, fmnist)[:32]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), s(x))
 
 
 def test_int_safetensors_rejects_a_foreign_json(tmp_path, default_students, default_teacher):

@@ -7,21 +7,22 @@ from gzq.config import ModelSpec
 from gzq.models import ModelLoadError, has_batchnorm, list_bn_models, load_teacher
 
 
-def test_default_model_is_bundled_and_accurate(default_teacher):
+def test_default_model_is_bundled(default_teacher):
     t = default_teacher
     assert t.architecture == "resnet18" and t.input_size == (1, 28, 28) and t.num_classes == 10
     assert t.class_names[0] == "T-shirt/top" and t.dataset == "fashion-mnist"
-    assert t.reference_accuracy >= 92.0
     assert not any(p.requires_grad for p in t.model.parameters()) and not t.model.training
 
 
+@pytest.mark.slow
 def test_default_model_real_accuracy_matches_its_card(default_teacher):
     from gzq.config import EvalConfig
     from gzq.evaluate import load_labelled_data, predict_logits, top1
     x, y, _ = load_labelled_data(default_teacher, EvalConfig())
     assert len(y) == 10000
     acc = top1(predict_logits(default_teacher.model, x, torch.device("cpu")), y)
-    assert acc == pytest.approx(default_teacher.reference_accuracy, abs=0.01)
+    assert acc >= 92.0                                                             # measured here
+    assert acc == pytest.approx(default_teacher.reference_accuracy, abs=0.01)      # and what the card says
 
 
 def test_load_timm_name_with_local_checkpoint(tmp_path):

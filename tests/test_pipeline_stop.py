@@ -7,8 +7,10 @@ import pytest
 import timm
 import torch
 
+import gzq
 from gzq.events import Progress, StageStarted, Stopped
-from gzq.pipeline import RunStopped, StopHooks, iter_run, make_config
+from gzq.pipeline import RunStopped, StopHooks, iter_run
+from gzq.presets import make_config
 
 
 def test_forward_raises_once_the_flag_is_set_and_hooks_come_off():
@@ -37,6 +39,7 @@ def test_backward_raises_once_the_flag_is_set_after_the_forward():
     hooks.remove()
 
 
+@pytest.mark.slow
 def test_a_stop_inside_a_synthesis_pass_ends_the_run_with_stopped(tmp_path):
     cfg = make_config("cpu", device="cpu", synth=dict(num_images=16, holdout_images=2, batch_size=16, steps=50,
                                                       warmup_steps=5), train=dict(epochs=1))
@@ -53,4 +56,7 @@ def test_a_stop_inside_a_synthesis_pass_ends_the_run_with_stopped(tmp_path):
             calls["n"], calls["armed"] = 0, True
     assert isinstance(events[-1], Stopped) and events[-1].stage == "synthesis" and events[-1].step == 2
     assert any(isinstance(e, StageStarted) and e.stage == "synthesis" for e in events)
+    with pytest.raises(RunStopped, match="stopped during load"):   # the one-call form raises instead
+        gzq.run(cfg, tmp_path / "run2", stop=lambda: True)
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run2.partial").exists()
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -23,9 +23,10 @@ def _covered(model, units):
     ("resnet18", ["conv1", "layer1.0", "layer1.1", "layer4.1", "fc"]),
     ("mobilenetv2_050", ["conv_stem", "blocks.0", "blocks.1.0", "blocks.1.1", "conv_head", "classifier"]),
     ("regnetx_002", ["stem", "s1", "s3.b1", "s4.b7", "head"]),
-    ("densenet121", ["features.conv0", "features.denseblock1", "features.transition1", "classifier"]),
-    ("repvgg_a0", ["stem", "stages.0.0", "stages.2.13", "head"]),
-    ("ghostnet_050", ["conv_stem", "blocks.0", "blocks.9", "classifier"]),
+    pytest.param("densenet121", ["features.conv0", "features.denseblock1", "features.transition1", "classifier"],
+                 marks=pytest.mark.slow),
+    pytest.param("repvgg_a0", ["stem", "stages.0.0", "stages.2.13", "head"], marks=pytest.mark.slow),
+    pytest.param("ghostnet_050", ["conv_stem", "blocks.0", "blocks.9", "classifier"], marks=pytest.mark.slow),
 ])
 def test_units_cover_every_layer_in_execution_order(arch, expect):
     model = timm.create_model(arch, num_classes=10).eval()
@@ -87,6 +88,7 @@ def _unit_errors(ref, student, units, x):
     return out
 
 
+@pytest.mark.slow
 def test_reconstruction_lowers_each_units_error_and_keeps_weights_on_the_grid(tiny):
     m, ref, s0, x = tiny
     s = copy.deepcopy(s0)
@@ -131,11 +133,13 @@ def test_recon_settings_follow_the_config():
         TrainConfig.from_dict({"method": "adaround"})
 
 
+@pytest.mark.slow
 def test_reconstructed_student_exports_exactly(default_teacher, tmp_path):
     """Learnt rounding changes the weight codes; the ONNX file and the integer safetensors hold those codes,
     so onnxruntime and the rebuilt student give the reconstructed student's outputs."""
     from gzq.data import load_fashion_mnist, to_model_input
-    from gzq.export import export_onnx, load_int_weights, run_onnx, save_int_weights
+    from gzq.checkpoint import load_int_weights, save_int_weights
+    from gzq.export import export_onnx, run_onnx
     t = default_teacher
     xs, _ = load_fashion_mnist("train")
     x = to_model_input(xs[:96], t.mean, t.std, t.input_size)

@@ -1,30 +1,17 @@
+import pytest
 import torch
 
-from gzq.config import ImageParam, QuantSpec, SynthConfig, TrainConfig
+from gzq.config import ImageParam, SynthConfig, TrainConfig
 from gzq.distill import iter_distill
 from gzq.models import find_bn_layers
-from gzq.events import Preview, Progress, StageStarted, Stopped
-from gzq.quant import create_student
-from gzq.synthesis import augment, balanced_labels, ensemble_log_probs, iter_synthesize, kl_teacher_student
-
-
-def _run(gen):
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as e:
-            return events, e.value
-
-
-def _students(teacher, specs=("w4a4",)):
-    ex = torch.zeros(2, *teacher.input_size)
-    return {s: create_student(teacher.model, QuantSpec.parse(s), ex, teacher.classifier) for s in specs}
+from gzq.events import Preview, Progress, StageStarted, Stopped, drain
+from gzq.losses import ensemble_log_probs, kl_teacher_student
+from gzq.synthesis import balanced_labels, iter_synthesize
 
 
 def test_synthesis_raises_bn_log_likelihood(default_teacher):
     cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=25, warmup_steps=25, preview_every=5)
-    events, result = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
+    events, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
     assert isinstance(events[0], StageStarted) and len(progress) == 25
     first, last = progress[0], progress[-1]
@@ -37,10 +24,11 @@ def test_synthesis_raises_bn_log_likelihood(default_teacher):
     assert result.steps_done == 25
 
 
-def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher):
-    students = _students(default_teacher, ("w4a4", "w8a8"))
+@pytest.mark.slow
+def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher, new_student):
+    students = {n: new_student(n) for n in ("w4a4", "w8a8")}
     cfg = SynthConfig(num_images=40, holdout_images=8, batch_size=20, steps=6, warmup_steps=3)
-    events, result = _run(iter_synthesize(default_teacher, students, cfg, torch.device("cpu"), seed=0))
+    events, result = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
     assert all(not p.student_kl for p in progress[:3])
     assert all(set(p.student_kl) == {"w4a4", "w8a8"} and "kl_ens" in p.losses for p in progress[3:])
@@ -50,12 +38,12 @@ def test_students_join_after_warmup_and_holdout_is_kept_apart(default_teacher):
 
 def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
     cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=3, warmup_steps=3)
-    a = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
-    b = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
+    a = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
+    b = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=3))[1]
     assert torch.equal(a.images.mean, b.images.mean)
     calls = []
     stop = lambda: (calls.append(1), len(calls) > 2)[1]  # noqa: E731
-    events, result = _run(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
+    events, result = drain(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
                                           torch.device("cpu"), stop=stop))
     assert isinstance(events[-1], Stopped) and result.steps_done == 2
     assert all(not m._forward_pre_hooks for m in default_teacher.model.modules())   # hooks freed
@@ -64,19 +52,20 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
 def test_pixel_option_and_clamping(default_teacher):
     cfg = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=2, warmup_steps=2,
                       image_param=ImageParam.PIXEL, lr=5.0)
-    _, result = _run(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    _, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
     assert result.images.log_scale is None
     lo, hi = default_teacher.pixel_bounds
     assert (result.images.mean >= lo - 1e-6).all() and (result.images.mean <= hi + 1e-6).all()
 
 
-def test_students_kl_falls_during_finetuning(default_teacher):
-    students = _students(default_teacher, ("w3a3",))
+@pytest.mark.slow
+def test_students_kl_falls_during_finetuning(default_teacher, new_student):
+    students = {"w3a3": new_student("w3a3")}
     cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
-    _, synth = _run(iter_synthesize(default_teacher, students, cfg, torch.device("cpu")))
+    _, synth = drain(iter_synthesize(default_teacher, students, cfg, torch.device("cpu")))
     from gzq.quant import calibrate_
     calibrate_(students["w3a3"], [synth.images(synth.train_idx, noise=False)])
-    events, steps = _run(iter_distill(default_teacher, students, synth.images, synth.train_idx,
+    events, steps = drain(iter_distill(default_teacher, students, synth.images, synth.train_idx,
                                       TrainConfig(epochs=8, batch_size=16, lr=3e-4), torch.device("cpu")))
     kls = [e.student_kl["w3a3"] for e in events if isinstance(e, Progress)]
     assert steps == 24 and len(kls) == 24
@@ -88,8 +77,6 @@ def test_helpers():
     labels = balanced_labels(25, 10, g)
     counts = torch.bincount(labels, minlength=10)
     assert counts.max() - counts.min() <= 1
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float).view(2, 1, 4, 4)
-    assert torch.equal(augment(x, 0, False), x)
     p = torch.log_softmax(torch.randn(5, 3), 1)
     assert abs(kl_teacher_student(p, p).item()) < 1e-6
     q1, q2 = torch.randn(5, 3), torch.randn(5, 3)
@@ -99,14 +86,14 @@ def test_helpers():
     assert kl_teacher_student(p, ens) <= mean_kl + 1e-6
 
 
-def test_single_student_fused_backward_equals_two_pass_reference(default_teacher):
+def test_single_student_fused_backward_equals_two_pass_reference(default_teacher, new_student):
     """With M = 1 one backward (gradient reversal) gives exactly the two objectives' gradients."""
     import copy
 
     from gzq.config import ImageParam
     from gzq.synthesis import SyntheticImages, _adversarial_backward_
     torch.manual_seed(0)
-    student = _students(default_teacher, ("w4a4",))["w4a4"]
+    student = new_student("w4a4")
     from gzq.quant import calibrate_
     images = SyntheticImages(torch.arange(8) % 10, (1, 28, 28), default_teacher.pixel_bounds, ImageParam.REPARAM,
                              -1.0, torch.Generator().manual_seed(0))
@@ -135,11 +122,12 @@ def test_single_student_fused_backward_equals_two_pass_reference(default_teacher
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch):
+@pytest.mark.slow
+def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch, new_student):
     """After synthesis the adversaries are set back to their initial weights and calibrated on the final
     images; extra seeds of a configuration end with synthesis. keep_students carries them all on."""
+    import gzq
     import gzq.pipeline as pipeline
-    from gzq.events import Done
     seen = {}
     real_distill = pipeline.iter_distill
 
@@ -151,11 +139,10 @@ def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch
     monkeypatch.setattr(pipeline, "iter_distill", spy)
     synth = dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2, num_students=2)
     for keep in (False, True):
-        cfg = pipeline.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
-                                   train=dict(epochs=1), eval=dict(max_real_images=200))
-        report = next(ev.report for ev in pipeline.iter_run(cfg) if isinstance(ev, Done))
+        cfg = gzq.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
+                              train=dict(epochs=1), eval=dict(max_real_images=200))
+        report = gzq.run(cfg)   # the one-call form: iter_run drained, its report returned
         names = [s["name"] for s in report["students"]]
         assert names == seen["names"] == (["w4a4", "w4a4_s1"] if keep else ["w4a4"])
-        teacher = pipeline.load_teacher(cfg.model, torch.device("cpu"))
-        fresh = _students(teacher)["w4a4"].get_submodule("conv1").module.weight
+        fresh = new_student("w4a4").get_submodule("conv1").module.weight
         assert torch.equal(seen["weights"]["w4a4"], fresh) != keep   # trained during synthesis only if kept

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..config import Protocol, QuantSpec
+from ..config import ActInit, Protocol, QuantSpec
 from . import graph
 from .modules import ActQuantizer, QuantWrapper
 
@@ -96,7 +96,7 @@ def fold_bn_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
 def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
     """Swap every Conv2d / Linear of `model` (in place) for a QuantWrapper following `spec`.
 
-    The layer that reads the network input keeps a float input (DESIGN 2.5). With the "first/last 8-bit"
+    The layer that reads the network input keeps a float input (docs/design.md 2.5). With the "first/last 8-bit"
     protocol that layer and the classifier (timm's `pretrained_cfg['classifier']`, else the last layer
     executed) use 8-bit weights and inputs. With the "deployable" protocol the layers get no input
     quantizer: `gzq.quant.graph` quantizes the tensors instead (see `create_student`).
@@ -138,7 +138,7 @@ def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches, method: str = "mse", percentile: float = 99.99) -> None:
+def calibrate_(model: nn.Module, batches, method: ActInit | str = ActInit.MSE, percentile: float = 99.99) -> None:
     """Initialise every activation quantizer's range from `batches` (an iterable of input tensors).
 
     Two passes over the batches: the first finds each quantizer's range, the second fills its histogram.
@@ -159,34 +159,6 @@ def calibrate_(model: nn.Module, batches, method: str = "mse", percentile: float
             a.calibrating = False
     for a in acts:
         a.init_from_calibration_(method, percentile)
-
-
-def student_optimizer(model: nn.Module, lr: float, lr_quant: float) -> torch.optim.Adam:
-    """Adam over a student's weights (step `lr`) and its quantizers (step sizes relative to their values).
-
-    Adam's step does not depend on the gradient's scale, so a fixed learning rate would move an 8-bit
-    weight step size of 1e-3 by as much as a 4-bit one of 5e-2. Each quantizer's step sizes therefore get
-    `lr_quant` times their current mean magnitude (create the optimizer after calibration); zero points
-    are in code units and take `lr_quant` as is.
-    """
-    weights, groups = [], []
-    for n, p in model.named_parameters():
-        if n.endswith("scale"):
-            groups.append({"params": [p], "lr": lr_quant * float(p.detach().abs().mean().clamp_min(1e-8))})
-        elif n.endswith("zero_point"):
-            groups.append({"params": [p], "lr": lr_quant})
-        else:
-            weights.append(p)
-    return adam([{"params": weights, "lr": lr}] + groups)
-
-
-def adam(params, **kwargs) -> torch.optim.Adam:
-    """torch.optim.Adam with the fused kernel where the device has one (CPU and CUDA): one call per tensor
-    in C++, where foreach on CPU loops over a dozen small ops per tensor in Python-dispatched kernels."""
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def model_size_bytes(model: nn.Module) -> int:

@@ -7,8 +7,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range, symmetric_scale
+from ..config import ActInit
+from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range
 
+
+#: clipping ranges the MSE search tries per weight channel (most of the time to build a student; tests lower it)
+WEIGHT_GRID = 80
 
 class WeightQuantizer(nn.Module):
     """Per-output-channel weight quantizer with learnable step sizes (LSQ).
@@ -23,7 +27,7 @@ class WeightQuantizer(nn.Module):
         out = weight.shape[0]
         w = weight.detach().reshape(out, -1)                      # (O, K)
         lo, hi = w.min(1).values, w.max(1).values
-        scale, zp = mse_search(w, lo, hi, self.qmin, self.qmax, symmetric, bits)
+        scale, zp = mse_search(w, lo, hi, self.qmin, self.qmax, symmetric, bits, grid=WEIGHT_GRID)
         self.scale = nn.Parameter(scale)                          # (O,)
         if symmetric:
             self.register_buffer("zero_point", torch.zeros(out))
@@ -68,6 +72,15 @@ class ActQuantizer(nn.Module):
         self._hist: torch.Tensor | None = None
         self._numel = 1
 
+    @property
+    def numel(self) -> int:
+        """Per-sample size of the quantized tensor (found by calibration); sets the LSQ gain of the step size."""
+        return int(self._numel)
+
+    @numel.setter
+    def numel(self, value: int) -> None:
+        self._numel = int(value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self._observe(x.detach().float())
@@ -102,12 +115,12 @@ class ActQuantizer(nn.Module):
         self._hist = torch.zeros(self.bins, device=self.scale.device)
 
     @torch.no_grad()
-    def init_from_calibration_(self, method: str = "mse", percentile: float = 99.99) -> None:
+    def init_from_calibration_(self, method: ActInit | str = ActInit.MSE, percentile: float = 99.99) -> None:
         if self._hist is None or self._hist.sum() == 0:
             raise RuntimeError("activation quantizer saw no data during calibration (or only the range pass)")
         hist, (lo, hi) = self._hist, self._range
         self._hist, self._range = None, None
-        if method == "percentile":
+        if ActInit(method) == ActInit.PERCENTILE:
             cdf = hist.double().cumsum(0) / hist.sum()
             edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64, device=hist.device)
             top = edges[1 + int(torch.searchsorted(cdf, percentile / 100))].clamp(max=hi)

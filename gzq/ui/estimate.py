@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EvalConfig, RunConfig
-from ..pipeline import resolve_device
-from ..reconstruct import recon_settings
+from ..presets import resolve_device
 
 RECON_BLOCKS = 20   # typical number of reconstruction units, for the estimate before the model is traced
 
@@ -71,7 +70,7 @@ def _probe(cfg: RunConfig) -> Probe:
             return min(times[1:]) / n
 
         probe = Probe(load, per_image(teacher.model), per_image(student.train()),
-                      len(labelled[0]) if labelled else 0)
+                      len(labelled.labels) if labelled else 0)
         del teacher, student, x
         _PROBES[key] = probe
         return probe
@@ -94,9 +93,9 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
         p.teacher_step / 3 + 2 * m_kd * p.student_step) if m_kd else 0.0
     if m_recon:   # every block: its pool's inputs (half a forward on average; a CNN has some 10-30 blocks),
-        r = recon_settings(tr, n_train)   # then the steps, one block's share of a training pass each
-        fine_tune += RECON_BLOCKS * r.pool * (p.teacher_step + m_recon * p.student_step) / 6 \
-            + r.steps * r.batch_size * m_recon * p.student_step
+        steps, pool = tr.recon_budget(n_train)   # then the steps, one block's share of a training pass each
+        fine_tune += RECON_BLOCKS * pool * (p.teacher_step + m_recon * p.student_step) / 6 \
+            + steps * tr.recon_batch_size * m_recon * p.student_step
     n_real = min(p.real_images, cfg.eval.max_real_images or p.real_images)
     # forward passes only, without gradients and in large batches: about a tenth of a training pass
     evaluate = (s.holdout_images * cfg.eval.fresh_draws + n_real) * (p.teacher_step + m * p.student_step) / 10

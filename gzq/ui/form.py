@@ -9,9 +9,9 @@ from typing import Any
 
 import timm
 
-from ..config import QuantSpec, RunConfig
+from ..config import QuantSpec, RunConfig, override
 from ..models import POPULAR_BN_MODELS, _unknown_model_error, has_batchnorm
-from ..pipeline import make_config
+from ..presets import make_config
 
 DEFAULT_MODEL_LABEL = "Example: clothing photos (ResNet-18 on Fashion-MNIST, bundled, works offline)"
 
@@ -153,7 +153,7 @@ def build_config(model: str | None, checkpoint: str | None = None, num_classes=N
     """The RunConfig for the form's values. Raises ValueError with a message meant for the user.
 
     Advanced values left empty take the preset's. When the image count or steps differ from the preset,
-    the hold-out share, batch size and warm-up are scaled with them so the preset's proportions hold.
+    the hold-out images, batch size and warm-up follow them by the library's one rule (gzq.config.override).
     Values the config does not take (random_weights, labelled_zip) are ignored here.
     """
     name = model_name(model)
@@ -163,16 +163,12 @@ def build_config(model: str | None, checkpoint: str | None = None, num_classes=N
         raise ValueError("the bundled example takes no checkpoint; to use your own file, type its timm "
                          "architecture in the model box (e.g. resnet18)")
     base = preset_config(preset)
-    s = base.synth
-    synth: dict[str, Any] = dict(num_images=s.num_images, holdout_images=s.holdout_images, batch_size=s.batch_size,
-                                 steps=s.steps, warmup_steps=s.warmup_steps)
-    if num_images not in (None, "") and _as_int("image count", num_images, 2) != s.num_images:
-        n = _as_int("image count", num_images, 2)
-        synth.update(num_images=n, holdout_images=min(max(1, round(n * s.holdout_images / s.num_images)), n - 2),
-                     batch_size=min(s.batch_size, n))
-    if steps not in (None, "") and _as_int("steps", steps, 1) != s.steps:
-        n = _as_int("steps", steps, 1)
-        synth.update(steps=n, warmup_steps=round(n * s.warmup_steps / max(s.steps, 1)))
+    budget: dict[str, Any] = {}
+    if num_images not in (None, ""):
+        budget["synth.num_images"] = _as_int("image count", num_images, 2)
+    if steps not in (None, ""):
+        budget["synth.steps"] = _as_int("steps", steps, 1)
+    synth: dict[str, Any] = {}
     for key, val in dict(lambda_bn=lambda_bn, lambda_ce=lambda_ce, lambda_adv=lambda_adv, lambda_tv=lambda_tv,
                          lambda_l2=lambda_l2).items():
         if val not in (None, ""):
@@ -193,11 +189,12 @@ def build_config(model: str | None, checkpoint: str | None = None, num_classes=N
         model_spec["in_chans"] = _as_int("input channels", in_chans, 1, 4)
     eval_section = {"data": data_dir, "max_real_images": None} if data_dir else {}
     lib_preset, overrides = UI_PRESETS[preset]
-    return make_config(lib_preset, device=device, model=model_spec,
-                       students=parse_students(w_bits, a_bits, protocol, extra_students),
-                       synth=synth, train={**overrides.get("train", {}), **train},
-                       eval={**overrides.get("eval", {}), **eval_section},
-                       seed=_as_int("seed", seed, 0) if seed not in (None, "") else base.seed)
+    cfg = make_config(lib_preset, device=device, model=model_spec,
+                      students=parse_students(w_bits, a_bits, protocol, extra_students),
+                      synth={**overrides.get("synth", {}), **synth}, train={**overrides.get("train", {}), **train},
+                      eval={**overrides.get("eval", {}), **eval_section},
+                      seed=_as_int("seed", seed, 0) if seed not in (None, "") else base.seed)
+    return override(cfg, budget)
 
 
 def weights_problem(cfg: RunConfig, random_weights: bool = False) -> str | None:

@@ -27,7 +27,8 @@ import torch
 
 from ..config import RunConfig
 from ..events import Done, Stopped
-from ..pipeline import iter_run, resolve_device
+from ..pipeline import iter_run
+from ..presets import resolve_device
 
 try:  # ZeroGPU on Spaces; absent everywhere else
     import spaces  # type: ignore

@@ -318,7 +318,7 @@ FILE_NOTES: list[tuple[str, str]] = [
     ("teacher_fp32.onnx", "The original model as ONNX in 32-bit floats, to compare against."),
     (".onnx", "The quantized model as ONNX; runs in onnxruntime without this project."),
     (".safetensors", "Training checkpoint (float weights and step sizes); rebuild it in Python with "
-                     "gzq.pipeline.load_student."),
+                     "gzq.checkpoint.load_student."),
     ("report.json", "Every number of this run: settings, accuracy, timings, versions."),
     ("config.json", "The settings of this run, to repeat it with the command line."),
     ("synthetic_images.zip", "The synthetic images (PNG) with their class labels."),

@@ -1,0 +1,31 @@
+"""The losses that synthesis, fine-tuning and evaluation share: KL between teacher and student(s), the
+ensemble of several students, total variation, and the distillation loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_teacher_student(p_log: torch.Tensor, q_log: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, mean over the batch (weighted mean with per-sample `weights`)."""
+    kl = (p_log.exp() * (p_log - q_log)).sum(1)
+    return kl.mean() if weights is None else (kl * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+def ensemble_log_probs(student_logits: list[torch.Tensor]) -> torch.Tensor:
+    """log( (1/M) sum_i softmax(q_i) ), (B, K)."""
+    stacked = torch.stack([F.log_softmax(q, 1) for q in student_logits])   # (M, B, K)
+    return torch.logsumexp(stacked, 0) - math.log(len(student_logits))
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of vertically and of horizontally neighbouring pixels, (B, C, H, W) -> ()."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
+    t = temperature
+    return kl_teacher_student(F.log_softmax(teacher_logits / t, 1), F.log_softmax(student_logits / t, 1)) * t * t
