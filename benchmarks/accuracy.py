@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.config import ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
+from gzq.config import FinetuneMethod, ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
 from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
@@ -122,6 +122,8 @@ def main(argv=None):
     p.add_argument("--bits", default="w4a4")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--finetune", default="kd", help="comma-separated fine-tuning methods (train.method), each a "
+                                                     "column: kd, recon, recon+kd, auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny budget, one seed: checks the benchmark runs")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -144,6 +146,10 @@ def main(argv=None):
     add_overrides(budget, args.set, p)
     bits = [parse_bits(b) for b in args.bits.split(",")]
     methods = args.methods.split(",")
+    finetunes = [f for f in args.finetune.split(",") if f]
+    bad_ft = [f for f in finetunes if f not in {m.value for m in FinetuneMethod}]
+    if bad_ft:
+        p.error(f"unknown fine-tuning methods {bad_ft}; known: {', '.join(m.value for m in FinetuneMethod)}")
     unknown = set(methods) - set(METHODS + OPTIONS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; known: {METHODS + OPTIONS}")
@@ -157,15 +163,16 @@ def main(argv=None):
     for model in args.models.split(","):
         if model not in MODELS:
             p.error(f"unknown model {model!r}; known: {list(MODELS)}")
-        for method in methods:
+        for method, ft in ((m, f) for m in methods for f in finetunes):
             groups = [bits] if method in SHARED else [[b] for b in bits]
+            run_budget = {**budget, "set": budget.get("set", []) + [f"train.method={ft}"]}
             for group in groups:
                 for seed in seeds:
-                    key = json.dumps([model, [b.name for b in group], method, seed, budget], sort_keys=True)
+                    key = json.dumps([model, [b.name for b in group], method, seed, run_budget], sort_keys=True)
                     if key in cache:
                         report, secs = cache[key]["report"], cache[key]["secs"]
                     else:
-                        report, secs = run_once(model, group, method, seed, budget, args.device)
+                        report, secs = run_once(model, group, method, seed, run_budget, args.device)
                         report = {"teacher": report["teacher"], "students": report["students"]}
                         if not args.quick:
                             args.cache.parent.mkdir(parents=True, exist_ok=True)
@@ -175,32 +182,34 @@ def main(argv=None):
                     for s in report["students"]:
                         if s["name"] not in {b.name for b in group}:
                             continue  # only the requested configurations are fine-tuned and reported
-                        key = (model, s["name"], method)
+                        key = (model, s["name"], method, ft)
                         r = rows.setdefault(key, {"acc": [], "agree": [], "secs": []})
                         r["acc"].append(s["accuracy"])
                         r["agree"].append(s["real_agreement"])
                         r["secs"].append(secs)
-                    print(f"  {model} {method} {'+'.join(b.name for b in group)} seed {seed}: "
+                    print(f"  {model} {method} ({ft}) {'+'.join(b.name for b in group)} seed {seed}: "
                           + ", ".join(f"{s['name']} {s['accuracy']}" for s in report["students"])
                           + f" ({secs:.0f}s)", flush=True)
     table = []
-    for (model, name, method), r in rows.items():
-        table.append(dict(model=model, bits=name, method=method, fp=fp[model][0],
+    for (model, name, method, ft), r in rows.items():
+        table.append(dict(model=model, bits=name, method=method, finetune=ft, fp=fp[model][0],
                           mean=round(statistics.mean(r["acc"]), 2),
                           spread=round(statistics.pstdev(r["acc"]), 2) if len(r["acc"]) > 1 else 0.0,
                           min=min(r["acc"]), seeds=r["acc"], real_agreement=round(statistics.mean(a for a in r["agree"] if a is not None), 2)
                           if any(a is not None for a in r["agree"]) else None,
                           wall_s=round(statistics.mean(r["secs"]), 1), shared_run=method in SHARED))
     order = {m: i for i, m in enumerate(METHODS + OPTIONS)}
-    table.sort(key=lambda t: (t["model"], t["bits"], order[t["method"]]))
-    print(f"\n{'model':<12}{'bits':<10}{'method':<10}{'top-1 mean':>11}{'spread':>8}{'min':>7}{'FP':>7}"
-          f"{'vs real':>9}{'wall s':>8}")
+    table.sort(key=lambda t: (t["model"], t["bits"], order[t["method"]], finetunes.index(t["finetune"])))
+    print(f"\n{'model':<12}{'bits':<10}{'method':<10}{'finetune':<10}{'top-1 mean':>11}{'spread':>8}{'min':>7}"
+          f"{'FP':>7}{'vs real':>9}{'wall s':>8}")
     for t in table:
         real = next((u["mean"] for u in table if u["model"] == t["model"] and u["bits"] == t["bits"]
-                     and u["method"] == "real"), None)
+                     and u["method"] == "real" and u["finetune"] == t["finetune"]), None)
         gap = f"{t['mean'] - real:+.2f}" if real is not None else "-"
-        print(f"{t['model']:<12}{t['bits']:<10}{t['method']:<10}{t['mean']:>11.2f}{t['spread']:>8.2f}{t['min']:>7.2f}"
-              f"{t['fp']:>7.2f}{gap:>9}{t['wall_s']:>8.1f}{' *' if t['shared_run'] else ''}")
+        print(f"{t['model']:<12}{t['bits']:<10}{t['method']:<10}{t['finetune']:<10}{t['mean']:>11.2f}"
+              f"{t['spread']:>8.2f}{t['min']:>7.2f}{t['fp']:>7.2f}{gap:>9}{t['wall_s']:>8.1f}"
+              f"{' *' if t['shared_run'] else ''}")
+    print("vs real: minus the real-data bound, the same pipeline and fine-tuning method on as many real images")
     print("* one run served every bit-width; its wall time covers all of them")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, budget=budget, seeds=seeds,

@@ -42,13 +42,13 @@ from accuracy import add_overrides, real_source  # noqa: E402
 from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
-from gzq.config import ModelSpec, override, student_specs  # noqa: E402
+from gzq.config import FinetuneMethod, ModelSpec, override, student_specs  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run as run_pipeline  # noqa: E402
 from gzq.presets import make_config, resolve_device  # noqa: E402
 from gzq.quant import create_student  # noqa: E402
 
-BITS = ["w4a4", "w8a8"]
+BITS = ["w4a4", "w8a8"]   # --bits
 METHODS = {
     "gznq": {},
     "mse": dict(bn_loss="mse", lambda_bn=0.05, adversarial=False),
@@ -76,11 +76,11 @@ def fitted_budget(name: str, spec: ModelSpec, base: dict, seconds: float, device
             "estimate_s": round(est.seconds, 1)}
 
 
-def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str) -> dict:
+def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str, bits: list[str]) -> dict:
     synth = dict(budget["synth"])
     if METHODS[method] is not None:
         synth.update(METHODS[method])
-    cfg = make_config("cpu", device, model=spec, students=BITS, seed=seed, synth=synth, train=budget["train"],
+    cfg = make_config("cpu", device, model=spec, students=bits, seed=seed, synth=synth, train=budget["train"],
                       eval=budget["eval"])
     cfg = dataclasses.replace(override(cfg, *budget.get("set", [])), time_budget_s=None)
     source = real_source(cfg.synth.num_images, cfg.synth.holdout_images, seed) if method == "real" else None
@@ -90,7 +90,16 @@ def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str) -> d
                 secs=round(time.perf_counter() - t, 1))
 
 
-def summarise(records: list[dict], names: list[str]) -> list[dict]:
+def _with_finetune(budget: dict, finetune: str) -> dict:
+    return {**budget, "set": list(budget.get("set", [])) + [f"train.method={finetune}"]}
+
+
+def label(method: str, finetune: str) -> str:
+    """A method's column name: the image source, with the fine-tuning method unless it is KD."""
+    return method if finetune == "kd" else f"{method}+{finetune}"
+
+
+def summarise(records: list[dict], names: list[str], bits: list[str] = BITS) -> list[dict]:
     rows = []
     for name in names:
         recs = [r for r in records if r["model"] == name]
@@ -98,18 +107,17 @@ def summarise(records: list[dict], names: list[str]) -> list[dict]:
             continue
         row = dict(model=name, arch=ZOO[name].arch, input=ZOO[name].input_size, flip_trained=ZOO[name].flip,
                    fp=recs[0]["teacher"]["accuracy"], seeds=sorted({r["seed"] for r in recs}))
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in recs):
             mrecs = [r for r in recs if r["method"] == method]
-            if not mrecs:
-                continue
-            if method != "real":
+            if not method.startswith("real"):
                 row[f"{method}_label_agreement"] = round(statistics.mean(
                     r["teacher"]["synthetic_label_agreement"] for r in mrecs), 1)
                 row[f"{method}_flip"] = [r["health"]["flip"] for r in mrecs]
-            for bits in BITS:
-                accs = [s["accuracy"] for r in mrecs for s in r["students"] if s["name"] == bits]
-                row[f"{method}_{bits}"] = round(statistics.mean(accs), 2)
-                row[f"{method}_{bits}_seeds"] = accs
+            for b in bits:
+                accs = [s["accuracy"] for r in mrecs for s in r["students"] if s["name"] == b]
+                if accs:
+                    row[f"{method}_{b}"] = round(statistics.mean(accs), 2)
+                    row[f"{method}_{b}_seeds"] = accs
             row[f"{method}_secs"] = round(statistics.mean(r["secs"] for r in mrecs), 1)
         rows.append(row)
     return rows
@@ -136,11 +144,29 @@ def print_table(title: str, rows: list[dict]) -> None:
                 print(f"  mean {key}: {statistics.mean(vals):.2f}")
 
 
+def print_finetune_table(title: str, rows: list[dict], labels: list[str], bits: list[str]) -> None:
+    """Accuracy by fine-tuning method: one column per (images+method, bits), and the mean over the models."""
+    cols = [(lab, b) for b in bits for lab in labels if any(f"{lab}_{b}" in r for r in rows)]
+    if not rows or len({lab for lab, _ in cols}) < 2:
+        return
+    print(f"\n{title}")
+    print(f"{'model':<17}{'FP':>7}" + "".join(f"{lab + ' ' + b:>18}" for lab, b in cols))
+    for r in rows:
+        print(f"{r['model']:<17}{r['fp']:>7.2f}" + "".join(f"{r.get(f'{lab}_{b}', float('nan')):>18.2f}"
+                                                          for lab, b in cols))
+    means = [statistics.mean(r[f"{lab}_{b}"] for r in rows) if all(f"{lab}_{b}" in r for r in rows) else float("nan")
+             for lab, b in cols]
+    print(f"{'mean':<17}{statistics.mean(r['fp'] for r in rows):>7.2f}" + "".join(f"{m:>18.2f}" for m in means))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(ZOO))
     p.add_argument("--methods", default="gznq,mse,real")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--bits", default=",".join(BITS), help="student configurations, e.g. w4a4,w3a3")
+    p.add_argument("--finetune", default="kd", help="comma-separated fine-tuning methods, each a column: kd, "
+                                                     "recon (block reconstruction), recon+kd, auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, help="instead of ZOO_BUDGET, fit the CPU preset to this many seconds "
                                                    "per model, measured here")
@@ -156,6 +182,8 @@ def main(argv=None):
     names = [n for n in args.models.split(",") if n]
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    bits = [b for b in args.bits.split(",") if b]
+    finetunes = [f for f in args.finetune.split(",") if f]
     if args.quick:
         base = {"synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
                 "train": dict(epochs=1), "eval": dict(max_real_images=200)}
@@ -163,7 +191,8 @@ def main(argv=None):
         args.cache = Path(tempfile.mkdtemp()) / "zoo_runs.jsonl"   # smoke runs never touch the results
         args.out = args.out or args.cache.with_name("zoo.json")
     add_overrides(base, args.set, p)
-    bad = [n for n in names if n not in ZOO] + [m for m in methods if m not in METHODS]
+    bad = [n for n in names if n not in ZOO] + [m for m in methods if m not in METHODS] + \
+        [f for f in finetunes if f not in {m.value for m in FinetuneMethod}]
     if bad:
         p.error(f"unknown models or methods {bad}; models: {', '.join(ZOO)}; methods: {', '.join(METHODS)}")
     cache: dict[str, dict] = {}
@@ -175,11 +204,11 @@ def main(argv=None):
     for name in names:
         if args.cached_only:
             budget = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
-            for method in methods:
+            for method, ft in ((m, f) for m in methods for f in finetunes):
                 for seed in seeds:
-                    rec = cache.get(json.dumps([name, method, seed, budget], sort_keys=True))
+                    rec = cache.get(json.dumps([name, method, seed, _with_finetune(budget, ft), bits], sort_keys=True))
                     if rec is not None:
-                        records.append(rec)
+                        records.append({**rec, "method": label(method, ft)})
             continue
         ckpt = ensure_trained(name, folder=args.cache.parent / "zoo", train_images=640) if args.quick else ensure_trained(name)
         spec = ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
@@ -194,30 +223,35 @@ def main(argv=None):
                 with args.cache.open("a") as f:
                     f.write(json.dumps(cache[bkey]) + "\n")
             budget = cache[bkey]["budget"]
-        for method in methods:
+        for method, ft in ((m, f) for m in methods for f in finetunes):
+            run_budget = _with_finetune(budget, ft)
             for seed in seeds:
-                key = json.dumps([name, method, seed, budget], sort_keys=True)
+                key = json.dumps([name, method, seed, run_budget, bits], sort_keys=True)
                 if key not in cache:
-                    rec = dict(key=key, model=name, method=method, seed=seed, **run(spec, method, seed, budget,
-                                                                                       args.device))
+                    rec = dict(key=key, model=name, method=method, finetune=ft, seed=seed,
+                               **run(spec, method, seed, run_budget, args.device, bits))
                     args.cache.parent.mkdir(parents=True, exist_ok=True)
                     with args.cache.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
                     cache[key] = rec
-                rec = cache[key]
+                rec = {**cache[key], "method": label(method, ft)}
                 records.append(rec)
-                print(f"  {name} {method} seed {seed}: " + ", ".join(f"{s['name']} {s['accuracy']}" for s in
+                print(f"  {name} {label(method, ft)} seed {seed}: " + ", ".join(f"{s['name']} {s['accuracy']}" for s in
                       rec["students"]) + f"; label agreement {rec['teacher']['synthetic_label_agreement']}, "
                       f"flip {rec['health']['flip']} ({rec['secs']:.0f}s)", flush=True)
-    tuning = summarise(records, [n for n in names if n in TUNING])
-    held = summarise(records, [n for n in names if n in HELD_OUT])
+    tuning = summarise(records, [n for n in names if n in TUNING], bits)
+    held = summarise(records, [n for n in names if n in HELD_OUT], bits)
     print_table("Tuning set (defaults were chosen on these)", tuning)
     print_table("Held-out set (never tuned on)", held)
+    labels = [label(m, f) for m in methods for f in finetunes]
+    print_finetune_table("Fine-tuning methods, tuning set", tuning, labels, bits)
+    print_finetune_table("Fine-tuning methods, held-out set", held, labels, bits)
     print("agree% = the teacher's top-1 agreement with the synthetic images' labels (fresh draws of held-out "
           "images); -real / -FP: W4A4 GZNQ minus the real-data bound / full precision; W8-FP: W8A8 minus FP")
     args.out = args.out or RESULTS / "zoo.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
+                                        bits=bits, finetune=finetunes,
                                         tuning=tuning, held_out=held), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held

@@ -324,8 +324,10 @@ class TrainConfig(_Serialisable):
 #: fewest steps per unit when block reconstruction's step count follows the KD budget
 MIN_AUTO_RECON_STEPS = 20
 #: with method AUTO, students at this many bits or fewer (weights or activations) are reconstructed block by
-#: block, then distilled; wider ones are distilled only
-AUTO_RECON_MAX_BITS = 4
+#: block, then distilled; wider ones are distilled only. Chosen on the zoo's tuning set at W4A4 (README,
+#: "Fine-tuning method"): block reconstruction won on one model and lost on the mean, so AUTO distils at every
+#: width (0) and reconstruction is asked for with train.method / --finetune.
+AUTO_RECON_MAX_BITS = 0
 
 
 @dataclass

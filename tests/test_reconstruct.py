@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from gzq.config import FinetuneMethod, Protocol, QuantSpec, TrainConfig
+from gzq.config import AUTO_RECON_MAX_BITS, FinetuneMethod, Protocol, QuantSpec, TrainConfig
 from gzq.quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
 from gzq.reconstruct import ReconSettings, find_units, iter_reconstruct, recon_settings
 
@@ -126,7 +126,9 @@ def test_recon_settings_follow_the_config():
     spec4, spec8 = QuantSpec(4, 4), QuantSpec(8, 8)
     assert cfg.method_for(spec8) == FinetuneMethod.RECON
     auto = TrainConfig()
-    assert auto.method_for(spec4).recon and auto.method_for(spec4).kd and not auto.method_for(spec8).recon
+    for spec in (spec4, spec8, QuantSpec(2, 8)):   # AUTO follows AUTO_RECON_MAX_BITS
+        want = FinetuneMethod.RECON_KD if min(spec.w_bits, spec.a_bits) <= AUTO_RECON_MAX_BITS else FinetuneMethod.KD
+        assert auto.method_for(spec) == want
     with pytest.raises(ValueError, match="recon_drop"):
         TrainConfig(recon_drop=1.5)
     with pytest.raises(ValueError):
@@ -164,3 +166,34 @@ def test_reconstructed_student_exports_exactly(default_teacher, tmp_path):
     rebuilt, _, _ = load_int_weights(ints["path"])
     with torch.no_grad():
         assert torch.equal(rebuilt(test), expect)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_block_reconstruction_and_reports_it(tmp_path):
+    """train.method=recon+kd through the whole pipeline: a reconstruct stage with one Progress per step naming its
+    block, then KD; the report records each student's method; the app's plot folds the events."""
+    from gzq.events import Done, Progress, StageStarted
+    from gzq.pipeline import iter_run
+    from gzq.presets import make_config
+    from gzq.ui.figures import recon_figure
+    from gzq.ui.view import RunView
+    cfg = make_config("cpu", device="cpu", students=["w4a4"], time_budget_s=None,
+                      synth=dict(num_images=20, holdout_images=4, batch_size=16, steps=4, warmup_steps=2),
+                      train=dict(epochs=1, method="recon+kd", recon_steps=3, recon_pool=16, recon_batch_size=8),
+                      eval=dict(max_real_images=200), export=dict(formats=[]))
+    view = RunView()
+    events = []
+    for ev in iter_run(cfg, tmp_path / "run"):
+        view.update(ev)
+        events.append(ev)
+    stages = [e.stage for e in events if isinstance(e, StageStarted)]
+    assert stages.index("reconstruct") < stages.index("finetune")
+    recon = [e for e in events if isinstance(e, Progress) and e.stage == "reconstruct"]
+    assert len(recon) == recon[0].total_steps and len({e.block for e in recon}) == recon[0].total_steps // 3
+    report = next(e for e in events if isinstance(e, Done)).report
+    assert report["students"][0]["finetune"] == "recon+kd" and report["timings"]["reconstruct"] > 0
+    assert report["config"]["train"]["method"] == "recon+kd"
+    assert len(view.recon_blocks) == len({e.block for e in recon}) and len(view.recon["w4a4"][0]) == len(recon)
+    fig = recon_figure(view)
+    assert len(fig.data) == 1 and len(fig.data[0].x) == len(recon)
+    assert view.losses == {} or "bn" in view.losses   # the synthesis loss table is not overwritten
