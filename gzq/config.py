@@ -290,6 +290,7 @@ class TrainConfig(_Serialisable):
     recon_lr_act: float = 1e-3    # Adam on activation step sizes, relative to their magnitude
     recon_drop: float = 0.5       # QDrop: probability that an element of a unit's input stays float
     recon_reg: float = 0.01       # AdaRound's rounding regulariser
+    recon_hard_forward: bool = False  # train through the hard codes (straight-through) instead of AdaRound's soft ones
 
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)

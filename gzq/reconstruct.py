@@ -56,13 +56,15 @@ class ReconSettings:
     reg: float = 0.01             # AdaRound regulariser weight
     warmup: float = 0.2           # share of the steps before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)
+    hard_forward: bool = False    # forward with the hard codes (gradient of the soft ones): no soft-to-hard gap
 
 
 def recon_settings(cfg, train_images: int) -> ReconSettings:
     """The ReconSettings of a gzq.config.TrainConfig for `train_images` images (TrainConfig.recon_budget)."""
     steps, pool = cfg.recon_budget(train_images)
     return ReconSettings(steps=steps, batch_size=cfg.recon_batch_size, pool=pool, lr_round=cfg.recon_lr_round,
-                         lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg)
+                         lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg,
+                         hard_forward=cfg.recon_hard_forward)
 
 
 # ------------------------------------------------------------------------------------------ unit discovery
@@ -163,8 +165,9 @@ def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
 class LearnedRounding(nn.Module):
     """Stands in for a QuantWrapper's weight quantizer while its unit is reconstructed (AdaRound)."""
 
-    def __init__(self, wrapper: QuantWrapper):
+    def __init__(self, wrapper: QuantWrapper, hard_forward: bool = False):
         super().__init__()
+        self.hard_forward = hard_forward
         wq = wrapper.w_quant
         w = wrapper.module.weight.detach()
         shape = (-1,) + (1,) * (w.ndim - 1)
@@ -181,7 +184,14 @@ class LearnedRounding(nn.Module):
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def codes(self) -> torch.Tensor:
-        up = (self.v >= 0).to(self.base.dtype) if self.hard else self.h()
+        hard = (self.v >= 0).to(self.base.dtype)
+        if self.hard:
+            up = hard
+        elif self.hard_forward:   # the codes the unit will keep, with AdaRound's gradient passed straight through
+            soft = self.h()
+            up = soft + (hard - soft).detach()
+        else:
+            up = self.h()
         return torch.clamp(self.base + up + self.zero_point, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:   # w: the float weight, ignored (its floor is in base)
@@ -282,7 +292,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
             wrappers = [m for m in unit.modules() if isinstance(m, QuantWrapper)]
             roundings = []
             for w in wrappers:
-                r = LearnedRounding(w).to(device)
+                r = LearnedRounding(w, settings.hard_forward).to(device)
                 w.__dict__["_saved_w_quant"] = w.w_quant
                 w.w_quant = r
                 roundings.append(r)

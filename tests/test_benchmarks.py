@@ -1,5 +1,6 @@
 """The benchmarks' quick modes, so they cannot rot."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,15 @@ def test_zoo_benchmark_quick():
     (row,) = json.loads(out.read_text())["tuning"]
     assert row["model"] == "regnetx_32" and 0 <= row["gznq_label_agreement"] <= 100
     assert all(0 < row[k] <= 100 for k in ("gznq_w4a4", "gznq_w8a8", "real_w4a4", "real_w8a8"))
+
+
+def test_finetune_benchmark_quick():
+    """KD and block reconstruction on the same images, side by side; a temporary results file."""
+    r = subprocess.run([sys.executable, "benchmarks/finetune.py", "--quick", "--models", "default",
+                        "--finetune", "kd,recon"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "recon/kd time" in r.stdout and "mean gznq w4a4: kd" in r.stdout
+    out = Path(r.stdout.strip().splitlines()[-1].removeprefix("wrote "))
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["finetune"] for row in rows} == {"kd", "recon"} and "benchmarks/results" not in str(out)
