@@ -11,7 +11,10 @@ teacher's, on the teacher's own input to that unit:
                                                           with each element kept float with probability p)
 
 Weights: AdaRound learnable rounding, W_q = s * clamp(floor(W / s) + h(V) + z), h(V) the rectified sigmoid,
-annealed to 0/1 by the regulariser (beta 20 -> 2); the weight step s stays as calibrated. Activations: the
+annealed to 0/1 by the regulariser (beta 20 -> 2); the weight step s stays as calibrated. By default the
+forward uses the hard codes (V >= 0) with h(V)'s gradient passed straight through: with the few hundred
+steps a CPU budget affords, AdaRound's soft weights never become hard, and the gap between what was fitted
+and what is kept cost up to 5 points (README, "Fine-tuning method"). Activations: the
 LSQ step sizes (and zero points) of the unit's quantizers are trained with it. When a unit is done its
 rounding is made hard and baked into the float weight (W := s * code), so the ordinary fake-quant forward,
 the ONNX export and the integer files all compute exactly the learnt codes.
@@ -56,7 +59,7 @@ class ReconSettings:
     reg: float = 0.01             # AdaRound regulariser weight
     warmup: float = 0.2           # share of the steps before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)
-    hard_forward: bool = False    # forward with the hard codes (gradient of the soft ones): no soft-to-hard gap
+    hard_forward: bool = True     # forward with the hard codes (gradient of the soft ones): no soft-to-hard gap
 
 
 def recon_settings(cfg, train_images: int) -> ReconSettings:

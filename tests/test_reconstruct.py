@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from gzq.config import AUTO_RECON_MAX_BITS, FinetuneMethod, Protocol, QuantSpec, TrainConfig
+from gzq.config import AUTO_METHODS, FinetuneMethod, Protocol, QuantSpec, TrainConfig
 from gzq.quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
 from gzq.reconstruct import ReconSettings, find_units, iter_reconstruct, recon_settings
 
@@ -126,9 +126,9 @@ def test_recon_settings_follow_the_config():
     spec4, spec8 = QuantSpec(4, 4), QuantSpec(8, 8)
     assert cfg.method_for(spec8) == FinetuneMethod.RECON
     auto = TrainConfig()
-    for spec in (spec4, spec8, QuantSpec(2, 8)):   # AUTO follows AUTO_RECON_MAX_BITS
-        want = FinetuneMethod.RECON_KD if min(spec.w_bits, spec.a_bits) <= AUTO_RECON_MAX_BITS else FinetuneMethod.KD
-        assert auto.method_for(spec) == want
+    for spec in (spec4, spec8, QuantSpec(3, 3), QuantSpec(4, 8)):   # AUTO follows AUTO_METHODS, KD elsewhere
+        assert auto.method_for(spec) == AUTO_METHODS.get(min(spec.w_bits, spec.a_bits), FinetuneMethod.KD)
+    assert auto.method_for(QuantSpec(4, 4)) == FinetuneMethod.RECON
     with pytest.raises(ValueError, match="recon_drop"):
         TrainConfig(recon_drop=1.5)
     with pytest.raises(ValueError):
