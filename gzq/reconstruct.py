@@ -41,6 +41,7 @@ from torch import nn
 
 from .events import Progress, StageStarted, Stopped
 from .optim import adam, cosine_schedule
+from .quant.convert import eval_forward
 from .quant.modules import ActQuantizer, QuantWrapper
 
 LAYERS = (QuantWrapper, nn.Conv2d, nn.Linear)
@@ -114,14 +115,7 @@ def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre_hook))
         handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    eval_forward(model, example, handles)
 
     def valid(m: nn.Module) -> bool:
         c = calls.get(m)

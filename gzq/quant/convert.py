@@ -33,6 +33,19 @@ class GraphInfo:
 
 
 @torch.no_grad()
+def eval_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One forward of `model` in eval mode on `example`, then remove the hook `handles` and restore the mode."""
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
     outputs: dict[str, torch.Tensor] = {}
     pairs, consumers, order = [], [], []
@@ -58,14 +71,7 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
             handles.append(m.register_forward_pre_hook(quant_pre_hook))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_pre_hook(bn_pre_hook))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    eval_forward(model, example, handles)
     seen = set()
     order = [n for n in order if not (n in seen or seen.add(n))]
     pairs = [(c, b) for c, b in pairs if isinstance(model.get_submodule(c), nn.Conv2d)]
