@@ -180,9 +180,11 @@ def test_health_warning_only_when_images_lose_their_class():
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run
-    cfg = make_config("cpu", students=["w4a4"], synth=dict(num_images=64, holdout_images=8, steps=20, warmup_steps=5),
-                      train=dict(epochs=2), eval=dict(max_real_images=100), export=dict(formats=[]))
+    # by default (train.method=auto) the 4-bit student is reconstructed block by block and the 8-bit one distilled
+    cfg = make_config("cpu", students=["w4a4", "w8a8"], synth=dict(num_images=64, holdout_images=8, steps=20,
+                      warmup_steps=5), train=dict(epochs=2), eval=dict(max_real_images=100), export=dict(formats=[]))
     est = estimate_run(cfg)
-    assert set(est.per_stage) >= {"load", "synthesis", "finetune", "evaluate"}
+    assert set(est.per_stage) >= {"load", "synthesis", "reconstruct", "finetune", "evaluate"}
     assert est.seconds == pytest.approx(sum(est.per_stage.values()))
     assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and "64 images, 20 synthesis steps" in est.text
+    assert est.costs.recon_units == 10 and est.per_stage["reconstruct"] > 0 and "block reconstruction" in est.text

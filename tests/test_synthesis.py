@@ -140,7 +140,7 @@ def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch
     synth = dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2, num_students=2)
     for keep in (False, True):
         cfg = gzq.make_config("cpu", "cpu", students=["w4a4"], synth=dict(synth, keep_students=keep),
-                              train=dict(epochs=1), eval=dict(max_real_images=200))
+                              train=dict(epochs=1, method="kd"), eval=dict(max_real_images=200))
         report = gzq.run(cfg)   # the one-call form: iter_run drained, its report returned
         names = [s["name"] for s in report["students"]]
         assert names == seen["names"] == (["w4a4", "w4a4_s1"] if keep else ["w4a4"])
