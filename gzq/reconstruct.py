@@ -162,7 +162,7 @@ def find_units(model: nn.Module, example: torch.Tensor) -> list[str]:
 class LearnedRounding(nn.Module):
     """Stands in for a QuantWrapper's weight quantizer while its unit is reconstructed (AdaRound)."""
 
-    def __init__(self, wrapper: QuantWrapper, hard_forward: bool = False):
+    def __init__(self, wrapper: QuantWrapper, hard_forward: bool = True):
         super().__init__()
         self.hard_forward = hard_forward
         wq = wrapper.w_quant
@@ -181,12 +181,11 @@ class LearnedRounding(nn.Module):
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def codes(self) -> torch.Tensor:
-        hard = (self.v >= 0).to(self.base.dtype)
         if self.hard:
-            up = hard
+            up = (self.v >= 0).to(self.base.dtype)
         elif self.hard_forward:   # the codes the unit will keep, with AdaRound's gradient passed straight through
             soft = self.h()
-            up = soft + (hard - soft).detach()
+            up = soft + ((self.v >= 0).to(soft.dtype) - soft).detach()
         else:
             up = self.h()
         return torch.clamp(self.base + up + self.zero_point, self.qmin, self.qmax)
