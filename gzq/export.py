@@ -150,13 +150,14 @@ def _float_tensor(name: str, values: torch.Tensor):
 
 def _weight_nodes(lq: LayerQuant, out: str, opset: int):
     """Initializers and the DequantizeLinear node that produce the layer's quantized weight as `out`."""
-    from onnx import helper
+    from onnx import TensorProto, helper
     lo = min(lq.w_qmin, int(lq.w_zero_point.min()))
     hi = max(lq.w_qmax, int(lq.w_zero_point.max()))
     t = _int_type(lo, hi, lq.w_bits, opset, prefer_signed=lq.w_symmetric)
     n = lq.name
-    inits = [_int_tensor(f"{n}.weight_quantized", lq.codes, t), _float_tensor(f"{n}.weight_scale", lq.w_scale),
-             _int_tensor(f"{n}.weight_zero_point", lq.w_zero_point, t)]
+    inits = [_int_tensor(f"{n}.weight_quantized", lq.codes, t), _float_tensor(f"{n}.weight_scale", lq.w_scale)]
+    if t not in (TensorProto.INT4, TensorProto.UINT4) or bool(lq.w_zero_point.any()):
+        inits.append(_int_tensor(f"{n}.weight_zero_point", lq.w_zero_point, t))   # absent = 0 (int4's type is x's)
     node = helper.make_node("DequantizeLinear", [i.name for i in inits], [out], name=f"{n}/weight_dq", axis=0)
     return inits, [node], t
 
@@ -411,6 +412,25 @@ def drop_padding_taps_(m) -> int:
     return changed
 
 
+def compact_names_(m) -> None:
+    """Renames the graph's intermediate tensors to short ids ("v0", "v1", ...) and drops the exporter's
+    scope-path node names ("/layer1/layer1.0/conv1/Conv"); graph inputs, outputs, initializers (named by
+    layer) and this module's node names ("layer1.0.conv1/weight_dq") stay. The path-like names are about a
+    tenth of a small model's int4 file."""
+    g = m.graph
+    keep = {v.name for v in g.input} | {v.name for v in g.output} | {i.name for i in g.initializer}
+    new: dict[str, str] = {}
+    for node in g.node:
+        if node.name.startswith("/"):
+            node.name = ""
+        for names in (node.input, node.output):
+            for k, v in enumerate(names):
+                if v and v not in keep:
+                    names[k] = new.setdefault(v, f"v{len(new)}")
+    for vi in g.value_info:
+        vi.name = new.get(vi.name, vi.name)
+
+
 def _set_metadata(model, meta: dict[str, Any]) -> None:
     from onnx import helper
     del model.metadata_props[:]
@@ -524,6 +544,7 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
     if opset >= INT4_OPSET:
         m.ir_version = max(m.ir_version, 10)          # int4 / uint4 need IR 10
     drop_padding_taps_(m)
+    compact_names_(m)
     _set_metadata(m, _onnx_meta(data_config, spec))
     onnx.checker.check_model(m, full_check=True)
     onnx.save(m, str(path))
@@ -544,6 +565,7 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int 
     m = onnx.load(str(path))
     _global_pools_(m)
     drop_padding_taps_(m)
+    compact_names_(m)
     _set_metadata(m, _onnx_meta(data_config, None))
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
@@ -607,7 +629,8 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
     rows = {r["name"]: r for r in report.get("students", [])}
     if ExportFormat.ONNX in formats:
         try:
-            info = export_fp32_onnx(teacher.model, folder / "teacher_fp32.onnx", teacher.input_size, cfg.opset, dc)
+            info = export_fp32_onnx(teacher.model, folder / "teacher_fp32.onnx", teacher.input_size, cfg.opset, dc,
+                                    exporter=cfg.exporter)
             report.setdefault("teacher", {})["files"] = {"onnx": _rel(folder, info)}
         except Exception as e:  # noqa: BLE001 - recorded in the report
             log.warning("FP32 ONNX export of the teacher failed: %s", e)
@@ -617,7 +640,7 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
         if ExportFormat.ONNX in formats:
             try:
                 info = export_onnx(s, folder / "students" / f"{name}.onnx", teacher.input_size, cfg.opset, dc,
-                                   specs[name])
+                                   specs[name], exporter=cfg.exporter)
                 info.pop("layers"), info.pop("tensors")
                 files["onnx"] = _rel(folder, info)
             except Exception as e:  # noqa: BLE001

@@ -209,6 +209,9 @@ def test_build_config_quick_preset_and_students():
     assert cfg.model.name == "default" and cfg.preset == "cpu"
     assert (cfg.synth.num_images, cfg.synth.steps, cfg.train.epochs, cfg.eval.max_real_images) == (64, 40, 3, 2000)
     assert [s.name for s in cfg.students] == ["w4a4_fl8", "w8a8_fl8", "w3a3_fl8"]
+    assert "deployable" in dict((v, k) for k, v in form.PROTOCOLS)          # the integer-runtime download
+    cfg = form.build_config("default", w_bits=8, a_bits=8, protocol="deployable", preset="quick CPU")
+    assert [s.name for s in cfg.students] == ["w8a8_dep"]
 
 
 def test_build_config_scales_with_advanced_values():

@@ -383,15 +383,18 @@ def test_dynamo_exporter_gives_the_same_graph(dep_files, default_teacher, defaul
     graph and the same numbers; TorchScript stays the default (it exports about 40x faster)."""
     pytest.importorskip("onnxscript")
     x = fmnist["test"][:128]
-    for s, info in (dep_files["default", "w8a8_dep"], dep_files["default", "w4a4_dep"]):
-        d = export_onnx(s, tmp_path / "dynamo.onnx", default_teacher.input_size, exporter="dynamo")
-        fused = {k: v for k, v in _optimised_ops(d["path"], tmp_path).items() if k in INT_OPS}
-        assert fused == {k: v for k, v in _optimised_ops(info["path"], tmp_path).items() if k in INT_OPS}
-        with torch.no_grad():
-            ref = s(x)
-        _assert_logits_match(run_onnx(_session(d["path"], optimise=False), x), ref, exact_frac=0.5, p95_rel=1e-2)
     t = default_teacher
-    fp32 = export_fp32_onnx(t.model, tmp_path / "teacher.onnx", t.input_size, exporter="dynamo")
+    s, info = dep_files["default", "w8a8_dep"]
+    report = {"students": [{"name": "w8a8_dep"}]}
+    export_run(tmp_path, ExportConfig(formats=["onnx"], exporter="dynamo"), report, t, {"w8a8_dep": s},
+               {"w8a8_dep": QuantSpec.parse("w8a8", "deployable")})
+    d = tmp_path / report["students"][0]["files"]["onnx"]["path"]
+    fused = {k: v for k, v in _optimised_ops(d, tmp_path).items() if k in INT_OPS}
+    assert fused == {k: v for k, v in _optimised_ops(info["path"], tmp_path).items() if k in INT_OPS}
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(d, optimise=False), x), ref, exact_frac=0.5, p95_rel=1e-2)
+    fp32 = {"path": tmp_path / report["teacher"]["files"]["onnx"]["path"]}
     with torch.no_grad():
         assert (run_onnx(onnx_session(fp32["path"], threads=1), x) - t.model(x)).abs().max() <= 1e-4 * 20
     with pytest.raises(ValueError, match="exporter"):
@@ -494,6 +497,7 @@ def test_export_run_writes_and_records_files(tmp_path, default_teacher, default_
     sizes = {r["name"]: r["files"]["onnx"]["bytes"] for r in report["students"]}
     fp32 = report["teacher"]["files"]["onnx"]["bytes"]
     assert sizes["w4a4"] < sizes["w8a8"] < fp32 / 3              # int4 packs two codes a byte
+    assert fp32 / sizes["w4a4"] >= 7.5 and fp32 / sizes["w8a8"] >= 3.7   # fixed costs (scales, graph) stay small
 
     only = tmp_path / "only_st"
     report2 = dict(students=[dict(name="w8a8")])
@@ -506,7 +510,7 @@ def test_export_config_validates_and_round_trips():
     cfg = RunConfig()
     assert cfg.export.formats == [ExportFormat.ONNX, ExportFormat.SAFETENSORS] and cfg.export.opset == 21
     d = cfg.to_dict()
-    assert d["export"] == {"formats": ["onnx", "safetensors"], "opset": 21}
+    assert d["export"] == {"formats": ["onnx", "safetensors"], "opset": 21, "exporter": "torchscript"}
     d["export"] = {"formats": ["safetensors"], "opset": 17}
     back = RunConfig.from_dict(d)
     assert back.export.formats == [ExportFormat.SAFETENSORS] and back.export.opset == 17
@@ -517,6 +521,16 @@ def test_export_config_validates_and_round_trips():
         ExportConfig(formats=["tflite"])
     with pytest.raises(ValueError, match="opset"):
         ExportConfig(opset=9)
+    with pytest.raises(ValueError, match="torchscript or dynamo"):
+        ExportConfig(exporter="tflite")
+
+
+def test_dynamo_exporter_needs_onnxscript_said_plainly(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
+    with pytest.raises(ValueError, match="pip install onnxscript"):
+        ExportConfig(exporter="dynamo")
 
 
 def test_cli_export_flag():
