@@ -141,7 +141,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.quick:
         budget = {"preset": "cpu", "synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
-                  "train": dict(epochs=1), "eval": dict(max_real_images=300)}
+                  "train": dict(epochs=1, recon_steps=2), "eval": dict(max_real_images=300)}
         seeds = seeds[:1]
     add_overrides(budget, args.set, p)
     bits = [parse_bits(b) for b in args.bits.split(",")]

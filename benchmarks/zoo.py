@@ -186,7 +186,7 @@ def main(argv=None):
     finetunes = [f for f in args.finetune.split(",") if f]
     if args.quick:
         base = {"synth": dict(num_images=24, holdout_images=4, batch_size=24, steps=6, warmup_steps=2),
-                "train": dict(epochs=1), "eval": dict(max_real_images=200)}
+                "train": dict(epochs=1, recon_steps=2), "eval": dict(max_real_images=200)}
         names, seeds = names[:1], seeds[:1]
         args.cache = Path(tempfile.mkdtemp()) / "zoo_runs.jsonl"   # smoke runs never touch the results
         args.out = args.out or args.cache.with_name("zoo.json")

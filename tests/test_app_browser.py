@@ -207,6 +207,7 @@ def test_stop_on_a_slow_model_gives_the_page_back_within_5_s(server, context):
     set_model(page, "default")
     page.locator("#gzq-num_images input").fill("16")
     page.locator("#gzq-steps input").fill("8")
+    page.locator("#gzq-finetune").get_by_label("kd", exact=True).check()    # the fast fine-tuning stage
     page.locator("#gzq-run").click()
     page.locator("#gzq-status", has_text="elapsed").wait_for(timeout=5_000)
     page.locator("#gzq-status", has_text="Done").wait_for(timeout=300_000)

@@ -20,7 +20,8 @@ from gzq.ui import runner  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SMALLEST = dict(checkpoint=None, labelled_zip=None, preset="quick CPU", steps=6, num_images=16, epochs=1)
+SMALLEST = dict(checkpoint=None, labelled_zip=None, preset="quick CPU", steps=6, num_images=16, epochs=1,
+                finetune="kd")       # the queue is under test, not the fine-tuning stage
 VISITORS = 5
 MAX_QUEUE = 2
 RSS_MARGIN_MB = 150

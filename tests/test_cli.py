@@ -148,7 +148,7 @@ def test_cli_takes_labelled_data_as_a_zip(tmp_path):
     r = _cli("run", "--data", str(bad), "--steps", "2", "--images", "8", "--epochs", "1", "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "is not a zip file" in r.stderr
     r = _cli("run", "--data", str(archive), "--steps", "4", "--images", "16", "--epochs", "1", "--export", "none",
-             "--out", str(tmp_path / "run"))
+             "--finetune", "kd", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "image folder" in report["labelled_data"] and "(40 images)" in report["labelled_data"]
