@@ -1,4 +1,8 @@
-"""Command line: `python -m gzq run --model default --w-bits 4 --a-bits 4 --out runs/x`."""
+"""Command line: `python -m gzq run --model default --w-bits 4 --a-bits 4 --out runs/x`.
+
+Under `torchrun --nproc_per_node N -m gzq run ...` the same command runs as N processes of one run
+(gzq.dist): rank 0 prints and writes, the others stay quiet.
+"""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +132,44 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from . import dist
+    if dist.env_world_size() > 1:
+        return _cmd_run_distributed(args, cfg)
+    return _cmd_run(args, cfg)
+
+
+def _cmd_run_distributed(args, cfg) -> int:
+    """One process of a torchrun job: join the group, run quietly unless rank 0, leave the group.
+
+    torchrun stops the other processes with SIGTERM when one fails; SIGTERM then raises SystemExit, so the
+    pipeline's cleanup (the half-written folder) runs before the process ends.
+    """
+    import signal
+
+    from . import dist
+    from .presets import resolve_device
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        dist.init_from_env(resolve_device(cfg.device))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, terminate)
+    args.quiet = args.quiet or not dist.is_main()
+    try:
+        return _cmd_run(args, cfg)
+    except RuntimeError as e:   # a collective failed: another process died or failed first
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"error: process {dist.rank()} of {dist.world_size()} stopped: {first}", file=sys.stderr)
+        return 1
+    finally:
+        dist.shutdown()
+
+
+def _cmd_run(args, cfg) -> int:
     from .pipeline import iter_run
     last_print = 0.0
     try:

@@ -243,6 +243,9 @@ class SynthConfig(_Serialisable):
     keep_students: bool = False    # fine-tune the students trained during synthesis (True), or fresh copies
                                    # calibrated on the final images (False; the adversaries only shape images)
     preview_every: int = 10
+    global_bn_stats: bool = False  # with many processes (torchrun): BN statistics of the global batch, summed over
+                                   # ranks before the likelihood, so N counts every rank's images (False: each
+                                   # rank's likelihood of its own batch)
 
     def __post_init__(self):
         self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)

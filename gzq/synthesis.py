@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .augment import augment, jitter_pixels
 from .bn import BNStatsRecorder, bn_losses
 from .config import ActInit, FlipMode, ImageParam, SynthConfig, VRule
@@ -72,6 +73,24 @@ class SyntheticImages(nn.Module):
             z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + self.log_scale[idx].exp() * z
         return torch.maximum(torch.minimum(x, self.hi), self.lo)
+
+    @torch.no_grad()
+    def select_(self, idx: torch.Tensor) -> "SyntheticImages":
+        """Keep images idx only (in place): a rank's shard of a run of many processes (gzq.dist.shard)."""
+        self.mean = nn.Parameter(self.mean[idx].clone())
+        if self.log_scale is not None:
+            self.log_scale = nn.Parameter(self.log_scale[idx].clone())
+        self.labels = self.labels[idx].clone()
+        return self
+
+    @torch.no_grad()
+    def gather_(self, num: int) -> "SyntheticImages":
+        """The inverse of select_(gzq.dist.shard(num)) on every rank at once: all `num` images, in place."""
+        self.mean = nn.Parameter(dist.gather_rows(self.mean.detach(), num))
+        if self.log_scale is not None:
+            self.log_scale = nn.Parameter(dist.gather_rows(self.log_scale.detach(), num))
+        self.labels = dist.gather_rows(self.labels, num)
+        return self
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -165,6 +184,16 @@ def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor
     return dict(label_agreement=hits / n, flipped_label_agreement=hits_flip / n, consistency=same / n)
 
 
+def _global_flip_check(teacher: nn.Module, images: SyntheticImages) -> dict[str, float]:
+    """flip_check over every rank's shard of the images (each rank's shares weighted by its image count)."""
+    check = flip_check(teacher, images, images.labels)
+    if dist.world_size() <= 1:
+        return check
+    n = len(images.labels)
+    *sums, total = dist.all_reduce_floats([v * n for v in check.values()] + [n])
+    return {k: v / total for k, v in zip(check, sums)}
+
+
 def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
     """Flips keep the class signal: mirrored images are assigned their label nearly as often as upright ones."""
     return check["flipped_label_agreement"] >= min_ratio * check["label_agreement"]
@@ -195,18 +224,34 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         calibration: kwargs for calibrate_ when the students join (method, percentile).
         bootstrap: students (extra seeds of a configuration) that weight each image of their own KL by a
             Poisson(1) draw from their own generator, so copies of one configuration drift apart.
+
+    With many processes (gzq.dist) each rank optimises its shard of the images (every N-th one, its own
+    random streams) on its share of the global batch; the students' gradients are averaged over ranks, and
+    at the end every rank holds all the images. cfg.global_bn_stats sums the BN statistics over ranks.
     """
     if not cfg.adversarial:
         students = {}
     boot_gens = {n: torch.Generator().manual_seed(seed * 1000 + i + 11) for i, n in enumerate(students) if n in bootstrap}
     gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    world = dist.world_size()
     k, hold = cfg.num_images, cfg.holdout_images
     labels = balanced_labels(k, teacher.num_classes, gen)
     images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,
-                             cfg.init_log_scale, gen).to(device)
-    holdout_mask = torch.zeros(k, dtype=torch.bool, device=device)
+                             cfg.init_log_scale, gen)         # all k on every rank: the single-process start
+    holdout_mask = torch.zeros(k, dtype=torch.bool)
     holdout_mask[k - hold:] = True
+    batch = min(cfg.batch_size, k)
+    if world > 1:   # this rank's shard, its share of the global batch, and random streams of its own
+        own = dist.shard(k)
+        images.select_(own)
+        holdout_mask = holdout_mask[own]
+        batch = min(len(dist.shard(batch)), len(own))
+        gen.manual_seed(seed + 7919 * (dist.rank() + 1))
+        dev_gen.manual_seed(seed + 7919 * (dist.rank() + 1) + 1)
+    images = images.to(device)
+    holdout_mask = holdout_mask.to(device)
+    k_own = len(images.labels)
     groups = [{"params": [images.mean], "lr": cfg.lr}]
     if images.log_scale is not None:
         groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
@@ -220,11 +265,11 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     checked: dict[str, float] | None = None
     ce_scale = 1.0
     calibrated = False
-    batch = min(cfg.batch_size, k)
-    perm = torch.randperm(k, generator=gen)
+    perm = torch.randperm(k_own, generator=gen)
     cursor = 0
     all_idx = torch.arange(k)
-    recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL)
+    recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL,
+                               across_ranks=cfg.global_bn_stats and world > 1)
     yield StageStarted("synthesis", cfg.steps, f"{k} images, {len(students)} students, {cfg.bn_loss.value} BN loss")
     t0 = time.perf_counter()
     step = 0
@@ -234,8 +279,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 yield Stopped("synthesis", step)
                 return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
                                    flip, checked, jitter)
-            if cursor + batch > k:
-                perm, cursor = torch.randperm(k, generator=gen), 0
+            if cursor + batch > k_own:
+                perm, cursor = torch.randperm(k_own, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
             cursor += batch
             x = augment(images(idx, dev_gen), jitter, flip, gen)          # (B, C, H, W)
@@ -244,6 +289,11 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                                        cfg.bn_normalize)
             ce = F.cross_entropy(logits_t, images.labels[idx])
             agree = (logits_t.detach().argmax(1) == images.labels[idx]).float().mean().item()
+            train_sel = ~holdout_mask[idx]
+            few_train = int(train_sel.sum()) < 2
+            if world > 1:   # one collective: the global agreement, and whether any rank has too few to train on
+                hits, count, short = dist.all_reduce_floats([agree * len(idx), len(idx), few_train])
+                agree, few_train = hits / count, short > 0
             if cfg.ce_target > 0 and step > cfg.warmup_steps:
                 # after the warm-up, grow the CE weight while the batch misses its labels, decay it once they hold
                 ce_scale = (min(ce_scale * (1 + cfg.ce_adapt_rate), cfg.ce_max_scale) if agree < cfg.ce_target
@@ -255,8 +305,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 loss = loss + cfg.lambda_l2 * x.pow(2).mean()
             losses = {"bn": l_bn.item(), "ce": ce.item(), "ce_weight": cfg.lambda_ce * ce_scale}
             student_kl = {}
-            train_sel = ~holdout_mask[idx]
-            adversarial = bool(students) and step > cfg.warmup_steps and int(train_sel.sum()) >= 2
+            adversarial = bool(students) and step > cfg.warmup_steps and not few_train
             if adversarial and not calibrated:
                 with torch.no_grad():
                     calib = [images(perm_i, dev_gen, noise=False) for perm_i in
@@ -273,6 +322,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                                                             cfg.lambda_adv, boot_gens)
                 losses["kl_ens"] = kl_ens
                 history["kl_ens"].append(kl_ens)
+                for s in students.values():
+                    dist.average_gradients_(s.parameters())
                 for o in s_opts.values():
                     o.step()
                 loss = loss.detach() - cfg.lambda_adv * kl_ens
@@ -288,7 +339,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             history["agreement"].append(agree)
             history["ce_weight"].append(cfg.lambda_ce * ce_scale)
             if step == check_step:
-                checked = flip_check(teacher.model, images, images.labels)
+                checked = _global_flip_check(teacher.model, images)
                 held = float(np.mean(history["agreement"][-10:]))
                 checked["augmented_agreement"] = held
                 if cfg.augment_check and held < cfg.augment_min_agreement and (jitter or flip):
@@ -306,5 +357,9 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             s.zero_grad(set_to_none=True)
         images.requires_grad_(False)
+    if world > 1:
+        images.gather_(k).requires_grad_(False)
+        for s in students.values():
+            dist.check_identical(s, "a synthesis student")
     return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked,
                        jitter)
