@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--export", default="onnx,safetensors",
                    help="downloads to write: comma-separated onnx,safetensors, or 'none' (default: both)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--amp", action="store_true", help="bf16 mixed precision for synthesis and KD (for a GPU)")
+    r.add_argument("--channels-last", action="store_true", help="NHWC memory format (for a GPU)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the fine-tuning forwards")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="run folder to write")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -83,7 +86,8 @@ def build_config(args):
         train["method"] = args.finetune
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
     cfg = make_config(args.preset, args.device, model=model, students=students, seed=args.seed, synth=synth,
-                      train=train, eval=evalc, export={"formats": formats})
+                      train=train, eval=evalc, export={"formats": formats}, amp=args.amp or None,
+                      channels_last=args.channels_last or None, compile=args.compile or None)
     budget = {f"synth.{k}": v for k, v in (("num_images", args.images), ("steps", args.steps)) if v is not None}
     cfg = override(cfg, budget, *args.set)   # hold-out, batch and warm-up follow a new image or step count
     if args.time_budget is not None or args.steps is not None or args.images is not None:

@@ -361,6 +361,10 @@ class RunConfig(_Serialisable):
     time_budget_s: float | None = None   # fit images and steps to about this many seconds, measured on the device
                                          # before the run (gzq.budget.fit_budget); None = the budget as given
     export: ExportConfig = field(default_factory=lambda: ExportConfig())  # defined below (gzq.export)
+    amp: bool = False              # bf16 autocast of synthesis and KD forwards; BN statistics, quantizers, calibration
+                                   # and evaluation stay float32 (gzq.accel); unmeasured on a GPU, so off by default
+    channels_last: bool = False    # NHWC memory format for the teacher and students (gzq.accel)
+    compile: bool = False          # torch.compile the KD fine-tuning forwards (gzq.accel)
 
     def __post_init__(self):
         if not self.students:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .accel import autocast, compiled
 from .augment import augment
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
@@ -26,8 +27,11 @@ from .optim import cosine_schedule, student_optimizer
 
 def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Module, train_idx: torch.Tensor,
                  cfg: TrainConfig, device: torch.device, jitter: int = 0, flip: bool = False, seed: int = 0,
-                 stop: Callable[[], bool] = lambda: False) -> Iterator:
-    """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run."""
+                 stop: Callable[[], bool] = lambda: False, amp: bool = False, compile: bool = False) -> Iterator:
+    """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run.
+
+    amp: bf16 autocast of the forwards; compile: torch.compile the teacher's and students' forwards (gzq.accel).
+    """
     gen = torch.Generator().manual_seed(seed + 7)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 8)
     aug_gen = gen                       # one stream in a single process; with many, the batches stay shared
@@ -43,6 +47,8 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
         opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
         scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
+    t_fwd = compiled(teacher.model, compile)
+    fwd = {name: compiled(s, compile) for name, s in students.items()}
     yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")
     t0 = time.perf_counter()
     step = 0
@@ -55,10 +61,13 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
             idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
             with torch.no_grad():
                 x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
-                t_logits = teacher.model(x)
+                with autocast(device, amp):
+                    t_logits = t_fwd(x).float()
             kls = {}
             for name, s in students.items():
-                loss = kd_loss(s(x), t_logits, cfg.temperature)
+                with autocast(device, amp):
+                    logits = fwd[name](x).float()
+                loss = kd_loss(logits, t_logits, cfg.temperature)
                 opts[name].zero_grad(set_to_none=True)
                 loss.backward()
                 dist.average_gradients_(s.parameters())

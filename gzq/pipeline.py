@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import dist
+from .accel import channels_last_
 from .augment import augment, jitter_pixels
 from .budget import estimate, fit_budget, measure_costs
 from .checkpoint import save_student
@@ -181,6 +182,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if any(m.recon for m in methods.values()):   # the float network in the students' shape (BN folded): what
             reference = copy.deepcopy(teacher.model).requires_grad_(False)    # block reconstruction matches
             fold_bn_(reference, example)
+        if cfg.channels_last:
+            for m in (teacher.model, reference, *students.values()):
+                channels_last_(m)
         labelled = load_labelled_data(teacher, cfg.eval)
         stop_hooks = StopHooks(stop_fn, teacher.model, reference, *students.values())  # after the copies: not copied
         timings["load"] = time.perf_counter() - t
@@ -223,7 +227,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         else:
             initial = ({n: copy.deepcopy(s.state_dict()) for n, s in students.items()}
                        if cfg.synth.adversarial and not cfg.synth.keep_students else None)
-            synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds)
+            synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds,
+                                               amp=cfg.amp)
             if initial is not None:   # the adversaries have shaped the images; fine-tuning starts afresh
                 # extra seeds of a configuration would now train into copies of it: they end with synthesis
                 students = {n: s for n, s in students.items() if n not in seeds}
@@ -262,7 +267,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if kd:
             t = time.perf_counter()
             steps = yield from iter_distill(teacher, kd, synth.images, synth.train_idx, cfg.train, device,
-                                            jitter, synth.flip, cfg.seed, stop_fn)
+                                            jitter, synth.flip, cfg.seed, stop_fn, amp=cfg.amp, compile=cfg.compile)
             timings["finetune"] = time.perf_counter() - t
             if cfg.train.epochs and steps == 0 or stop_fn():
                 return

@@ -22,6 +22,7 @@ a wrapped roll, and a teacher that is not mirror-invariant cannot hold it under 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist
+from .accel import autocast
 from .augment import augment, jitter_pixels
 from .bn import BNStatsRecorder, bn_losses
 from .config import ActInit, FlipMode, ImageParam, SynthConfig, VRule
@@ -128,18 +130,20 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: torch.Tensor,
                            students: dict[str, nn.Module], images: nn.Module, lambda_adv: float,
-                           boot_gens: dict[str, torch.Generator]) -> tuple[float, dict[str, float]]:
+                           boot_gens: dict[str, torch.Generator], amp=None) -> tuple[float, dict[str, float]]:
     """Gradients of one alternation step: the images get d/dx [img_loss - lambda_adv KL(p_T || mean_i q_i)],
     each student gets d/dtheta KL(p_T || q_i) with the teacher side detached.
 
     With one student the ensemble KL is that student's KL, so a single backward serves both: the student
     sees the images through a gradient-reversal layer (x -lambda_adv), and the teacher side of the KL is
     added with the student side detached. With several students the two objectives differ at the
-    logits, so the images' gradient and the students' gradient take two backward passes.
+    logits, so the images' gradient and the students' gradient take two backward passes. `amp`: a
+    context factory the students' forwards run in (gzq.accel.autocast).
 
     Returns:
         the ensemble KL and each student's KL (floats).
     """
+    amp = amp or contextlib.nullcontext
     p_log = F.log_softmax(logits_t, 1)
     p_det = p_log.detach()
 
@@ -151,13 +155,15 @@ def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: t
 
     if len(students) == 1:
         (name, student), = students.items()
-        q = student(_ScaleGrad.apply(xs, -lambda_adv))
+        with amp():
+            q = student(_ScaleGrad.apply(xs, -lambda_adv)).float()
         kl_own = own_kl(name, q)
         kl_t_side = kl_teacher_student(p_log, F.log_softmax(q.detach(), 1))
         (img_loss - lambda_adv * kl_t_side + kl_own).backward()
         return kl_t_side.item(), {name: kl_own.item()}
 
-    q_logits = {n: s(xs) for n, s in students.items()}
+    with amp():
+        q_logits = {n: s(xs).float() for n, s in students.items()}
     kl_ens = kl_teacher_student(p_log, ensemble_log_probs(list(q_logits.values())))
     img_params = [p for p in images.parameters() if p.requires_grad]
     grads = torch.autograd.grad(img_loss - lambda_adv * kl_ens, img_params, retain_graph=True)
@@ -215,7 +221,8 @@ class SynthResult:
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
                     seed: int = 0, stop: Callable[[], bool] = lambda: False,
-                    calibration: dict[str, ActInit | float] | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
+                    calibration: dict[str, ActInit | float] | None = None, bootstrap: set[str] | frozenset = frozenset(),
+                    amp: bool = False) -> Iterator:
     """Optimise the synthetic images (and train the students in alternation). Yields events; returns SynthResult.
 
     Args:
@@ -224,6 +231,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         calibration: kwargs for calibrate_ when the students join (method, percentile).
         bootstrap: students (extra seeds of a configuration) that weight each image of their own KL by a
             Poisson(1) draw from their own generator, so copies of one configuration drift apart.
+        amp: bf16 autocast of the teacher's and students' forwards (gzq.accel; BN statistics stay float32).
 
     With many processes (gzq.dist) each rank optimises its shard of the images (every N-th one, its own
     random streams) on its share of the global batch; the students' gradients are averaged over ranks, and
@@ -284,7 +292,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             idx = perm[cursor:cursor + batch].to(device)
             cursor += batch
             x = augment(images(idx, dev_gen), jitter, flip, gen)          # (B, C, H, W)
-            logits_t = teacher.model(x)
+            with autocast(device, amp):
+                logits_t = teacher.model(x).float()
             l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight,
                                        cfg.bn_normalize)
             ce = F.cross_entropy(logits_t, images.labels[idx])
@@ -319,7 +328,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 for o in s_opts.values():
                     o.zero_grad(set_to_none=True)
                 kl_ens, student_kl = _adversarial_backward_(loss, x[train_sel], logits_t[train_sel], students, images,
-                                                            cfg.lambda_adv, boot_gens)
+                                                            cfg.lambda_adv, boot_gens, lambda: autocast(device, amp))
                 losses["kl_ens"] = kl_ens
                 history["kl_ens"].append(kl_ens)
                 for s in students.values():

@@ -86,6 +86,8 @@ class ActQuantizer(nn.Module):
             self._observe(x.detach().float())
             self._numel = x[0].numel()
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):   # mixed precision: codes need float32's precision
+            x = x.float()
         g = 1.0 / math.sqrt(self._numel * self.qmax)
         scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
