@@ -129,6 +129,18 @@ def measure_run(procs: int, global_bn: bool, budget: list[str], out: Path) -> di
                 synth_s=rep["timings"]["synthesis"])
 
 
+def print_speed(speed: list[dict], steps: int) -> None:
+    one, threaded = speed[0]["step_s"], speed[1]["step_s"]
+    n = speed[1]["threads"]
+    print(f"synthesis step, default model, batch {speed[0]['batch']} (global), 1 W4A4 student, "
+          f"{os.cpu_count()} cores, median of {steps}")
+    print(f"{'processes':>10}{'threads':>8}{'global BN':>10}{'step s':>9}{'img/s':>8}{'vs 1x1':>8}{f'vs 1x{n}':>8}")
+    for r in speed:
+        print(f"{r['procs']:>10}{r['threads']:>8}{'on' if r['global_bn'] else 'off':>10}{r['step_s']:>9.3f}"
+              f"{r['img_s']:>8.1f}{one / r['step_s']:>8.2f}{threaded / r['step_s']:>8.2f}")
+    print(f"(speed-up: step time of 1 process x 1 thread, and of 1 process x {n} threads, over this row's)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--procs", type=int, default=2)
@@ -148,14 +160,7 @@ def main(argv=None):
     steps = 2 if args.quick else args.steps
     cases = [(1, 1, False), (1, n, False), (n, 1, False), (n, 1, True)]
     speed = [measure_speed(pr, th, gb, steps) for pr, th, gb in cases]
-    base = speed[1]["step_s"]
-    print(f"synthesis step, default model, batch {speed[0]['batch']} (global), 1 W4A4 student, "
-          f"{os.cpu_count()} cores, median of {steps}")
-    print(f"{'processes':>10}{'threads':>8}{'global BN':>10}{'step s':>9}{'img/s':>8}{'speed-up':>9}")
-    for r in speed:
-        print(f"{r['procs']:>10}{r['threads']:>8}{'on' if r['global_bn'] else 'off':>10}{r['step_s']:>9.3f}"
-              f"{r['img_s']:>8.1f}{base / r['step_s']:>9.2f}")
-    print(f"(speed-up against 1 process x {n} threads)")
+    print_speed(speed, steps)
     acc = []
     if not args.skip_accuracy:
         budget = "--images 32 --steps 4 --epochs 1" if args.quick else args.budget

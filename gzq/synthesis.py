@@ -278,6 +278,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     all_idx = torch.arange(k)
     recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL,
                                across_ranks=cfg.global_bn_stats and world > 1)
+    bn_weight = world if recorder.across_ranks else 1
     yield StageStarted("synthesis", cfg.steps, f"{k} images, {len(students)} students, {cfg.bn_loss.value} BN loss")
     t0 = time.perf_counter()
     step = 0
@@ -307,7 +308,9 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 # after the warm-up, grow the CE weight while the batch misses its labels, decay it once they hold
                 ce_scale = (min(ce_scale * (1 + cfg.ce_adapt_rate), cfg.ce_max_scale) if agree < cfg.ce_target
                             else max(ce_scale / (1 + cfg.ce_adapt_rate), 1.0))
-            loss = cfg.lambda_bn * l_bn + cfg.lambda_ce * ce_scale * ce
+            # with the statistics of the global batch, each image moves them by 1/(global batch), not 1/(its
+            # rank's batch) like the per-image means of the other terms: x world keeps the single-process balance
+            loss = cfg.lambda_bn * bn_weight * l_bn + cfg.lambda_ce * ce_scale * ce
             if cfg.lambda_tv:
                 loss = loss + cfg.lambda_tv * total_variation(x)
             if cfg.lambda_l2:
