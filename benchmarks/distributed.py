@@ -163,14 +163,14 @@ def main(argv=None):
     print_speed(speed, steps)
     acc = []
     if not args.skip_accuracy:
-        budget = "--images 32 --steps 4 --epochs 1" if args.quick else args.budget
+        budget = "--images 32 --steps 4 --epochs 1 --max-real-images 1000" if args.quick else args.budget
         with tempfile.TemporaryDirectory() as tmp:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for pr, gb in ((1, False), (n, False), (n, True)):
                     row = measure_run(pr, gb, budget.split() + ["--seed", str(seed)],
                                       Path(tmp) / f"{pr}_{gb}_{seed}")
                     acc.append(dict(seed=seed, **row))
-        print(f"\nwhole runs ({budget}), W4A4 real top-1 on the 10k test images")
+        print(f"\nwhole runs ({budget}), W4A4 real top-1 on the test images")
         print(f"{'seed':>5}{'processes':>10}{'global BN':>10}{'top-1':>8}{'agree %':>9}{'BN ll':>9}{'synth s':>9}"
               f"{'wall s':>8}")
         for r in acc:
