@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gzq.accel import autocast, channels_last_  # noqa: E402
 from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
 from gzq.events import Progress  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
@@ -32,43 +33,58 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def floor_step(teacher, students, x, device) -> float:
+def floor_step(teacher, students, x, device, amp: bool = False) -> float:
     _sync(device)
     t = time.perf_counter()
     xi = x.clone().requires_grad_(True)
-    teacher.model(xi).sum().backward()
+    with autocast(device, amp):
+        out = teacher.model(xi).sum()
+    out.backward()
     for s in students.values():
         xs = x.clone().requires_grad_(True)
-        s(xs).sum().backward()
+        with autocast(device, amp):
+            out = s(xs).sum()
+        out.backward()
     _sync(device)
     return time.perf_counter() - t
 
 
-def measure(spec: ModelSpec, input_size, batch: int, n_students: int, steps: int, device) -> dict:
+def measure(spec: ModelSpec, input_size, batch: int, n_students: int, steps: int, device, amp: bool = False,
+            channels_last: bool = False) -> dict:
+    """Median step and floor seconds of `steps` synthesis steps (after 3 warm-up steps), images/s, peak
+    memory, and the BN log-likelihood of the last step; amp and channels_last as RunConfig's (gzq.accel)."""
     teacher = load_teacher(spec, device)
     if input_size:
         teacher.input_size = input_size
     ex = torch.zeros(2, *teacher.input_size, device=device)
     names = ["w4a4", "w8a8", "w3a3", "w2a4"][:n_students]
     students = {n: create_student(teacher.model, QuantSpec.parse(n), ex, teacher.classifier) for n in names}
+    if channels_last:
+        for m in (teacher.model, *students.values()):
+            channels_last_(m)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     warm = 3
     cfg = SynthConfig(num_images=batch, holdout_images=0, batch_size=batch, steps=steps + warm, warmup_steps=1,
                       preview_every=10_000)
     x = torch.randn(batch, *teacher.input_size, device=device)
     times, floors = [], []
+    bn_ll = None
     last = time.perf_counter()
-    for ev in iter_synthesize(teacher, students, cfg, device, seed=0):
+    for ev in iter_synthesize(teacher, students, cfg, device, seed=0, amp=amp):
         if isinstance(ev, Progress):
             _sync(device)
+            bn_ll = ev.bn_log_likelihood
             if ev.step > warm:
                 times.append(time.perf_counter() - last)
-                floors.append(floor_step(teacher, students, x, device))  # interleaved: both see the same load
+                floors.append(floor_step(teacher, students, x, device, amp))  # interleaved: both see the same load
             last = time.perf_counter()
     step, floor = statistics.median(times), statistics.median(floors)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(model=spec.name, res=teacher.input_size[-1], batch=batch, students=n_students, step_s=step,
-                floor_s=floor, ratio=step / floor, img_per_s=batch / step, peak_mb=peak)
+                floor_s=floor, ratio=step / floor, img_per_s=batch / step, peak_mb=peak, amp=amp,
+                channels_last=channels_last, bn_ll=bn_ll)
 
 
 def main(argv=None):

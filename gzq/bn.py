@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import dist
 from .config import BNLoss, NRule, VRule
 from .models import find_bn_layers
 
@@ -65,6 +66,34 @@ class _ChannelMoments(torch.autograd.Function):
         return torch.addcmul(b.view(ctx.shape), x, a.view(ctx.shape)), None
 
 
+class _GlobalChannelMoments(torch.autograd.Function):
+    """_ChannelMoments over the union of every rank's batch (gzq.dist): the shifted sums and the count are
+    all-reduced, so each rank gets the statistics of the global batch. The backward needs no communication:
+    every rank computes the same loss of the same global statistics, so g_mean and g_var agree across ranks,
+    and dL/dx of this rank's x is the single-process formula with the global mean and N."""
+
+    @staticmethod
+    def forward(ctx, x, shift):
+        dims = [0] + list(range(2, x.ndim))
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        d = x - shift.view(shape)
+        sums = torch.cat([d.sum(dims), (d * d).sum(dims), d.new_tensor([x.numel() // x.shape[1]])])
+        dist.all_reduce_(sums)                                       # (2C + 1,): sum d, sum d^2, count
+        c = x.shape[1]
+        n = sums[-1]
+        mean_d = sums[:c] / n
+        var = (sums[c:2 * c] / n - mean_d * mean_d).clamp_min(0)
+        mean = mean_d + shift
+        ctx.save_for_backward(x, mean)
+        ctx.n, ctx.shape = float(n), shape
+        ctx.mark_non_differentiable(n)
+        return mean, var, n
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var, _):
+        return _ChannelMoments.backward(ctx, g_mean, g_var)
+
+
 def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel of x, (B, C, ...) -> (C,), (C,); differentiable in x.
 
@@ -75,18 +104,31 @@ def channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple
     return _ChannelMoments.apply(x, shift.detach().to(x.dtype))
 
 
+def global_channel_moments(x: torch.Tensor, shift: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """channel_moments over the batches of all ranks together (each passes its own x), and the number of
+    values behind each channel's statistics. In a single process: channel_moments and x's count."""
+    if shift is None:
+        shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    mean, var, n = _GlobalChannelMoments.apply(x, shift.detach().to(x.dtype))
+    return mean, var, int(n)
+
+
 class BNStatsRecorder:
     """Forward pre-hooks on every BN layer of `model` that record its input statistics.
 
     Use as a context manager so the hooks are always removed. `stats` holds one BatchStats per BN layer
-    for the latest forward, in the order of `layers`.
+    for the latest forward, in the order of `layers`. With `across_ranks`, the statistics are those of the
+    global batch, every rank's together (gzq.dist; BatchStats.batch is then the global batch size); the
+    fourth moment of VRule.EMPIRICAL stays this rank's.
     """
 
-    def __init__(self, model: nn.Module, need_m4: bool = False):
+    def __init__(self, model: nn.Module, need_m4: bool = False, across_ranks: bool = False):
         self.layers = find_bn_layers(model)
         if not self.layers:
             raise ValueError("the model has no BatchNorm layers")
         self.need_m4 = need_m4
+        self.across_ranks = across_ranks
         self.stats: list[BatchStats | None] = [None] * len(self.layers)
         self._handles = [m.register_forward_pre_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)]
         self._constants: dict[str, torch.Tensor] | None = None
@@ -94,15 +136,22 @@ class BNStatsRecorder:
     def _make_hook(self, i: int):
         def hook(module, args):
             x = args[0]  # (B, C, H, W) or (B, C)
+            if x.dtype in (torch.bfloat16, torch.float16):   # mixed precision: statistics in float32
+                x = x.float()
             dims = [0] + list(range(2, x.ndim))
-            mean, var = channel_moments(x, getattr(module, "running_mean", None))
+            spatial = math.prod(x.shape[2:]) if x.ndim > 2 else 1
+            if self.across_ranks:
+                mean, var, n = global_channel_moments(x, getattr(module, "running_mean", None))
+                batch = n // spatial
+            else:
+                mean, var = channel_moments(x, getattr(module, "running_mean", None))
+                batch = x.shape[0]
             m4 = None
             if self.need_m4:
                 with torch.no_grad():
                     shape = [1, -1] + [1] * (x.ndim - 2)
                     m4 = (x - mean.view(shape)).pow(4).mean(dims)
-            spatial = math.prod(x.shape[2:]) if x.ndim > 2 else 1
-            self.stats[i] = BatchStats(mean, var, m4, x.shape[0], spatial)
+            self.stats[i] = BatchStats(mean, var, m4, batch, spatial)
         return hook
 
     def constants(self) -> dict[str, torch.Tensor]:

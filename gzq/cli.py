@@ -1,4 +1,8 @@
-"""Command line: `python -m gzq run --model default --w-bits 4 --a-bits 4 --out runs/x`."""
+"""Command line: `python -m gzq run --model default --w-bits 4 --a-bits 4 --out runs/x`.
+
+Under `torchrun --nproc_per_node N -m gzq run ...` the same command runs as N processes of one run
+(gzq.dist): rank 0 prints and writes, the others stay quiet.
+"""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--export", default="onnx,safetensors",
                    help="downloads to write: comma-separated onnx,safetensors, or 'none' (default: both)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--amp", action="store_true", help="bf16 mixed precision for synthesis and KD (for a GPU)")
+    r.add_argument("--channels-last", action="store_true", help="NHWC memory format (for a GPU)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the fine-tuning forwards")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", required=True, help="run folder to write")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -79,7 +86,8 @@ def build_config(args):
         train["method"] = args.finetune
     formats = [] if args.export.strip().lower() == "none" else [f.strip() for f in args.export.split(",") if f.strip()]
     cfg = make_config(args.preset, args.device, model=model, students=students, seed=args.seed, synth=synth,
-                      train=train, eval=evalc, export={"formats": formats})
+                      train=train, eval=evalc, export={"formats": formats}, amp=args.amp or None,
+                      channels_last=args.channels_last or None, compile=args.compile or None)
     budget = {f"synth.{k}": v for k, v in (("num_images", args.images), ("steps", args.steps)) if v is not None}
     cfg = override(cfg, budget, *args.set)   # hold-out, batch and warm-up follow a new image or step count
     if args.time_budget is not None or args.steps is not None or args.images is not None:
@@ -128,6 +136,44 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from . import dist
+    if dist.env_world_size() > 1:
+        return _cmd_run_distributed(args, cfg)
+    return _cmd_run(args, cfg)
+
+
+def _cmd_run_distributed(args, cfg) -> int:
+    """One process of a torchrun job: join the group, run quietly unless rank 0, leave the group.
+
+    torchrun stops the other processes with SIGTERM when one fails; SIGTERM then raises SystemExit, so the
+    pipeline's cleanup (the half-written folder) runs before the process ends.
+    """
+    import signal
+
+    from . import dist
+    from .presets import resolve_device
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        dist.init_from_env(resolve_device(cfg.device))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, terminate)
+    args.quiet = args.quiet or not dist.is_main()
+    try:
+        return _cmd_run(args, cfg)
+    except RuntimeError as e:   # a collective failed: another process died or failed first
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"error: process {dist.rank()} of {dist.world_size()} stopped: {first}", file=sys.stderr)
+        return 1
+    finally:
+        dist.shutdown()
+
+
+def _cmd_run(args, cfg) -> int:
     from .pipeline import iter_run
     last_print = 0.0
     try:

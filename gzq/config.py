@@ -244,6 +244,9 @@ class SynthConfig(_Serialisable):
     keep_students: bool = False    # fine-tune the students trained during synthesis (True), or fresh copies
                                    # calibrated on the final images (False; the adversaries only shape images)
     preview_every: int = 10
+    global_bn_stats: bool = False  # with many processes (torchrun): BN statistics of the global batch, summed over
+                                   # ranks before the likelihood, so N counts every rank's images (False: each
+                                   # rank's likelihood of its own batch)
 
     def __post_init__(self):
         self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)
@@ -359,6 +362,10 @@ class RunConfig(_Serialisable):
     time_budget_s: float | None = None   # fit images and steps to about this many seconds, measured on the device
                                          # before the run (gzq.budget.fit_budget); None = the budget as given
     export: ExportConfig = field(default_factory=lambda: ExportConfig())  # defined below (gzq.export)
+    amp: bool = False              # bf16 autocast of synthesis and KD forwards; BN statistics, quantizers, calibration
+                                   # and evaluation stay float32 (gzq.accel); unmeasured on a GPU, so off by default
+    channels_last: bool = False    # NHWC memory format for the teacher and students (gzq.accel)
+    compile: bool = False          # torch.compile the KD fine-tuning forwards (gzq.accel)
 
     def __post_init__(self):
         if not self.students:

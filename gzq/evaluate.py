@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accel import to_device
 from .config import EvalConfig, RunConfig
 from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_input
 from .losses import kl_teacher_student
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 500) -> torch.Tensor:
     """Logits of `model` on x (N, C, H, W), computed in batches on `device`, returned on the CPU."""
-    return torch.cat([model(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    return torch.cat([model(to_device(x[i:i + batch], device)).float().cpu() for i in range(0, len(x), batch)])
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -4,6 +4,10 @@ Orchestration only: the stages live in their modules (synthesis, distill, evalua
 module chains them. What the app, the CLI and the tests call; `run` is the one-call form for Python users.
 A run writes one folder: config.json, report.json, images/, students/. It is written to `<out>.partial`
 and renamed when complete, so a stopped or failed run leaves nothing half-written behind.
+
+Under torchrun (gzq.dist) every rank runs this same generator: the stages split their work over ranks,
+rank 0 alone evaluates and writes, and it renames the folder only once every rank has finished; a rank that
+fails or dies fails the others at their next collective, and nothing is left on disk.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import dist
+from .accel import channels_last_
 from .augment import augment, jitter_pixels
 from .budget import estimate, fit_budget, measure_costs
 from .checkpoint import save_student
@@ -121,9 +127,29 @@ def iter_run(cfg: RunConfig, out_dir: str | Path | None = None,
         yield Stopped(*where)
 
 
+def check_world(cfg: RunConfig, world: int) -> None:
+    """Refuse a budget too small to split over `world` processes: each needs images to train on and a part
+    of every batch."""
+    if world <= 1:
+        return
+    train_images = cfg.synth.num_images - cfg.synth.holdout_images
+    if train_images < 2 * world:
+        raise ValueError(f"{world} processes need at least {2 * world} training images (2 each), but the run has "
+                         f"{train_images} ({cfg.synth.num_images} images, {cfg.synth.holdout_images} held out); "
+                         "use more images or fewer processes")
+    batches = {"synth.batch_size": cfg.synth.batch_size, "train.batch_size": cfg.train.batch_size,
+               "train.recon_batch_size": cfg.train.recon_batch_size}
+    small = [f"{k}={v}" for k, v in batches.items() if v < world]
+    if small:
+        raise ValueError(f"{world} processes split every batch, so each batch needs at least {world} images; "
+                         f"got {', '.join(small)}")
+
+
 def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], bool],
               synth_source: Callable[[Teacher, torch.device], SynthResult] | None) -> Iterator:
     device = resolve_device(cfg.device)
+    world, main = dist.world_size(), dist.is_main()
+    check_world(cfg, world)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     final = Path(out_dir) if out_dir else None
@@ -131,10 +157,13 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
     if final is not None and final.exists() and (not final.is_dir() or (any(final.iterdir())
                                                                         and not (final / "config.json").exists())):
         raise ValueError(f"output folder {final} exists and is not a GZQ run folder; choose a new --out")
+    if not main:
+        final = partial = None
     if partial is not None:
         if partial.exists():
             shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        if world == 1:   # with many processes rank 0 creates it only to write, after the ranks have finished,
+            partial.mkdir(parents=True)   # so even a rank 0 that is killed mid-run leaves nothing behind
     finished = False
     students: dict = {}
     stop_hooks = None
@@ -153,6 +182,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if any(m.recon for m in methods.values()):   # the float network in the students' shape (BN folded): what
             reference = copy.deepcopy(teacher.model).requires_grad_(False)    # block reconstruction matches
             fold_bn_(reference, example)
+        if cfg.channels_last:
+            for m in (teacher.model, reference, *students.values()):
+                channels_last_(m)
         labelled = load_labelled_data(teacher, cfg.eval)
         stop_hooks = StopHooks(stop_fn, teacher.model, reference, *students.values())  # after the copies: not copied
         timings["load"] = time.perf_counter() - t
@@ -172,7 +204,13 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         timings["estimate"] = time.perf_counter() - t
         budget = dict(estimate_s=round(est.seconds, 1), per_stage_s={k: round(v, 1) for k, v in est.per_stage.items()},
                       scale=round(est.scale, 3), **est.budget)
-        yield Message(f"estimated time: {est.text}")
+        text = est.text
+        if world > 1:   # every rank runs rank 0's budget (each measured its own, as one process)
+            cfg_d, budget, text = dist.broadcast_object((cfg.to_dict(), budget, text))
+            cfg = RunConfig.from_dict(cfg_d)
+            check_world(cfg, world)
+            budget["processes"] = world
+        yield Message(f"estimated time: {text}")
 
         t = time.perf_counter()
         calib = dict(method=cfg.students[0].act_init, percentile=cfg.students[0].act_percentile)
@@ -189,7 +227,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         else:
             initial = ({n: copy.deepcopy(s.state_dict()) for n, s in students.items()}
                        if cfg.synth.adversarial and not cfg.synth.keep_students else None)
-            synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds)
+            synth = yield from iter_synthesize(teacher, students, cfg.synth, device, cfg.seed, stop_fn, calib, seeds,
+                                               amp=cfg.amp)
             if initial is not None:   # the adversaries have shaped the images; fine-tuning starts afresh
                 # extra seeds of a configuration would now train into copies of it: they end with synthesis
                 students = {n: s for n, s in students.items() if n not in seeds}
@@ -204,7 +243,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             t = time.perf_counter()
             yield StageStarted("calibration", 0)
             with torch.no_grad():
-                batches = [synth.images(i.to(device), noise=False) for i in torch.split(synth.train_idx, 64)]
+                batches = [synth.images(i.to(device), noise=False)   # each rank its share; calibrate_ reduces
+                           for i in torch.split(dist.local_slice(synth.train_idx), 64)]
             for n, s in students.items():
                 calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile)
             timings["calibration"] = time.perf_counter() - t
@@ -227,20 +267,24 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if kd:
             t = time.perf_counter()
             steps = yield from iter_distill(teacher, kd, synth.images, synth.train_idx, cfg.train, device,
-                                            jitter, synth.flip, cfg.seed, stop_fn)
+                                            jitter, synth.flip, cfg.seed, stop_fn, amp=cfg.amp, compile=cfg.compile)
             timings["finetune"] = time.perf_counter() - t
             if cfg.train.epochs and steps == 0 or stop_fn():
                 return
 
         t = time.perf_counter()
         yield StageStarted("evaluate", len(students))
-        report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
-        for row in report["students"]:
-            row["finetune"] = methods[row["name"]].value
+        report = None
+        if main:   # the students are identical on every rank (checked by the stages): rank 0 evaluates
+            report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
+            for row in report["students"]:
+                row["finetune"] = methods[row["name"]].value
+        report = dist.broadcast_object(report)
         timings["evaluate"] = time.perf_counter() - t
 
         health = synthesis_health(report, synth)
         report.update(timings=timings, device=str(device), config=cfg.to_dict(), versions=_versions(), budget=budget,
+                      processes=world,
                       synthesis={"final_bn_log_likelihood": health["final_bn_log_likelihood"],
                                  "final_ce": synth.history["ce"][-1] if synth.history.get("ce") else None,
                                  "num_images": cfg.synth.num_images, "holdout_images": cfg.synth.holdout_images,
@@ -253,10 +297,13 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if partial is not None:
             t = time.perf_counter()
             yield StageStarted("save", 0, f"writing {final}")
+            partial.mkdir(parents=True, exist_ok=True)
             save_run(partial, cfg, report, teacher, students, specs, synth)
             timings["save"] = time.perf_counter() - t
             timings["total"] = sum(timings.values())
             (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        dist.barrier()   # every rank got here: none failed, so the folder is complete
+        if partial is not None:
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)

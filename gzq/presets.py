@@ -5,6 +5,7 @@ import copy
 
 import torch
 
+from . import dist
 from .config import ModelSpec, QuantSpec, RunConfig
 
 # Presets: what fits a 2-core CPU in a few minutes on the bundled model, and a GPU budget near the paper's.
@@ -18,11 +19,15 @@ PRESETS: dict[str, dict] = {
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" | "cpu" | "cuda" | "cuda:N" -> a torch.device; under torchrun a bare "cuda" is this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and dist.is_initialized():
+        device = torch.device("cuda", dist.local_rank())
+    return device
 
 
 def make_config(preset: str | None = None, device: str = "auto", **sections) -> RunConfig:

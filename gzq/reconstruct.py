@@ -25,6 +25,9 @@ child's output is the next child's input, as in a stage of blocks or the root's 
 kept whole otherwise (a residual block, a block with a shortcut, a dense block). Every unit takes one tensor
 and returns one tensor, and is called once per forward; no architecture is named anywhere.
 
+With many processes (gzq.dist) every rank captures the same pool and takes its slice of each batch; the
+gradients of the rounding variables and step sizes are averaged over ranks, so the students stay identical.
+
 Each unit gets its own pool of fresh draws of f_I(z): the teacher's and the student's inputs to the unit
 are captured by running the networks up to it (a forward hook stops the pass there), so what precedes the
 unit never needs to chain or be known.
@@ -39,6 +42,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from . import dist
 from .events import Progress, StageStarted, Stopped
 from .optim import adam, cosine_schedule
 from .quant.convert import eval_forward
@@ -260,7 +264,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
         raise ValueError("no reconstruction unit found in the student (no conv / linear layer called once "
                          "with one tensor); use --finetune kd")
     gen = torch.Generator().manual_seed(seed + 11)
-    dev_gen = torch.Generator(device=device).manual_seed(seed + 12)
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 12 + (7919 * dist.rank() if dist.world_size() > 1 else 0))
     total = len(units) * settings.steps
     pool_n = max(settings.pool, settings.batch_size)
     yield StageStarted("reconstruct", total, f"{len(units)} blocks x {settings.steps} steps, "
@@ -302,7 +306,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
                 if stop():
                     yield Stopped("reconstruct", step)
                     return step
-                b = torch.randint(pool_n, (settings.batch_size,), generator=gen).to(device)
+                b = dist.local_slice(torch.randint(pool_n, (settings.batch_size,), generator=gen)).to(device)
                 target = fp_out[b]
                 frac = i / max(settings.steps, 1)
                 beta = _beta(frac, settings)
@@ -318,6 +322,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
                         loss = loss + settings.reg * sum(r.regulariser(beta) for r in roundings)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    dist.average_gradients_(p for g in opt.param_groups for p in g["params"])
                     opt.step()
                     sched.step()
                     losses[n] = rec.item() / target[0].numel()
@@ -326,6 +331,8 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
         finally:
             for unit, wrappers, roundings, _, _ in state.values():
                 _finish_unit(unit, wrappers, roundings)
+    for n, st in students.items():
+        dist.check_identical(st, f"student {n}")
     return step
 
 

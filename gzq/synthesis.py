@@ -22,6 +22,7 @@ a wrapped roll, and a teacher that is not mirror-invariant cannot hold it under 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
+from .accel import autocast
 from .augment import augment, jitter_pixels
 from .bn import BNStatsRecorder, bn_losses
 from .config import ActInit, FlipMode, ImageParam, SynthConfig, VRule
@@ -74,6 +77,24 @@ class SyntheticImages(nn.Module):
         return torch.maximum(torch.minimum(x, self.hi), self.lo)
 
     @torch.no_grad()
+    def select_(self, idx: torch.Tensor) -> "SyntheticImages":
+        """Keep images idx only (in place): a rank's shard of a run of many processes (gzq.dist.shard)."""
+        self.mean = nn.Parameter(self.mean[idx].clone())
+        if self.log_scale is not None:
+            self.log_scale = nn.Parameter(self.log_scale[idx].clone())
+        self.labels = self.labels[idx].clone()
+        return self
+
+    @torch.no_grad()
+    def gather_(self, num: int) -> "SyntheticImages":
+        """The inverse of select_(gzq.dist.shard(num)) on every rank at once: all `num` images, in place."""
+        self.mean = nn.Parameter(dist.gather_rows(self.mean.detach(), num))
+        if self.log_scale is not None:
+            self.log_scale = nn.Parameter(dist.gather_rows(self.log_scale.detach(), num))
+        self.labels = dist.gather_rows(self.labels, num)
+        return self
+
+    @torch.no_grad()
     def clamp_(self) -> None:
         self.mean.copy_(torch.maximum(torch.minimum(self.mean, self.hi), self.lo))
         if self.log_scale is not None:
@@ -109,18 +130,20 @@ class _ScaleGrad(torch.autograd.Function):
 
 def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: torch.Tensor,
                            students: dict[str, nn.Module], images: nn.Module, lambda_adv: float,
-                           boot_gens: dict[str, torch.Generator]) -> tuple[float, dict[str, float]]:
+                           boot_gens: dict[str, torch.Generator], amp=None) -> tuple[float, dict[str, float]]:
     """Gradients of one alternation step: the images get d/dx [img_loss - lambda_adv KL(p_T || mean_i q_i)],
     each student gets d/dtheta KL(p_T || q_i) with the teacher side detached.
 
     With one student the ensemble KL is that student's KL, so a single backward serves both: the student
     sees the images through a gradient-reversal layer (x -lambda_adv), and the teacher side of the KL is
     added with the student side detached. With several students the two objectives differ at the
-    logits, so the images' gradient and the students' gradient take two backward passes.
+    logits, so the images' gradient and the students' gradient take two backward passes. `amp`: a
+    context factory the students' forwards run in (gzq.accel.autocast).
 
     Returns:
         the ensemble KL and each student's KL (floats).
     """
+    amp = amp or contextlib.nullcontext
     p_log = F.log_softmax(logits_t, 1)
     p_det = p_log.detach()
 
@@ -132,13 +155,15 @@ def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: t
 
     if len(students) == 1:
         (name, student), = students.items()
-        q = student(_ScaleGrad.apply(xs, -lambda_adv))
+        with amp():
+            q = student(_ScaleGrad.apply(xs, -lambda_adv)).float()
         kl_own = own_kl(name, q)
         kl_t_side = kl_teacher_student(p_log, F.log_softmax(q.detach(), 1))
         (img_loss - lambda_adv * kl_t_side + kl_own).backward()
         return kl_t_side.item(), {name: kl_own.item()}
 
-    q_logits = {n: s(xs) for n, s in students.items()}
+    with amp():
+        q_logits = {n: s(xs).float() for n, s in students.items()}
     kl_ens = kl_teacher_student(p_log, ensemble_log_probs(list(q_logits.values())))
     img_params = [p for p in images.parameters() if p.requires_grad]
     grads = torch.autograd.grad(img_loss - lambda_adv * kl_ens, img_params, retain_graph=True)
@@ -165,6 +190,16 @@ def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor
     return dict(label_agreement=hits / n, flipped_label_agreement=hits_flip / n, consistency=same / n)
 
 
+def _global_flip_check(teacher: nn.Module, images: SyntheticImages) -> dict[str, float]:
+    """flip_check over every rank's shard of the images (each rank's shares weighted by its image count)."""
+    check = flip_check(teacher, images, images.labels)
+    if dist.world_size() <= 1:
+        return check
+    n = len(images.labels)
+    *sums, total = dist.all_reduce_floats([v * n for v in check.values()] + [n])
+    return {k: v / total for k, v in zip(check, sums)}
+
+
 def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
     """Flips keep the class signal: mirrored images are assigned their label nearly as often as upright ones."""
     return check["flipped_label_agreement"] >= min_ratio * check["label_agreement"]
@@ -186,7 +221,8 @@ class SynthResult:
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
                     seed: int = 0, stop: Callable[[], bool] = lambda: False,
-                    calibration: dict[str, ActInit | float] | None = None, bootstrap: set[str] | frozenset = frozenset()) -> Iterator:
+                    calibration: dict[str, ActInit | float] | None = None, bootstrap: set[str] | frozenset = frozenset(),
+                    amp: bool = False) -> Iterator:
     """Optimise the synthetic images (and train the students in alternation). Yields events; returns SynthResult.
 
     Args:
@@ -195,18 +231,35 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         calibration: kwargs for calibrate_ when the students join (method, percentile).
         bootstrap: students (extra seeds of a configuration) that weight each image of their own KL by a
             Poisson(1) draw from their own generator, so copies of one configuration drift apart.
+        amp: bf16 autocast of the teacher's and students' forwards (gzq.accel; BN statistics stay float32).
+
+    With many processes (gzq.dist) each rank optimises its shard of the images (every N-th one, its own
+    random streams) on its share of the global batch; the students' gradients are averaged over ranks, and
+    at the end every rank holds all the images. cfg.global_bn_stats sums the BN statistics over ranks.
     """
     if not cfg.adversarial:
         students = {}
     boot_gens = {n: torch.Generator().manual_seed(seed * 1000 + i + 11) for i, n in enumerate(students) if n in bootstrap}
     gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    world = dist.world_size()
     k, hold = cfg.num_images, cfg.holdout_images
     labels = balanced_labels(k, teacher.num_classes, gen)
     images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,
-                             cfg.init_log_scale, gen).to(device)
-    holdout_mask = torch.zeros(k, dtype=torch.bool, device=device)
+                             cfg.init_log_scale, gen)         # all k on every rank: the single-process start
+    holdout_mask = torch.zeros(k, dtype=torch.bool)
     holdout_mask[k - hold:] = True
+    batch = min(cfg.batch_size, k)
+    if world > 1:   # this rank's shard, its share of the global batch, and random streams of its own
+        own = dist.shard(k)
+        images.select_(own)
+        holdout_mask = holdout_mask[own]
+        batch = min(len(dist.shard(batch)), len(own))
+        gen.manual_seed(seed + 7919 * (dist.rank() + 1))
+        dev_gen.manual_seed(seed + 7919 * (dist.rank() + 1) + 1)
+    images = images.to(device)
+    holdout_mask = holdout_mask.to(device)
+    k_own = len(images.labels)
     groups = [{"params": [images.mean], "lr": cfg.lr}]
     if images.log_scale is not None:
         groups.append({"params": [images.log_scale], "lr": cfg.lr_log_scale})
@@ -220,11 +273,12 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     checked: dict[str, float] | None = None
     ce_scale = 1.0
     calibrated = False
-    batch = min(cfg.batch_size, k)
-    perm = torch.randperm(k, generator=gen)
+    perm = torch.randperm(k_own, generator=gen)
     cursor = 0
     all_idx = torch.arange(k)
-    recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL)
+    recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL,
+                               across_ranks=cfg.global_bn_stats and world > 1)
+    bn_weight = world if recorder.across_ranks else 1
     yield StageStarted("synthesis", cfg.steps, f"{k} images, {len(students)} students, {cfg.bn_loss.value} BN loss")
     t0 = time.perf_counter()
     step = 0
@@ -234,29 +288,36 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 yield Stopped("synthesis", step)
                 return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
                                    flip, checked, jitter)
-            if cursor + batch > k:
-                perm, cursor = torch.randperm(k, generator=gen), 0
+            if cursor + batch > k_own:
+                perm, cursor = torch.randperm(k_own, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
             cursor += batch
             x = augment(images(idx, dev_gen), jitter, flip, gen)          # (B, C, H, W)
-            logits_t = teacher.model(x)
+            with autocast(device, amp):
+                logits_t = teacher.model(x).float()
             l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight,
                                        cfg.bn_normalize)
             ce = F.cross_entropy(logits_t, images.labels[idx])
             agree = (logits_t.detach().argmax(1) == images.labels[idx]).float().mean().item()
+            train_sel = ~holdout_mask[idx]
+            few_train = int(train_sel.sum()) < 2
+            if world > 1:   # one collective: the global agreement, and whether any rank has too few to train on
+                hits, count, short = dist.all_reduce_floats([agree * len(idx), len(idx), few_train])
+                agree, few_train = hits / count, short > 0
             if cfg.ce_target > 0 and step > cfg.warmup_steps:
                 # after the warm-up, grow the CE weight while the batch misses its labels, decay it once they hold
                 ce_scale = (min(ce_scale * (1 + cfg.ce_adapt_rate), cfg.ce_max_scale) if agree < cfg.ce_target
                             else max(ce_scale / (1 + cfg.ce_adapt_rate), 1.0))
-            loss = cfg.lambda_bn * l_bn + cfg.lambda_ce * ce_scale * ce
+            # with the statistics of the global batch, each image moves them by 1/(global batch), not 1/(its
+            # rank's batch) like the per-image means of the other terms: x world keeps the single-process balance
+            loss = cfg.lambda_bn * bn_weight * l_bn + cfg.lambda_ce * ce_scale * ce
             if cfg.lambda_tv:
                 loss = loss + cfg.lambda_tv * total_variation(x)
             if cfg.lambda_l2:
                 loss = loss + cfg.lambda_l2 * x.pow(2).mean()
             losses = {"bn": l_bn.item(), "ce": ce.item(), "ce_weight": cfg.lambda_ce * ce_scale}
             student_kl = {}
-            train_sel = ~holdout_mask[idx]
-            adversarial = bool(students) and step > cfg.warmup_steps and int(train_sel.sum()) >= 2
+            adversarial = bool(students) and step > cfg.warmup_steps and not few_train
             if adversarial and not calibrated:
                 with torch.no_grad():
                     calib = [images(perm_i, dev_gen, noise=False) for perm_i in
@@ -270,9 +331,11 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 for o in s_opts.values():
                     o.zero_grad(set_to_none=True)
                 kl_ens, student_kl = _adversarial_backward_(loss, x[train_sel], logits_t[train_sel], students, images,
-                                                            cfg.lambda_adv, boot_gens)
+                                                            cfg.lambda_adv, boot_gens, lambda: autocast(device, amp))
                 losses["kl_ens"] = kl_ens
                 history["kl_ens"].append(kl_ens)
+                for s in students.values():
+                    dist.average_gradients_(s.parameters())
                 for o in s_opts.values():
                     o.step()
                 loss = loss.detach() - cfg.lambda_adv * kl_ens
@@ -288,7 +351,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             history["agreement"].append(agree)
             history["ce_weight"].append(cfg.lambda_ce * ce_scale)
             if step == check_step:
-                checked = flip_check(teacher.model, images, images.labels)
+                checked = _global_flip_check(teacher.model, images)
                 held = float(np.mean(history["agreement"][-10:]))
                 checked["augmented_agreement"] = held
                 if cfg.augment_check and held < cfg.augment_min_agreement and (jitter or flip):
@@ -306,5 +369,9 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             s.zero_grad(set_to_none=True)
         images.requires_grad_(False)
+    if world > 1:
+        images.gather_(k).requires_grad_(False)
+        for s in students.values():
+            dist.check_identical(s, "a synthesis student")
     return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked,
                        jitter)

@@ -2,6 +2,7 @@
 model choice, the measured estimate, the run handler's stop, cleanup and memory, results after a reload."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -347,3 +348,13 @@ def test_a_finished_run_comes_back_after_a_reload(monkeypatch, tmp_path):
     assert restored["results"].equals(final["results"]) and 'id="gzq-primary-download"' in restored["downloads"]
     assert restored["gallery"].count("<figure>") == 16
     assert handlers.restore_updates("gzq_run_unknown", "s3") == {} and handlers.restore_updates(None, "s3") == {}
+
+
+def test_zerogpu_caps_every_preset_to_the_gpu_call():
+    from gzq.ui.form import UI_PRESETS, preset_config
+    from gzq.ui.runner import fit_zerogpu
+    for preset in UI_PRESETS:
+        cfg = fit_zerogpu(preset_config(preset), seconds=120)
+        assert cfg.time_budget_s == 90.0
+    short = dataclasses.replace(preset_config("standard"), time_budget_s=30.0)
+    assert fit_zerogpu(short, seconds=120).time_budget_s == 30.0

@@ -77,3 +77,30 @@ def test_finetune_benchmark_quick():
     out = Path(r.stdout.strip().splitlines()[-1].removeprefix("wrote "))
     rows = json.loads(out.read_text())["rows"]
     assert {row["finetune"] for row in rows} == {"kd", "recon"} and "benchmarks/results" not in str(out)
+
+
+def test_gpu_benchmark_dry_run_on_cpu():
+    """The GPU check's code path on a tiny model: the speed table with mixed precision off and on, and the
+    device-consistency check (CPU against CPU in channels_last where there is no GPU)."""
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    rows = [line.split() for line in lines if line.startswith("test_resnet")]
+    assert [row[3] for row in rows] == ["off", "on"] and all(float(row[4]) > 0 and float(row[-1]) < 0 for row in rows)
+    assert sum(line.rstrip().endswith(" ok") for line in lines) == 3 and "FAILED" not in r.stdout
+    if "no CUDA GPU" in r.stdout:
+        assert "unmeasured" in r.stdout
+
+
+def test_distributed_benchmark_quick(tmp_path):
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, "benchmarks/distributed.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(s["procs"], s["threads"], s["global_bn"]) for s in res["speed"]] == [
+        (1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
+    assert all(s["step_s"] > 0 for s in res["speed"])
+    assert [(a["procs"], a["global_bn"]) for a in res["accuracy"]] == [(1, False), (2, False), (2, True)]
+    assert all(0 < a["top1"] <= 100 for a in res["accuracy"])

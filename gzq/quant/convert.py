@@ -17,7 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..config import ActInit, Protocol, QuantSpec
 from . import graph
-from .modules import ActQuantizer, QuantWrapper
+from .modules import ActQuantizer, QuantWrapper, reduce_calibration_
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,8 @@ def calibrate_(model: nn.Module, batches, method: ActInit | str = ActInit.MSE, p
     """Initialise every activation quantizer's range from `batches` (an iterable of input tensors).
 
     Two passes over the batches: the first finds each quantizer's range, the second fills its histogram.
+    In a run of many processes each rank passes its own share of the images; ranges and histograms are
+    reduced over ranks after each pass, so every rank gets the step sizes of all the images together.
     """
     batches = list(batches)
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
@@ -156,10 +158,12 @@ def calibrate_(model: nn.Module, batches, method: ActInit | str = ActInit.MSE, p
     try:
         for x in batches:
             model(x)
+        reduce_calibration_(acts)
         for a in acts:
             a.start_histogram_()
         for x in batches:
             model(x)
+        reduce_calibration_(acts)
     finally:
         for a in acts:
             a.calibrating = False

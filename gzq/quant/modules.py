@@ -86,6 +86,8 @@ class ActQuantizer(nn.Module):
             self._observe(x.detach().float())
             self._numel = x[0].numel()
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):   # mixed precision: codes need float32's precision
+            x = x.float()
         g = 1.0 / math.sqrt(self._numel * self.qmax)
         scale = grad_scale(self.scale, g).abs().clamp_min(1e-8)  # value: effective_scale()
         return fake_quantize(x, scale, self.zero_point, self.qmin, self.qmax)
@@ -137,6 +139,27 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_tensor"
+
+
+def reduce_calibration_(quantizers: list[ActQuantizer]) -> None:
+    """In a run of many processes (gzq.dist), merge what each rank's calibration pass saw, so every rank
+    ends with the statistics of all ranks' batches together and hence identical step sizes: after the range
+    pass the union of the ranges (one all-reduce), after the histogram pass the summed counts (one more).
+    A no-op in a single process."""
+    from .. import dist
+    if dist.world_size() <= 1 or not quantizers:
+        return
+    if quantizers[0]._hist is None:
+        inf = float("inf")
+        r = torch.tensor([[-q._range[0], q._range[1]] if q._range is not None else [-inf, -inf]
+                          for q in quantizers], dtype=torch.float64)
+        dist.all_reduce_(r, "max")                                        # (L, 2): -lo, hi
+        for q, (neg_lo, hi) in zip(quantizers, r.tolist()):
+            q._range = (-neg_lo, hi) if hi > -inf else None
+    else:
+        h = dist.all_reduce_(torch.stack([q._hist for q in quantizers]))  # (L, bins)
+        for q, row in zip(quantizers, h):
+            q._hist = row.clone()
 
 
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)

@@ -18,7 +18,7 @@ from ..config import FinetuneMethod
 from . import handlers
 from .form import BITS_CHOICES, MODEL_CHOICES, PRESET_CHOICES, PROTOCOLS, TIPS, default_preset, preset_fields
 from .figures import bn_figure, kl_figure, recon_figure
-from .runner import ON_ZEROGPU, RUNS_ROOT, device_label
+from .runner import ON_ZEROGPU, RUNS_ROOT, ZEROGPU_NOTE, device_label
 from .view import RunView, progress_html, results_frame, status_markdown
 
 MAX_QUEUE = int(os.environ.get("GZQ_MAX_QUEUE", "8"))
@@ -89,7 +89,8 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                 c["pretrained"] = gr.Checkbox(value=False, label="Download its trained weights (needs internet)",
                                               elem_id="gzq-pretrained")
                 bits = gr.Radio(BITS_CHOICES, value=4, label="2. How small", info=TIPS["bits"], elem_id="gzq-bits")
-                c["preset"] = gr.Radio(PRESET_CHOICES, value=preset0, label="3. How long", info=TIPS["preset"],
+                c["preset"] = gr.Radio(PRESET_CHOICES, value=preset0, label="3. How long",
+                                       info=TIPS["preset"] + (" " + ZEROGPU_NOTE if ON_ZEROGPU else ""),
                                        elem_id="gzq-preset")
                 estimate = gr.Markdown("", elem_id="gzq-estimate")
                 with gr.Row():

@@ -11,6 +11,7 @@ GPU worker process, where a stop flag cannot reach, so a stop there closes the e
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import os
@@ -41,6 +42,20 @@ RUNS_ROOT = Path(os.environ.get("GZQ_RUNS_DIR") or Path(tempfile.gettempdir()) /
 KEEP_RUNS = int(os.environ.get("GZQ_KEEP_RUNS", "6"))          # finished run folders kept for download
 ZEROGPU_SECONDS = int(os.environ.get("GZQ_ZEROGPU_SECONDS", "120"))
 ON_ZEROGPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+#: what the page says about the presets on ZeroGPU (fit_zerogpu)
+ZEROGPU_NOTE = (f"On this Space a run gets at most {ZEROGPU_SECONDS} s of GPU time: Quick try fits; Standard and "
+                "Paper scale are shrunk to fit it (fewer images and steps, measured on the GPU), so they do not reach "
+                "their full budget. For the full presets run the app on your own GPU, or the command line.")
+
+
+def fit_zerogpu(cfg: RunConfig, seconds: float = ZEROGPU_SECONDS) -> RunConfig:
+    """A run that ends within one ZeroGPU call: the time budget capped at 3/4 of the call's duration (the rest
+    is for loading, evaluating and writing), so the budget fit (gzq.budget), measured on the GPU inside the
+    call, shrinks the images and steps of a longer preset."""
+    cap = 0.75 * seconds
+    if cfg.time_budget_s is None or cfg.time_budget_s > cap:
+        cfg = dataclasses.replace(cfg, time_budget_s=cap)
+    return cfg
 
 
 def device_label(device: torch.device | None = None) -> str:
@@ -143,7 +158,7 @@ class Runner:
                     return
                 handle.events.put(("started", None))
                 try:
-                    events = (_device_events(cfg.to_dict(), str(handle.work / "run")) if ON_ZEROGPU
+                    events = (_device_events(fit_zerogpu(cfg).to_dict(), str(handle.work / "run")) if ON_ZEROGPU
                               else iter_run(cfg, handle.work / "run", handle.stop))
                     for ev in events:
                         if isinstance(ev, Done):
