@@ -163,7 +163,8 @@ def main(argv=None):
     print_speed(speed, steps)
     acc = []
     if not args.skip_accuracy:
-        budget = "--images 32 --steps 4 --epochs 1 --max-real-images 1000" if args.quick else args.budget
+        budget = ("--images 32 --steps 4 --epochs 1 --max-real-images 1000 --set train.recon_steps=2" if args.quick
+                  else args.budget)
         with tempfile.TemporaryDirectory() as tmp:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for pr, gb in ((1, False), (n, False), (n, True)):

@@ -413,16 +413,15 @@ def drop_padding_taps_(m) -> int:
 
 
 def compact_names_(m) -> None:
-    """Renames the graph's intermediate tensors to short ids ("v0", "v1", ...) and drops the exporter's
-    scope-path node names ("/layer1/layer1.0/conv1/Conv"); graph inputs, outputs, initializers (named by
-    layer) and this module's node names ("layer1.0.conv1/weight_dq") stay. The path-like names are about a
-    tenth of a small model's int4 file."""
+    """Shrinks what is not data: the intermediate tensors get short ids ("v0", "v1", ...) and the node names
+    (an optional field) go. Graph inputs, outputs and the initializers, whose names say each node's layer
+    ("layer1.0.conv1.weight_quantized"), stay. The exporters' path-like names are about a tenth of a small
+    model's int4 file."""
     g = m.graph
-    keep = {v.name for v in g.input} | {v.name for v in g.output} | {i.name for i in g.initializer}
     new: dict[str, str] = {}
+    keep = {v.name for v in g.input} | {v.name for v in g.output} | {i.name for i in g.initializer}
     for node in g.node:
-        if node.name.startswith("/"):
-            node.name = ""
+        node.name = ""
         for names in (node.input, node.output):
             for k, v in enumerate(names):
                 if v and v not in keep:
