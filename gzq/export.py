@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -157,7 +158,7 @@ def _weight_nodes(lq: LayerQuant, out: str, opset: int):
     n = lq.name
     inits = [_int_tensor(f"{n}.weight_quantized", lq.codes, t), _float_tensor(f"{n}.weight_scale", lq.w_scale)]
     if t not in (TensorProto.INT4, TensorProto.UINT4) or bool(lq.w_zero_point.any()):
-        inits.append(_int_tensor(f"{n}.weight_zero_point", lq.w_zero_point, t))   # absent = 0 (int4's type is x's)
+        inits.append(_int_tensor(f"{n}.weight_zero_point", lq.w_zero_point, t))   # absent means zero points of 0
     node = helper.make_node("DequantizeLinear", [i.name for i in inits], [out], name=f"{n}/weight_dq", axis=0)
     return inits, [node], t
 
@@ -178,14 +179,15 @@ def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, n
     t = _int_type(min(qmin, zp), max(qmax, zp), a.bits if native else 8, opset, prefer_signed=False)
     if not native and qmax <= 127 and -128 <= zp <= 127:
         t = T.INT8                                     # the Quantize-Clip-Dequantize pattern, int8 codes
-    s_name, z_name = f"{a.prefix}scale", f"{a.prefix}zero_point"
+    ip = a.prefix.removeprefix(f"{CONTAINER}.")        # initializers: "x.scale", "layer1_0_act1.zero_point"
+    s_name, z_name = f"{ip}scale", f"{ip}zero_point"
     inits = [_float_tensor(s_name, a.scale.reshape(())), _int_tensor(z_name, torch.tensor(zp), t)]
     q_out = f"{p}q"
     nodes = [helper.make_node("QuantizeLinear", [inp, s_name, z_name], [q_out], name=f"{p}quantize")]
     if native:
         nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [out], name=f"{p}dq"))
     elif t in (T.INT8, T.UINT8):                       # clip the codes to the bit range, then dequantize
-        lo_name, hi_name, c_out = f"{a.prefix}qmin", f"{a.prefix}qmax", f"{p}q_clipped"
+        lo_name, hi_name, c_out = f"{ip}qmin", f"{ip}qmax", f"{p}q_clipped"
         inits += [_int_tensor(lo_name, torch.tensor(qmin), t), _int_tensor(hi_name, torch.tensor(qmax), t)]
         nodes += [helper.make_node("Clip", [q_out, lo_name, hi_name], [c_out], name=f"{p}clip"),
                   helper.make_node("DequantizeLinear", [c_out, s_name, z_name], [out], name=f"{p}dq")]
@@ -194,7 +196,7 @@ def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, n
         s = a.scale.float().numpy()
         lo = (np.float32(qmin - zp) * s).astype(np.float32)
         hi = (np.float32(qmax - zp) * s).astype(np.float32)
-        lo_name, hi_name = f"{a.prefix}min", f"{a.prefix}max"
+        lo_name, hi_name = f"{ip}min", f"{ip}max"
         inits += [_float_tensor(lo_name, torch.from_numpy(np.array(lo))),
                   _float_tensor(hi_name, torch.from_numpy(np.array(hi)))]
         nodes += [helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{p}dq"),
@@ -420,12 +422,13 @@ def compact_names_(m) -> None:
     g = m.graph
     new: dict[str, str] = {}
     keep = {v.name for v in g.input} | {v.name for v in g.output} | {i.name for i in g.initializer}
+    ids = (f"v{i}" for i in itertools.count() if f"v{i}" not in keep)
     for node in g.node:
         node.name = ""
         for names in (node.input, node.output):
             for k, v in enumerate(names):
                 if v and v not in keep:
-                    names[k] = new.setdefault(v, f"v{len(new)}")
+                    names[k] = new[v] if v in new else new.setdefault(v, next(ids))
     for vi in g.value_info:
         vi.name = new.get(vi.name, vi.name)
 
