@@ -428,7 +428,9 @@ def compact_names_(m) -> None:
         for names in (node.input, node.output):
             for k, v in enumerate(names):
                 if v and v not in keep:
-                    names[k] = new[v] if v in new else new.setdefault(v, next(ids))
+                    if v not in new:
+                        new[v] = next(ids)
+                    names[k] = new[v]
     for vi in g.value_info:
         vi.name = new.get(vi.name, vi.name)
 
