@@ -52,7 +52,8 @@ BITS = ["w4a4", "w8a8"]   # --bits
 METHODS = {
     "gznq": {},
     "mse": dict(bn_loss="mse", lambda_bn=0.05, adversarial=False),
-    "fixed": dict(bn_normalize=False, lambda_bn=0.01, ce_target=0.0, flip="on", jitter=2 / 28),
+    "fixed": dict(bn_normalize=False, lambda_bn=0.01, ce_target=0.0, flip="on", jitter=2 / 28, lr=0.1,
+                  augment_check_at=0.75),
     "real": None,
 }
 RESULTS = ROOT / "benchmarks" / "results"

@@ -212,7 +212,7 @@ class SynthConfig(_Serialisable):
     batch_size: int = 96
     steps: int = 300
     warmup_steps: int = 100        # steps before the students and the adversarial term join
-    lr: float = 0.1
+    lr: float = 0.25               # Adam on the images; with augment_check_at chosen on the zoo's tuning set
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
@@ -236,7 +236,7 @@ class SynthConfig(_Serialisable):
     flip: FlipMode = FlipMode.AUTO
     augment_check: bool = True     # at augment_check_at of the steps, drop jitter (and AUTO flips) for the rest if
     augment_min_agreement: float = 0.9   # the teacher holds fewer than this share of the augmented batches' labels
-    augment_check_at: float = 0.75
+    augment_check_at: float = 0.5  # the rest of the steps sharpen the class of the images formed under augmentation
     num_students: int = 0          # M; 0 = one per requested configuration; more adds seeds of the first
     adversarial: bool = True       # students join synthesis after warm-up (False: plain synthesis, "M = 0")
     student_lr: float = 1e-4

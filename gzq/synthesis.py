@@ -14,7 +14,7 @@ So that one recipe serves any architecture, resolution and class count, L_BN is 
 the layers' mean N (gzq.bn.bn_losses), O(1) like the CE (whose gradient at the logits is bounded for any
 class count), and the CE weight adapts online (between lambda_ce and ce_max_scale x lambda_ce) until the teacher assigns the
 target share of each batch to its labels. Augmentations are kept only as far as the teacher tolerates
-them: at `augment_check_at` of the steps, if the teacher still misses the labels of the augmented batches
+them: at `augment_check_at` of the steps (half), if the teacher still misses the labels of the augmented batches
 (agreement under `augment_min_agreement` with the CE weight free to grow), jitter and automatic flips are
 switched off for the remaining steps, which then sharpen the class signal of images whose structure
 formed under augmentation. Teachers trained on small images with small shifts cannot hold a class under
