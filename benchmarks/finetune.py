@@ -14,6 +14,7 @@ the fine-tuning stage itself, so the cost ratio of the methods is measured in on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -46,13 +47,16 @@ def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
     return ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
 
 
-def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache: Path):
-    """The images every method shares: synthesised once per (model, budget, seed) and cached."""
+def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_dir: Path, name: str):
+    """The images every method shares: synthesised once per (model, synthesis config, seed) and cached; the
+    file name carries a hash of the config, so a changed recipe never reuses images made by an older one."""
+    cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
+                      steps=steps, warmup_steps=steps // 3, adversarial=False)
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest}.pt"
     if not cache.exists():
         dev = resolve_device("auto")
         teacher = load_teacher(spec, dev)
-        cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
-                          steps=steps, warmup_steps=steps // 3, adversarial=False)
         _, res = drain(iter_synthesize(teacher, {}, cfg, dev, seed), keep=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(state=res.images.state_dict(), train=res.train_idx.cpu(), hold=res.holdout_idx.cpu(),
@@ -103,8 +107,7 @@ def main(argv=None):
                 if source == "real":
                     make = real_source(args.images, max(args.images // 8, 1), seed)
                 else:
-                    make = synthetic_source(spec, args.images, args.steps, seed,
-                                            args.cache_dir / f"{name}_{args.images}_{args.steps}_{seed}.pt")
+                    make = synthetic_source(spec, args.images, args.steps, seed, args.cache_dir, name)
                 for bits in args.bits.split(","):
                     for ft in finetunes:
                         cfg = make_config("cpu", "auto", model=spec, students=[bits], seed=seed,

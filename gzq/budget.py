@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
-from .config import RunConfig, SynthConfig, scaled_synth
+from .config import RunConfig, SynthConfig, scaled_synth, student_specs
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,15 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     bk = min(cfg.train.batch_size, cfg.synth.num_images)
     xk = torch.randn(bk, *teacher.input_size, generator=gen).to(device)
 
+    specs = dict(student_specs(cfg))
+    distilled = [s for n, s in students.items() if n not in specs or cfg.train.method_for(specs[n]).kd]
+
     def kd_step():
         with torch.no_grad():
             teacher.model(xk)
-        for s in students.values():
+        for s in distilled:
             s(xk).logsumexp(1).mean().backward()
-    kd_step_s = _timed(kd_step) if cfg.train.epochs and _shares(cfg)[1] else 0.0
+    kd_step_s = _timed(kd_step) if cfg.train.epochs and distilled else 0.0
     for s in students.values():
         s.zero_grad(set_to_none=True)
     with torch.no_grad():

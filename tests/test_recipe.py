@@ -180,11 +180,13 @@ def test_health_warning_only_when_images_lose_their_class():
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run
-    # by default (train.method=auto) the 4-bit student is reconstructed block by block and the 8-bit one distilled
+    # by default (train.method=auto) the 4-bit student is reconstructed block by block and the 8-bit one only
+    # calibrated: no KD stage is timed or counted
     cfg = make_config("cpu", students=["w4a4", "w8a8"], synth=dict(num_images=64, holdout_images=8, steps=20,
                       warmup_steps=5), train=dict(epochs=2), eval=dict(max_real_images=100), export=dict(formats=[]))
     est = estimate_run(cfg)
     assert set(est.per_stage) >= {"load", "synthesis", "reconstruct", "finetune", "evaluate"}
     assert est.seconds == pytest.approx(sum(est.per_stage.values()))
-    assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and "64 images, 20 synthesis steps" in est.text
+    assert est.costs.synth_step > 0 and est.costs.kd_step == 0 and est.per_stage["finetune"] == 0
+    assert "64 images, 20 synthesis steps" in est.text and "fine-tuning epochs" not in est.text
     assert est.costs.recon_units == 10 and est.per_stage["reconstruct"] > 0 and "block reconstruction" in est.text

@@ -67,7 +67,8 @@ TIPS: dict[str, str] = {
     "num_images": "How many synthetic images are made to train the small model on.",
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
     "finetune": "How the small model learns from the original: kd matches its answers (distillation), recon "
-                "matches it block by block (learnt rounding), recon+kd does both; auto picks by bit-width.",
+                "matches it block by block (learnt rounding), recon+kd does both, calibrate only measures its "
+                "ranges (no training); auto picks by bit-width.",
     "num_students": "Small models trained together (the 'students'); 0 means one per bit-width.",
     "seed": "The same seed gives the same images and the same result.",
     "lambda_bn": "Weight of the BatchNorm term (λ BN): how strongly images must match the statistics "
