@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.config import FinetuneMethod, ImageParam, ModelSpec, Protocol, QuantSpec, override  # noqa: E402
+from gzq.config import (AUTO_METHODS, FinetuneMethod, ImageParam, ModelSpec, Protocol, QuantSpec,  # noqa: E402
+                        SynthConfig, TrainConfig, override)
 from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
@@ -85,6 +87,14 @@ def real_source(num: int, holdout: int, seed: int):
         all_idx = torch.arange(num)
         return SynthResult(images.to(device), all_idx[:num - holdout], all_idx[num - holdout:], False, 0, {"bn_ll": [], "ce": []})
     return make
+
+
+def recipe_digest() -> str:
+    """A digest of the library's default synthesis and training recipe, part of every cached run's key: a run
+    cached before a default changed is never reported as a run of the new recipe."""
+    recipe = json.dumps([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
+                         AUTO_METHODS.items()}], sort_keys=True, default=str)
+    return hashlib.sha1(recipe.encode()).hexdigest()[:10]
 
 
 def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:
@@ -168,7 +178,8 @@ def main(argv=None):
             run_budget = {**budget, "set": budget.get("set", []) + [f"train.method={ft}"]}
             for group in groups:
                 for seed in seeds:
-                    key = json.dumps([model, [b.name for b in group], method, seed, run_budget], sort_keys=True)
+                    key = json.dumps([model, [b.name for b in group], method, seed, run_budget, recipe_digest()],
+                                     sort_keys=True)
                     if key in cache:
                         report, secs = cache[key]["report"], cache[key]["secs"]
                     else:

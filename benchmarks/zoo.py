@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import add_overrides, real_source  # noqa: E402
+from accuracy import add_overrides, real_source, recipe_digest  # noqa: E402
 from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
@@ -89,6 +89,12 @@ def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str, bits
     report = run_pipeline(cfg, synth_source=source)
     return dict(teacher=report["teacher"], students=report["students"], health=report["synthesis"]["health"],
                 secs=round(time.perf_counter() - t, 1))
+
+
+def run_key(name: str, method: str, seed: int, budget: dict, bits: list[str]) -> str:
+    """A run's cache key: what was asked for, plus a digest of the library's default synthesis and training
+    recipe, so a run cached before a default changed is never reported as a run of the new recipe."""
+    return json.dumps([name, method, seed, budget, bits, recipe_digest()], sort_keys=True)
 
 
 def _with_finetune(budget: dict, finetune: str) -> dict:
@@ -207,7 +213,7 @@ def main(argv=None):
             budget = {**base, "eval": {"max_real_images": ZOO[name].max_real_images, **base["eval"]}}
             for method, ft in ((m, f) for m in methods for f in finetunes):
                 for seed in seeds:
-                    rec = cache.get(json.dumps([name, method, seed, _with_finetune(budget, ft), bits], sort_keys=True))
+                    rec = cache.get(run_key(name, method, seed, _with_finetune(budget, ft), bits))
                     if rec is not None:
                         records.append({**rec, "method": label(method, ft)})
             continue
@@ -227,7 +233,7 @@ def main(argv=None):
         for method, ft in ((m, f) for m in methods for f in finetunes):
             run_budget = _with_finetune(budget, ft)
             for seed in seeds:
-                key = json.dumps([name, method, seed, run_budget, bits], sort_keys=True)
+                key = run_key(name, method, seed, run_budget, bits)
                 if key not in cache:
                     rec = dict(key=key, model=name, method=method, finetune=ft, seed=seed,
                                **run(spec, method, seed, run_budget, args.device, bits))
