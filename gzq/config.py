@@ -331,9 +331,10 @@ class TrainConfig(_Serialisable):
 MIN_AUTO_RECON_STEPS = 20
 #: the method AUTO picks by a student's narrower width (weights or activations); KD where none is listed.
 #: Chosen on the zoo's tuning set (README, "Fine-tuning method"): at W4A4 block reconstruction beat KD on
-#: the mean (80.06 against 79.76; two models of three) in about KD's time; at W3A3 it collapsed on the
-#: 64-px MobileNetV2 (23 against 54); at 8 bits calibration alone matched KD (mean 83.73 against 83.64,
-#: within 0.1 pt of full precision) at none of its cost, and KD on a hundred images can only drift from it.
+#: the mean of seeds 0 and 1 (81.08 against 80.33; five model-seeds of six) in about twice KD's time; at
+#: W3A3 it collapsed on the 64-px MobileNetV2 (23 against 54); at 8 bits calibration alone matched KD (mean
+#: 83.73 against 83.64, within 0.1 pt of full precision) at none of its cost, and KD on a hundred images can
+#: only drift from it.
 AUTO_METHODS: dict[int, FinetuneMethod] = {4: FinetuneMethod.RECON, 8: FinetuneMethod.CALIBRATE}
 
 

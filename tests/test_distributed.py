@@ -110,7 +110,7 @@ def test_collectives_match_one_process_on_the_whole_batch(tmp_path):
 
 #: one budget for both runs: 128 images, 60 synthesis steps, W4A4 with block reconstruction (~1 min each on 2 cores)
 BUDGET = ["--model", "default", "--device", "cpu", "--students", "w4a4", "--steps", "60", "--images", "128",
-          "--epochs", "8", "--export", "none", "--seed", "0"]
+          "--epochs", "8", "--export", "none", "--seed", "0", "--finetune", "recon"]
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
