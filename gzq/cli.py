@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="fine-tuning epochs")
     r.add_argument("--finetune", choices=[m.value for m in FinetuneMethod],
                    help="how the quantized students are fitted: kd (end-to-end distillation), recon (block "
-                        "reconstruction: learnt rounding, QDrop), recon+kd (both), calibrate (step sizes only, no training), auto (default: by bit-width)")
+                        "reconstruction: learnt rounding, QDrop), recon+kd (both), calibrate (step sizes only, no "
+                        "training), auto (default: by bit-width)")
     r.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="shrink images and steps to fit about this many seconds, measured on this device before the "
                         "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")
