@@ -143,6 +143,7 @@ def test_quick_run_shows_images_plots_and_one_download_of_its_real_size(server, 
     # the other files under "All files", each with a line saying what it is, none with a delete button
     page.locator("#gzq-all-files").get_by_text("All files").click()
     notes = page.locator("#gzq-files-list .gzq-file-note")
+    notes.first.wait_for()                        # the accordion renders its list after the click
     assert notes.count() >= 8 and all(n.strip() for n in notes.all_inner_texts())
     assert page.locator("#gzq-results-section button[aria-label*='emove'], #gzq-results-section .label-clear-button"
                         ).count() == 0
