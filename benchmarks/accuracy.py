@@ -89,12 +89,16 @@ def real_source(num: int, holdout: int, seed: int):
     return make
 
 
+def digest(obj) -> str:
+    """A short stable digest of a JSON-able object (configs as dicts), for cache keys and file names."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def recipe_digest() -> str:
     """A digest of the library's default synthesis and training recipe, part of every cached run's key: a run
     cached before a default changed is never reported as a run of the new recipe."""
-    recipe = json.dumps([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
-                         AUTO_METHODS.items()}], sort_keys=True, default=str)
-    return hashlib.sha1(recipe.encode()).hexdigest()[:10]
+    return digest([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
+                   AUTO_METHODS.items()}])
 
 
 def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:

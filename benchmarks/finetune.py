@@ -14,7 +14,6 @@ the fine-tuning stage itself, so the cost ratio of the methods is measured in on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import MODELS, real_source  # noqa: E402
+from accuracy import MODELS, digest, real_source  # noqa: E402
 from train_zoo import ZOO, ensure_trained  # noqa: E402
 
 from gzq.config import FinetuneMethod, ImageParam, ModelSpec, SynthConfig, override  # noqa: E402
@@ -52,8 +51,7 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     file name carries a hash of the config, so a changed recipe never reuses images made by an older one."""
     cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
                       steps=steps, warmup_steps=steps // 3, adversarial=False)
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest}.pt"
+    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(cfg.to_dict())}.pt"
     if not cache.exists():
         dev = resolve_device("auto")
         teacher = load_teacher(spec, dev)

@@ -83,8 +83,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     bk = min(cfg.train.batch_size, cfg.synth.num_images)
     xk = torch.randn(bk, *teacher.input_size, generator=gen).to(device)
 
-    specs = dict(student_specs(cfg))
-    distilled = [s for n, s in students.items() if n not in specs or cfg.train.method_for(specs[n]).kd]
+    distilled = [students[n] for n, spec in student_specs(cfg) if n in students and cfg.train.method_for(spec).kd]
 
     def kd_step():
         with torch.no_grad():
