@@ -53,8 +53,9 @@ def worker(args) -> None:
         ex = torch.zeros(2, *teacher.input_size)
         students = {"w4a4": create_student(teacher.model, QuantSpec.parse("w4a4"), ex, teacher.classifier)}
         preset = PRESETS["cpu"]["synth"]
-        warm = 3
-        cfg = SynthConfig(num_images=preset["num_images"], holdout_images=0, batch_size=preset["batch_size"],
+        warm = args.warm
+        batch = args.batch or preset["batch_size"]
+        cfg = SynthConfig(num_images=max(preset["num_images"], batch), holdout_images=0, batch_size=batch,
                           steps=args.steps + warm, warmup_steps=1, preview_every=10_000,
                           global_bn_stats=args.global_bn)
         times, last = [], time.perf_counter()
@@ -69,10 +70,11 @@ def worker(args) -> None:
         dist.shutdown()
 
 
-def measure_speed(procs: int, threads: int, global_bn: bool, steps: int) -> dict:
+def measure_speed(procs: int, threads: int, global_bn: bool, steps: int, batch: int = 0, warm: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        me = [str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--out", str(out)]
+        me = [str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--batch", str(batch),
+              "--warm", str(warm), "--out", str(out)]
         if global_bn:
             me.append("--global-bn")
         cmd = ([sys.executable, *me] if procs == 1 else
@@ -153,13 +155,16 @@ def main(argv=None):
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--global-bn", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)   # 0: the CPU preset's
+    p.add_argument("--warm", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
     n = args.procs
     steps = 2 if args.quick else args.steps
     cases = [(1, 1, False), (1, n, False), (n, 1, False), (n, 1, True)]
-    speed = [measure_speed(pr, th, gb, steps) for pr, th, gb in cases]
+    # --quick: a batch of 16 and one untimed step, so the test exercises every case in seconds
+    speed = [measure_speed(pr, th, gb, steps, *((16, 1) if args.quick else (0, 3))) for pr, th, gb in cases]
     print_speed(speed, steps)
     acc = []
     if not args.skip_accuracy:

@@ -49,8 +49,13 @@ class RunEstimate:
     budget: dict = field(default_factory=dict)   # images, steps, epochs the estimate is for
 
 
-def _timed(fn, repeats: int = 2) -> float:
+def _timed(fn, repeats: int = 2, long_s: float = 1.0) -> float:
+    """The fastest of `repeats` timed calls after a warm-up; one timed call when the warm-up took over `long_s`
+    (a slow step: a second repeat would add seconds to the wait and little to the accuracy)."""
+    t = time.perf_counter()
     fn()  # warm-up: allocations, kernel selection
+    if time.perf_counter() - t > long_s:
+        repeats = 1
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -32,6 +32,23 @@ def test_fake_quantize_matches_formula_exactly():
     assert quantize(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), -8, 7).tolist() == [0, 2, 2]
 
 
+def test_fake_quantize_without_gradients_gives_the_same_values_as_with():
+    """Evaluation takes a shorter path (no straight-through terms); its values must be the training path's,
+    bit for bit, for per-channel steps, fractional zero points and clipped values alike."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * 4
+    scale = (torch.rand(1, 6, 1, 1) + 0.05).requires_grad_(True)
+    zp = (torch.rand(1, 6, 1, 1) * 10).requires_grad_(True)
+    for qmin, qmax in [(0, 15), (-8, 7), (0, 255)]:
+        trained = fake_quantize(x.requires_grad_(True), scale, zp, qmin, qmax)
+        assert trained.requires_grad
+        with torch.no_grad():
+            evaluated = fake_quantize(x, scale, zp, qmin, qmax)
+        assert not evaluated.requires_grad and torch.equal(evaluated, trained.detach())
+        frozen = fake_quantize(x.detach(), scale.detach(), zp.detach(), qmin, qmax)   # no input wants a gradient
+        assert torch.equal(frozen, trained.detach())
+
+
 def test_fake_quantize_straight_through_and_lsq_gradients():
     x = torch.tensor([-1.3, 0.2, 0.45, 5.0], requires_grad=True)
     scale = torch.tensor(0.5, requires_grad=True)
