@@ -338,9 +338,16 @@ def test_bad_input_and_missing_weights_are_messages_and_the_log_says_why(monkeyp
 @pytest.mark.slow
 def test_a_finished_run_comes_back_after_a_reload(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "RUNS_ROOT", tmp_path)
+    t0 = time.monotonic()
     updates = list(handlers.run_updates({**RUN_VALUES, "steps": 4, "epochs": 1}, "s2"))
+    elapsed = time.monotonic() - t0
     final = updates[-1]
     assert final["status"].startswith("**Done**"), final["status"]
+    # the plots are rebuilt at most once per PLOT_INTERVAL_S (and at each new stage), the status at every event
+    plotted = [u for u in updates if "bn_plot" in u]
+    stages = {"load", "synthesis", "calibration", "reconstruct", "finetune", "evaluate", "save", "done"}
+    assert plotted[-1] is final and len(plotted) < len(updates)
+    assert len(plotted) <= elapsed / handlers.PLOT_INTERVAL_S + len(stages) + 2, (len(plotted), elapsed)
     token = final["last_run"]
     assert (tmp_path / token / "run" / "report.json").exists()
     restored = handlers.restore_updates(token, "s3")   # a new page: a new session, the browser's token

@@ -90,9 +90,11 @@ def recon_figure(view: RunView) -> go.Figure:
         blocks = [names[max(bisect.bisect_right(starts, x) - 1, 0)] for x in xs_k]
         fig.add_trace(go.Scatter(x=xs_k, y=[max(y, 1e-12) for y in ys[::k]], mode="lines", name=name,
                                  customdata=blocks, hovertemplate="block %{customdata}<br>error %{y:.3g}"))
-    for x in starts[1:]:
-        fig.add_vline(x=x - 0.5, line_width=1, line_color="lightgrey")
+    # block boundaries as one list of shapes (add_vline per block costs ~10 ms each)
+    shapes = [dict(type="line", xref="x", yref="paper", x0=x - 0.5, x1=x - 0.5, y0=0, y1=1,
+                   line=dict(width=1, color="lightgrey")) for x in starts[1:]]
     fig.update_layout(title=title, template="plotly_white", height=300, margin=dict(l=50, r=20, t=50, b=40),
+                      shapes=shapes,
                       xaxis_title=f"step ({len(starts)} blocks so far)", yaxis_title="mean squared error",
                       yaxis=dict(type="log"), legend=dict(orientation="h", y=-0.25))
     return fig

@@ -42,6 +42,7 @@ API_OUTPUTS = [n for n in RUN_OUTPUTS if n not in ("results_section", "run", "st
 
 POLL_S = 0.5               # the page hears from a run at least this often (the elapsed time keeps moving)
 GALLERY_INTERVAL_S = 1.0   # at most this often: the image gallery
+PLOT_INTERVAL_S = 1.0      # and the plots (building a plotly figure takes tens of ms of the run's CPU)
 STOP_WAIT_S = 4.0          # how long Stop waits for the run to wind down before answering
 
 _GALLERIES: dict[str, GalleryItems] = {}   # session -> the images its gallery shows (for the per-class view)
@@ -65,10 +66,13 @@ def _gallery(session: str, items: GalleryItems | None, note: str = "") -> dict[s
             "class_filter": gr.update(choices=items.classes(), value=ALL_CLASSES, visible=many)}
 
 
-def _live(view: RunView) -> dict[str, Any]:
-    return {"status": status_markdown(view), "progress": progress_html(view), "bn_plot": bn_figure(view),
-            "kl_plot": kl_figure(view), "recon_plot": recon_figure(view), "losses": losses_markdown(view),
-            "log": "\n".join(view.log[-200:])}
+def _live(view: RunView, plots: bool = True) -> dict[str, Any]:
+    """The live part of the page; without `plots` the three figures are left as they are."""
+    out = {"status": status_markdown(view), "progress": progress_html(view), "losses": losses_markdown(view),
+           "log": "\n".join(view.log[-200:])}
+    if plots:
+        out.update(bn_plot=bn_figure(view), kl_plot=kl_figure(view), recon_plot=recon_figure(view))
+    return out
 
 
 def results_updates(report: dict, out_dir: str | Path, session: str) -> dict[str, Any]:
@@ -110,7 +114,7 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
         view.note(f"{cfg.model.name} runs with random weights, as asked: for testing only")
     handle = RUNNER.start(cfg, session, cleanup)
     try:
-        last_gallery, shown_version, ended = 0.0, 0, False
+        last_gallery, last_plots, plotted_stage, shown_version, ended = 0.0, 0.0, None, 0, False
         while not ended:
             try:
                 messages = [handle.events.get(timeout=POLL_S)]
@@ -133,8 +137,11 @@ def run_updates(values: dict[str, Any], session: str) -> Iterator[dict[str, Any]
                     ended = True
             if ended:
                 break
-            update = _live(view)
             now = time.monotonic()
+            plots = now - last_plots >= PLOT_INTERVAL_S or view.stage != plotted_stage
+            if plots:
+                last_plots, plotted_stage = now, view.stage
+            update = _live(view, plots)
             if view.preview_version != shown_version and (now - last_gallery >= GALLERY_INTERVAL_S
                                                           or view.stage != "synthesis"):
                 p = view.preview
