@@ -87,11 +87,15 @@ def test_progress_fraction_runs_over_stages():
     assert 'style="width:100.0%"' in view.progress_html(v)
 
 
-def test_bn_figure_has_mean_and_one_trace_per_layer():
+def test_bn_figure_has_mean_and_one_line_per_layer():
     fig = figures.bn_figure(_view(steps=4, layers=3))
-    assert [t.name for t in fig.data] == ["per layer (3)", "BN layer 2", "BN layer 3", "mean over layers"]
+    assert [t.name for t in fig.data] == ["per layer (3)", "mean over layers"]
     assert list(fig.data[-1].y) == [-1.0, -2.0, -3.0, -4.0]
-    assert list(fig.data[2].y) == [-3.0, -4.0, -5.0, -6.0]
+    per_layer = fig.data[0]   # one trace, its lines separated by gaps, each point named by its layer
+    nan = float("nan")
+    np.testing.assert_array_equal(per_layer.x, [1, 2, 3, 4, nan] * 3)
+    np.testing.assert_array_equal(per_layer.y[10:15], [-3.0, -4.0, -5.0, -6.0, nan])   # layer 3
+    assert list(per_layer.customdata) == [1] * 5 + [2] * 5 + [3] * 5
     empty = figures.bn_figure(view.RunView())
     assert not empty.data and "appears when synthesis starts" in empty.layout.annotations[0].text
 

@@ -128,7 +128,10 @@ def test_quick_run_shows_images_plots_and_one_download_of_its_real_size(server, 
     img = page.locator("#gzq-gallery figure img").first.bounding_box()
     cap = page.locator("#gzq-gallery figcaption").first.bounding_box()
     assert cap["y"] >= img["y"] + img["height"] - 1 and img["width"] >= 90
-    assert page.locator("#gzq-bn-plot .scatterlayer .trace").count() > 2  # per-layer traces + the mean
+    # two traces: every BN layer's line in one (sent as typed arrays, split at gaps), and the mean
+    assert page.locator("#gzq-bn-plot .scatterlayer .trace").count() == 2
+    layer_lines = page.locator("#gzq-bn-plot .scatterlayer .trace").first.locator("path.js-line").count()
+    assert layer_lines > 2, f"one line per BN layer, got {layer_lines}"
     # the one primary download: its size as shown is the size of the file it downloads
     link = page.locator("#gzq-primary-download")
     shown = link.locator(".gzq-size").inner_text()

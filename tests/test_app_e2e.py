@@ -80,7 +80,7 @@ def test_quick_run_streams_and_downloads_reproduce_the_report(client, tmp_path):
     bn = [json.loads(o[BN_PLOT]["plot"]) for o in running if is_plot(o[BN_PLOT])]
     kl = [json.loads(o[KL_PLOT]["plot"]) for o in outs[:-1] if is_plot(o[KL_PLOT])]
     assert bn and any(t["name"] == "mean over layers" for t in bn[-1]["data"])
-    assert len(bn[-1]["data"]) > 2, "one trace per BN layer plus the mean"
+    assert [t["name"] for t in bn[-1]["data"]][0].startswith("per layer ("), "every BN layer's line, then the mean"
     assert any(any(t["name"] == "w4a4" for t in fig["data"]) for fig in kl), "KL curve of the student"
     assert any("| BN (−log-likelihood) |" in o[LOSSES] for o in running if isinstance(o[LOSSES], str))
 
