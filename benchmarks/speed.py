@@ -6,6 +6,10 @@ floor = teacher forward+backward (gradient to the input) + each student's forwar
 its weights and input) on the same batch, with no hooks and no losses. A GZNQ step in its adversarial
 phase does all of that plus the BN statistics, the losses, the image and student optimiser steps.
 Also: images per second and peak memory (RSS on CPU, allocator peak on CUDA).
+
+Evaluation: a W4A4 student's forward without gradients (what evaluation, calibration and the
+reconstruction's input capture run) on the short fake-quant path against the straight-through path that
+training needs, interleaved, and the float teacher's forward on the same batch.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
 from gzq.events import Progress  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.presets import PRESETS, resolve_device  # noqa: E402
-from gzq.quant import create_student  # noqa: E402
+from gzq.quant import calibrate_, create_student, modules, primitives  # noqa: E402
 from gzq.synthesis import iter_synthesize  # noqa: E402
 
 
@@ -87,6 +91,41 @@ def measure(spec: ModelSpec, input_size, batch: int, n_students: int, steps: int
                 channels_last=channels_last, bn_ll=bn_ll)
 
 
+def measure_eval(spec: ModelSpec, input_size, batch: int, repeats: int, device) -> dict:
+    """Median seconds of a no-gradient forward: the teacher, a W4A4 student on the short path (gzq's
+    fake_quantize) and on the straight-through path (fake_quantize_ste), interleaved."""
+    teacher = load_teacher(spec, device)
+    if input_size:
+        teacher.input_size = input_size
+    x = torch.randn(batch, *teacher.input_size, device=device)
+    student = create_student(teacher.model, QuantSpec.parse("w4a4"), x[:2], teacher.classifier)
+    calibrate_(student, [x])
+    student.eval()
+    short = primitives.fake_quantize
+
+    def timed(model, fq) -> float:
+        modules.fake_quantize = fq
+        try:
+            _sync(device)
+            t = time.perf_counter()
+            model(x)
+            _sync(device)
+            return time.perf_counter() - t
+        finally:
+            modules.fake_quantize = short
+    times: dict[str, list[float]] = {"teacher": [], "short": [], "ste": []}
+    with torch.no_grad():
+        for i in range(repeats + 1):   # the first round warms up
+            for key, model, fq in (("teacher", teacher.model, short), ("short", student, short),
+                                   ("ste", student, primitives.fake_quantize_ste)):
+                t = timed(model, fq)
+                if i:
+                    times[key].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(model=spec.name, res=teacher.input_size[-1], batch=batch, teacher_s=med["teacher"],
+                short_s=med["short"], ste_s=med["ste"], speedup=med["ste"] / med["short"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -104,7 +143,14 @@ def main(argv=None):
     for r in rows:
         print(f"{r['model']:<10}{r['res']:>5}{r['batch']:>6}{r['students']:>3}{r['step_s']:>9.3f}{r['floor_s']:>9.3f}"
               f"{r['ratio']:>11.2f}{r['img_per_s']:>8.1f}{r['peak_mb']:>9.0f}")
-    return rows
+    eval_cases = [(ModelSpec("default"), None, 500)] + ([] if args.quick else [(ModelSpec("resnet18"), (3, 224, 224), 32)])
+    evals = [measure_eval(*c, repeats=2 if args.quick else args.steps, device=device) for c in eval_cases]
+    print("\nforward without gradients, W4A4 student: straight-through path against the short one (gzq's)")
+    print(f"{'model':<10}{'res':>5}{'batch':>6}{'teacher s':>11}{'ste s':>9}{'short s':>9}{'speed-up':>10}{'vs teacher':>12}")
+    for r in evals:
+        print(f"{r['model']:<10}{r['res']:>5}{r['batch']:>6}{r['teacher_s']:>11.3f}{r['ste_s']:>9.3f}{r['short_s']:>9.3f}"
+              f"{r['speedup']:>10.2f}{r['short_s'] / r['teacher_s']:>12.2f}")
+    return rows, evals
 
 
 if __name__ == "__main__":

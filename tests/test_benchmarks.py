@@ -28,7 +28,9 @@ def test_speed_benchmark_quick():
     r = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step/floor" in r.stdout and r.stdout.count("default") == 2
+    assert "step/floor" in r.stdout and r.stdout.count("default") == 3   # two synthesis rows, one evaluation row
+    row = r.stdout.split("speed-up")[1].splitlines()[1].split()            # default 28 500 teacher ste short ...
+    assert row[:3] == ["default", "28", "500"] and all(float(v) > 0 for v in row[3:])
 
 
 def test_accuracy_benchmark_set_overrides(tmp_path):

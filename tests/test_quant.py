@@ -10,6 +10,7 @@ from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, d
                        quant_range, quantize)
 from gzq.quant.convert import model_size_bytes, quant_wrappers
 from gzq.quant.graph import tensor_quantizers
+from gzq.quant.primitives import fake_quantize_ste
 
 
 def test_quant_range():
@@ -41,7 +42,8 @@ def test_fake_quantize_without_gradients_gives_the_same_values_as_with():
     zp = (torch.rand(1, 6, 1, 1) * 10).requires_grad_(True)
     for qmin, qmax in [(0, 15), (-8, 7), (0, 255)]:
         trained = fake_quantize(x.requires_grad_(True), scale, zp, qmin, qmax)
-        assert trained.requires_grad
+        assert trained.requires_grad and trained.grad_fn is not None
+        assert torch.equal(trained, fake_quantize_ste(x, scale, zp, qmin, qmax))
         with torch.no_grad():
             evaluated = fake_quantize(x, scale, zp, qmin, qmax)
         assert not evaluated.requires_grad and torch.equal(evaluated, trained.detach())

@@ -41,12 +41,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
     Forward: exactly ONNX's clamp(round(x / scale) + zero_point). Backward: LSQ's, i.e. the gradient of
     clamp(x / scale + zero_point) with rounding passed straight through (1 inside the range, 0 where clipped).
+    When no gradient is wanted (evaluation, calibration, capture) the same values take half the passes.
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)):
-        # no gradient wanted (evaluation, calibration, capture): the same values, in half the passes
-        zp = torch.round(zero_point)
-        q = torch.round(x / scale).add_(zp).clamp_(qmin, qmax)
-        return q.sub_(zp).mul_(scale)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        return fake_quantize_ste(x, scale, zero_point, qmin, qmax)
+    zp = torch.round(zero_point)
+    q = torch.round(x / scale).add_(zp).clamp_(qmin, qmax)
+    return q.sub_(zp).mul_(scale)
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                      qmax: int) -> torch.Tensor:
+    """fake_quantize with its straight-through terms always built (the training path)."""
     zp = round_ste(zero_point)
     q = _straight_through(torch.clamp(torch.round(x / scale) + zp, qmin, qmax), torch.clamp(x / scale + zp, qmin, qmax))
     return (q - zp) * scale
