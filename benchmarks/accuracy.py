@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.config import (AUTO_METHODS, FinetuneMethod, ImageParam, ModelSpec, Protocol, QuantSpec,  # noqa: E402
                         SynthConfig, TrainConfig, override)
+from gzq import config  # noqa: E402
 from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
@@ -95,10 +96,10 @@ def digest(obj) -> str:
 
 
 def recipe_digest() -> str:
-    """A digest of the library's default synthesis and training recipe, part of every cached run's key: a run
-    cached before a default changed is never reported as a run of the new recipe."""
+    """A digest of the library's default synthesis, quantizer and training recipe, part of every cached run's
+    key: a run cached before a default changed is never reported as a run of the new recipe."""
     return digest([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
-                   AUTO_METHODS.items()}])
+                   AUTO_METHODS.items()}, QuantSpec().to_dict(), config.AUTO_PERCENTILE_BITS])
 
 
 def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:

@@ -74,8 +74,20 @@ class FinetuneMethod(str, enum.Enum):
 
 class ActInit(str, enum.Enum):
     """How activation step sizes are initialised from synthetic data."""
-    MSE = "mse"
-    PERCENTILE = "percentile"
+    MSE = "mse"                  # the range with the least squared error over every calibration value
+    PERCENTILE = "percentile"    # the range that holds the central act_percentile % of the values
+    AUTO = "auto"                # percentile at <= AUTO_PERCENTILE_BITS-bit activations, MSE at more bits
+
+    def resolve(self, bits: int) -> "ActInit":
+        """The method a quantizer of `bits` bits uses (AUTO chosen on the zoo's tuning set, see README)."""
+        if self != ActInit.AUTO:
+            return self
+        return ActInit.PERCENTILE if bits <= AUTO_PERCENTILE_BITS else ActInit.MSE
+
+
+# Synthetic image sets can carry the BN statistics' variance in a few images whose activations are far above
+# the rest; a squared-error range follows those tails, which at 4 bits leaves too few levels for the bulk.
+AUTO_PERCENTILE_BITS = 4
 
 
 def _check_range(name: str, value, lo, hi):
@@ -177,8 +189,8 @@ class QuantSpec(_Serialisable):
     a_bits: int = 4
     protocol: Protocol = Protocol.ALL_LAYERS
     w_symmetric: bool = True
-    act_init: ActInit = ActInit.MSE
-    act_percentile: float = 99.99
+    act_init: ActInit = ActInit.AUTO
+    act_percentile: float = 99.9
 
     def __post_init__(self):
         self.w_bits, self.a_bits = int(self.w_bits), int(self.a_bits)

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from gzq.config import Protocol, QuantSpec
+from gzq.config import ActInit, Protocol, QuantSpec
 from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, dequantize, fake_quantize, fold_bn_,
                        quant_range, quantize)
 from gzq.quant.convert import model_size_bytes, quant_wrappers
@@ -146,6 +146,25 @@ def test_act_quantizer_calibration_methods():
         ActQuantizer(4).init_from_calibration_()
     with pytest.raises(RuntimeError, match="saw no data"):
         ActQuantizer(4).start_histogram_()
+
+
+def test_default_calibration_follows_the_bulk_at_4_bits_and_keeps_the_tail_at_8():
+    """Synthetic image sets can carry a BN layer's variance in one image whose activations are far above the
+    rest. At 4 bits the default range follows the other images (a squared-error range would stretch to the
+    outlier); at 8 bits, where levels are cheap, it stays the squared-error range."""
+    torch.manual_seed(0)
+    bulk = torch.relu(torch.randn(127, 64, 8, 8))
+    outlier = torch.zeros(1, 64, 8, 8)
+    outlier[0, :2] = 100 * torch.rand(2, 8, 8)              # 2 of 64 channels of one image, 0.02 % of the values
+    x = torch.cat([bulk, outlier])
+    spec = QuantSpec()
+    assert spec.act_init.resolve(4) == ActInit.PERCENTILE and spec.act_init.resolve(8) == ActInit.MSE
+    clean = _calibrated(ActQuantizer(4), [bulk], spec.act_init, spec.act_percentile).scale.item()
+    default = _calibrated(ActQuantizer(4), [x], spec.act_init, spec.act_percentile).scale.item()
+    mse = _calibrated(ActQuantizer(4), [x], ActInit.MSE).scale.item()
+    assert default < 1.2 * clean and mse > 2 * default
+    assert (_calibrated(ActQuantizer(8), [x], spec.act_init, spec.act_percentile).scale.item()
+            == _calibrated(ActQuantizer(8), [x], ActInit.MSE).scale.item())
 
 
 def _calibrated(q: ActQuantizer, batches, method="mse", percentile=99.99) -> ActQuantizer:

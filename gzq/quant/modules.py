@@ -117,12 +117,12 @@ class ActQuantizer(nn.Module):
         self._hist = torch.zeros(self.bins, device=self.scale.device)
 
     @torch.no_grad()
-    def init_from_calibration_(self, method: ActInit | str = ActInit.MSE, percentile: float = 99.99) -> None:
+    def init_from_calibration_(self, method: ActInit | str = ActInit.AUTO, percentile: float = 99.9) -> None:
         if self._hist is None or self._hist.sum() == 0:
             raise RuntimeError("activation quantizer saw no data during calibration (or only the range pass)")
         hist, (lo, hi) = self._hist, self._range
         self._hist, self._range = None, None
-        if ActInit(method) == ActInit.PERCENTILE:
+        if ActInit(method).resolve(self.bits) == ActInit.PERCENTILE:   # the central `percentile` % of the values
             cdf = hist.double().cumsum(0) / hist.sum()
             edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64, device=hist.device)
             top = edges[1 + int(torch.searchsorted(cdf, percentile / 100))].clamp(max=hi)
