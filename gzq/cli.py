@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="shrink images and steps to fit about this many seconds, measured on this device before the "
                         "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 (repeatable)")
+                   help="any config field, e.g. --set synth.bn_loss=mse --set train.lr=3e-4 --set students.act_init=mse "
+                        "(repeatable)")
     r.add_argument("--data", help="labelled ImageFolder (a folder, or a .zip of one) for real accuracy "
                                   "(the default model uses its test set)")
     r.add_argument("--max-real-images", type=int)

@@ -481,7 +481,7 @@ _SECTIONS = ("model", "synth", "train", "eval", "export")
 
 def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
     """A validated copy of `cfg` with "section.field=value" overrides (e.g. "synth.steps=80", "train.lr=3e-4",
-    "seed=1"), or dicts {"section.field": value}. What the CLI's --set, the app's form and the benchmarks use.
+    "seed=1", "students.act_init=mse" for every student), or dicts {"section.field": value}. What the CLI's --set, the app's form and the benchmarks use.
 
     A changed synth.num_images or synth.steps moves the fields derived from it (scaled_synth): hold-out
     images, batch size, warm-up steps; a derived field given in the same call keeps the given value.
@@ -497,8 +497,11 @@ def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
         values[key.strip()] = parse_value(val.strip())
     d = cfg.to_dict()
     given: dict[str, set[str]] = {}
+    per_student = {k: v for k, v in values.items() if k.startswith("students.")}
     for key, val in values.items():
         section, dot, fld = key.partition(".")
+        if key in per_student:
+            continue
         if dot and section in _SECTIONS and fld:
             if fld not in d[section]:
                 raise ValueError(f"unknown field {key!r}; {section} has: {', '.join(d[section])}")
@@ -512,6 +515,13 @@ def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
         else:
             raise ValueError(f"override {key!r} must be section.field (sections: {', '.join(_SECTIONS)}) or one "
                              f"of {', '.join(k for k in d if k not in _SECTIONS)}")
+    for key, val in per_student.items():   # students.act_init=mse: that field of every student
+        fld = key.partition(".")[2]
+        known = [f.name for f in dataclasses.fields(QuantSpec) if f.name not in ("w_bits", "a_bits")]
+        if fld not in known:
+            raise ValueError(f"unknown field {key!r}; each student has: {', '.join(known)}")
+        for st in d["students"]:
+            st[fld] = val
     old = cfg.synth
     new_images, new_steps = d["synth"]["num_images"], d["synth"]["steps"]
     derived = scaled_synth(old, new_images if new_images != old.num_images else None,

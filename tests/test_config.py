@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gzq.config import BNLoss, ModelSpec, Protocol, QuantSpec, RunConfig, SynthConfig, override, student_specs
+from gzq.config import ActInit, BNLoss, ModelSpec, Protocol, QuantSpec, RunConfig, SynthConfig, override, student_specs
 from gzq.presets import make_config
 
 
@@ -69,3 +69,16 @@ def test_cli_and_app_budgets_agree():
     app = form_config("resnet18", preset="standard", steps=80, num_images=24)
     keep = ("num_images", "holdout_images", "batch_size", "steps", "warmup_steps")
     assert [getattr(cli.synth, k) for k in keep] == [getattr(app.synth, k) for k in keep] == [24, 3, 24, 80, 27]
+
+
+def test_override_sets_a_field_of_every_student():
+    cfg = make_config("cpu", "cpu", students=["w4a4", "w8a8"])
+    assert {s.act_init for s in cfg.students} == {ActInit.AUTO}
+    got = override(cfg, "students.act_init=mse", "students.act_percentile=99.99")
+    assert [(s.name, s.act_init, s.act_percentile) for s in got.students] == [
+        ("w4a4", ActInit.MSE, 99.99), ("w8a8", ActInit.MSE, 99.99)]
+    assert [s.name for s in override(cfg, "students=w3a3", "students.act_init=mse").students] == ["w3a3"]
+    with pytest.raises(ValueError, match="each student has: .*act_init"):
+        override(cfg, "students.bogus=1")
+    with pytest.raises(ValueError, match="act_percentile must be in"):
+        override(cfg, "students.act_percentile=20")
