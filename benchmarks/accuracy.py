@@ -36,9 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gzq.config import (AUTO_METHODS, FinetuneMethod, ImageParam, ModelSpec, Protocol, QuantSpec,  # noqa: E402
-                        SynthConfig, TrainConfig, override)
-from gzq import config  # noqa: E402
+from gzq.config import (AUTO_METHODS, AUTO_PERCENTILE_BITS, FinetuneMethod, ImageParam, ModelSpec,  # noqa: E402
+                        Protocol, QuantSpec, SynthConfig, TrainConfig, override)
 from gzq.data import load_dataset, to_model_input  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
@@ -99,7 +98,7 @@ def recipe_digest() -> str:
     """A digest of the library's default synthesis, quantizer and training recipe, part of every cached run's
     key: a run cached before a default changed is never reported as a run of the new recipe."""
     return digest([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
-                   AUTO_METHODS.items()}, QuantSpec().to_dict(), config.AUTO_PERCENTILE_BITS])
+                   AUTO_METHODS.items()}, QuantSpec().to_dict(), AUTO_PERCENTILE_BITS])
 
 
 def add_overrides(budget: dict, items: list[str], parser: argparse.ArgumentParser) -> None:

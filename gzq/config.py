@@ -481,7 +481,8 @@ _SECTIONS = ("model", "synth", "train", "eval", "export")
 
 def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
     """A validated copy of `cfg` with "section.field=value" overrides (e.g. "synth.steps=80", "train.lr=3e-4",
-    "seed=1", "students.act_init=mse" for every student), or dicts {"section.field": value}. What the CLI's --set, the app's form and the benchmarks use.
+    "seed=1", "students.act_init=mse" for every student), or dicts {"section.field": value}. What the CLI's
+    --set, the app's form and the benchmarks use.
 
     A changed synth.num_images or synth.steps moves the fields derived from it (scaled_synth): hold-out
     images, batch size, warm-up steps; a derived field given in the same call keeps the given value.
