@@ -516,9 +516,9 @@ def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
         else:
             raise ValueError(f"override {key!r} must be section.field (sections: {', '.join(_SECTIONS)}) or one "
                              f"of {', '.join(k for k in d if k not in _SECTIONS)}")
+    known = [f.name for f in dataclasses.fields(QuantSpec) if f.name not in ("w_bits", "a_bits")]
     for key, val in per_student.items():   # students.act_init=mse: that field of every student
         fld = key.partition(".")[2]
-        known = [f.name for f in dataclasses.fields(QuantSpec) if f.name not in ("w_bits", "a_bits")]
         if fld not in known:
             raise ValueError(f"unknown field {key!r}; each student has: {', '.join(known)}")
         for st in d["students"]:

@@ -144,7 +144,8 @@ def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches, method: ActInit | str = ActInit.AUTO, percentile: float = 99.9) -> None:
+def calibrate_(model: nn.Module, batches, method: ActInit | str = QuantSpec.act_init,
+               percentile: float = QuantSpec.act_percentile) -> None:
     """Initialise every activation quantizer's range from `batches` (an iterable of input tensors).
 
     Two passes over the batches: the first finds each quantizer's range, the second fills its histogram.

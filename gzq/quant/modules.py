@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import ActInit
+from ..config import ActInit, QuantSpec
 from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range
 
 
@@ -117,7 +117,8 @@ class ActQuantizer(nn.Module):
         self._hist = torch.zeros(self.bins, device=self.scale.device)
 
     @torch.no_grad()
-    def init_from_calibration_(self, method: ActInit | str = ActInit.AUTO, percentile: float = 99.9) -> None:
+    def init_from_calibration_(self, method: ActInit | str = QuantSpec.act_init,
+                               percentile: float = QuantSpec.act_percentile) -> None:
         if self._hist is None or self._hist.sum() == 0:
             raise RuntimeError("activation quantizer saw no data during calibration (or only the range pass)")
         hist, (lo, hi) = self._hist, self._range
