@@ -308,6 +308,7 @@ class TrainConfig(_Serialisable):
     recon_drop: float = 0.5       # QDrop: probability that an element of a unit's input stays float
     recon_reg: float = 0.01       # AdaRound's rounding regulariser
     recon_hard_forward: bool = True   # train through the hard codes (straight-through) instead of AdaRound's soft ones
+    recon_cap_energy: bool = False    # weigh each image's error down to the pool's median output energy at most
 
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)

@@ -65,6 +65,7 @@ class ReconSettings:
     warmup: float = 0.2           # share of the steps before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)
     hard_forward: bool = True     # forward with the hard codes (gradient of the soft ones): no soft-to-hard gap
+    cap_energy: bool = False      # an image's error counts as if its output energy were at most the pool's median
 
 
 def recon_settings(cfg, train_images: int) -> ReconSettings:
@@ -72,7 +73,7 @@ def recon_settings(cfg, train_images: int) -> ReconSettings:
     steps, pool = cfg.recon_budget(train_images)
     return ReconSettings(steps=steps, batch_size=cfg.recon_batch_size, pool=pool, lr_round=cfg.recon_lr_round,
                          lr_act=cfg.recon_lr_act, drop=cfg.recon_drop, reg=cfg.recon_reg,
-                         hard_forward=cfg.recon_hard_forward)
+                         hard_forward=cfg.recon_hard_forward, cap_energy=cfg.recon_cap_energy)
 
 
 # ------------------------------------------------------------------------------------------ unit discovery
@@ -286,6 +287,7 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
                     q_in[n].append(_capture(st, st.get_submodule(name), x, output=False)[0])
         fp_in, fp_out = torch.cat(fp_in), torch.cat(fp_out)
         q_in = {n: torch.cat(v) for n, v in q_in.items()}
+        weight = image_weights(fp_out) if settings.cap_energy else None
         state = {}
         for n, st in students.items():
             unit = st.get_submodule(name)
@@ -316,7 +318,8 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
                     if settings.drop > 0:
                         keep = torch.rand(x_q.shape, generator=dev_gen, device=device) < settings.drop
                         x_q = torch.where(keep, x_fp, x_q)
-                    rec = (unit(x_q) - target).pow(2).flatten(1).sum(1).mean()
+                    err = (unit(x_q) - target).pow(2).flatten(1).sum(1)
+                    rec = (err * weight[b]).mean() if weight is not None else err.mean()
                     loss = rec
                     if frac >= settings.warmup and roundings:
                         loss = loss + settings.reg * sum(r.regulariser(beta) for r in roundings)
@@ -334,6 +337,16 @@ def iter_reconstruct(reference: nn.Module, students: dict[str, nn.Module], draw:
     for n, st in students.items():
         dist.check_identical(st, f"student {n}")
     return step
+
+
+def image_weights(out: torch.Tensor) -> torch.Tensor:
+    """Per-image weights of the reconstruction error: median / max(energy, median), the energy being an
+    image's summed squared output. An image at or under the median counts fully; one that carries many times
+    the typical energy (a few synthetic images can hold most of a layer's variance) counts as a median one,
+    so it no longer decides the unit's step sizes and rounding alone."""
+    e = out.pow(2).flatten(1).sum(1)
+    med = e.median().clamp_min(torch.finfo(e.dtype).tiny)
+    return med / e.clamp_min(med)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from gzq.config import AUTO_METHODS, FinetuneMethod, Protocol, QuantSpec, TrainConfig
 from gzq.quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
-from gzq.reconstruct import ReconSettings, find_units, iter_reconstruct, recon_settings
+from gzq.reconstruct import ReconSettings, find_units, image_weights, iter_reconstruct, recon_settings
 
 
 def _covered(model, units):
@@ -117,10 +117,23 @@ def test_reconstruction_lowers_each_units_error_and_keeps_weights_on_the_grid(ti
     assert changed > 0
 
 
+def test_image_weights_count_a_loud_image_as_a_median_one():
+    out = torch.ones(8, 4, 3, 3)
+    out[0] *= 10.0                      # 100x the energy of the others: 93 % of the batch's squared output
+    out[1] *= 0.5                       # quieter than the median: still counts fully
+    w = image_weights(out)
+    assert w.shape == (8,) and torch.allclose(w[1:], torch.ones(7))
+    assert w[0].item() == pytest.approx(0.01)
+    e = out.pow(2).flatten(1).sum(1)
+    assert (w * e)[0] == pytest.approx(e[2].item())       # its weighted energy is a median image's
+    assert torch.equal(image_weights(torch.zeros(4, 2)), torch.ones(4))   # silent outputs: no division by zero
+
+
 def test_recon_settings_follow_the_config():
     cfg = TrainConfig(method="recon", recon_steps=7, recon_pool=99, recon_drop=0.0, recon_batch_size=32)
     s = recon_settings(cfg, 1000)
     assert (s.steps, s.pool, s.drop) == (7, 56, 0.0)                 # a pool of at most steps x batch / 4
+    assert recon_settings(TrainConfig(recon_cap_energy=True), 100).cap_energy
     auto = recon_settings(TrainConfig(epochs=40, recon_batch_size=32), 224)
     assert auto.steps == 140 and auto.pool == 512                     # half the images 40 KD epochs pass
     spec4, spec8 = QuantSpec(4, 4), QuantSpec(8, 8)
