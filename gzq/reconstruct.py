@@ -4,7 +4,9 @@ Instead of distilling the whole network end to end, each unit (a residual block,
 stage of one block, the stem, the classifier) is fitted in execution order so that its output matches the
 teacher's, on the teacher's own input to that unit:
 
-    loss  = || unit_q(x_mix) - unit_fp(x_fp) ||^2        (summed over features, mean over the batch)
+    loss  = || unit_q(x_mix) - unit_fp(x_fp) ||^2        (summed over features, mean over the batch;
+                                                          train.recon_cap_energy weighs each image by
+                                                          image_weights)
           + lambda * sum_w (1 - |2 h(V) - 1|^beta)       (AdaRound's regulariser, after a warm-up)
 
     x_mix = x_fp where a random mask is set, else x_q    (QDrop: the quantized network's input to the unit,
