@@ -48,6 +48,7 @@ def worker(args) -> None:
     from gzq.synthesis import iter_synthesize
     device = torch.device("cpu")
     dist.init_from_env(device)
+    finished = False
     try:
         teacher = load_teacher("default", device)
         ex = torch.zeros(2, *teacher.input_size)
@@ -66,8 +67,9 @@ def worker(args) -> None:
                 last = time.perf_counter()
         if dist.is_main():
             Path(args.out).write_text(json.dumps(dict(step_s=statistics.median(times), batch=cfg.batch_size)))
+        finished = True
     finally:
-        dist.shutdown()
+        dist.shutdown(sync=finished)
 
 
 def measure_speed(procs: int, threads: int, global_bn: bool, steps: int, batch: int = 0, warm: int = 3) -> dict:

@@ -165,14 +165,17 @@ def _cmd_run_distributed(args, cfg) -> int:
         return 2
     signal.signal(signal.SIGTERM, terminate)
     args.quiet = args.quiet or not dist.is_main()
+    finished = False
     try:
-        return _cmd_run(args, cfg)
+        code = _cmd_run(args, cfg)
+        finished = True
+        return code
     except RuntimeError as e:   # a collective failed: another process died or failed first
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         print(f"error: process {dist.rank()} of {dist.world_size()} stopped: {first}", file=sys.stderr)
         return 1
     finally:
-        dist.shutdown()
+        dist.shutdown(sync=finished)
 
 
 def _cmd_run(args, cfg) -> int:

@@ -50,9 +50,18 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def shutdown() -> None:
-    if is_initialized():
-        tdist.destroy_process_group()
+def shutdown(sync: bool = True) -> None:
+    """Leave the process group. With `sync` (a clean finish), first wait until every rank is here: under gloo,
+    ranks that tear the group down at different moments sometimes abort at interpreter exit ("terminate
+    called without an active exception", SIGABRT). After a failure, leave without waiting for the others."""
+    if not is_initialized():
+        return
+    if sync:
+        try:
+            tdist.barrier()
+        except RuntimeError:   # a peer has already gone: nothing left to wait for
+            pass
+    tdist.destroy_process_group()
 
 
 def is_initialized() -> bool:
