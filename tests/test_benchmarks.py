@@ -102,7 +102,7 @@ def test_distributed_benchmark_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert [(s["procs"], s["threads"], s["global_bn"]) for s in res["speed"]] == [
-        (1, 1, False), (1, 2, False), (2, 1, False), (2, 1, True)]
+        (1, 1, False), (1, 2, False), (2, 1, True)]
     assert all(s["step_s"] > 0 for s in res["speed"])
-    assert [(a["procs"], a["global_bn"]) for a in res["accuracy"]] == [(1, False), (2, False), (2, True)]
+    assert [(a["procs"], a["global_bn"]) for a in res["accuracy"]] == [(1, False), (2, True)]
     assert all(0 < a["top1"] <= 100 for a in res["accuracy"])
