@@ -9,7 +9,9 @@ Each model's synthetic images are made once (GZNQ likelihood synthesis without s
 them, so the columns differ only in how the student is fitted. "real" runs the same on as many real
 training images (the real-data bound of each method). Models: the bundled `default` and `mobilenetv2`, or
 any zoo model (scripts/train_zoo.py). Real top-1 on the test set (the first 5,000 images); wall seconds of
-the fine-tuning stage itself, so the cost ratio of the methods is measured in one run.
+the fine-tuning stage itself, so the cost ratio of the methods is measured in one run; and the data-free
+signals a run has without real data (each student's KL to the teacher and top-1 agreement on the held-out
+synthetic images).
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ def main(argv=None):
                         secs = sum(rep["timings"].get(k, 0.0) for k in ("reconstruct", "finetune"))
                         row = dict(model=name, source=source, seed=seed, bits=bits, finetune=ft,
                                    fp=rep["teacher"]["accuracy"], accuracy=rep["students"][0]["accuracy"],
+                                   kl=rep["students"][0]["kl"], agreement=rep["students"][0]["agreement"],
                                    finetune_s=round(secs, 1))
                         rows.append(row)
                         print(f"  {name} {source} seed {seed} {bits} {ft}: {row['accuracy']} "

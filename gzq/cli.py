@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--finetune", choices=[m.value for m in FinetuneMethod],
                    help="how the quantized students are fitted: kd (end-to-end distillation), recon (block "
                         "reconstruction: learnt rounding, QDrop), recon+kd (both), calibrate (step sizes only, no "
-                        "training), auto (default: by bit-width)")
+                        "training), auto (default: calibrate for 8-bit students, kd for narrower ones)")
     r.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="shrink images and steps to fit about this many seconds, measured on this device before the "
                         "run (presets: cpu 600, gpu 3600; 0 = run the budget as given)")

@@ -29,7 +29,7 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     assert "synthesis 40/40" in r.stdout and "teacher (FP32)" in r.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"teacher", "students", "timings", "device", "config", "versions"}
-    assert report["device"] == "cpu" and set(report["timings"]) >= {"load", "synthesis", "reconstruct", "evaluate"}
+    assert report["device"] == "cpu" and set(report["timings"]) >= {"load", "synthesis", "finetune", "evaluate"}
     fp = report["teacher"]["accuracy"]
     assert 90.0 < fp < 96.0
     rows = {s["name"]: s for s in report["students"]}
@@ -37,9 +37,9 @@ def test_cli_end_to_end_on_default_model(tmp_path):
     for s in rows.values():
         assert set(s) >= {"w_bits", "a_bits", "protocol", "accuracy", "agreement", "kl"}
         assert s["protocol"] == "all_layers" and 0 <= s["agreement"] <= 100 and s["kl"] >= 0
-    # the default method: block reconstruction at 4 bits, calibration alone at 8 (no KD stage runs)
-    assert {n: r["finetune"] for n, r in rows.items()} == {"w4a4": "recon", "w8a8": "calibrate"}
-    assert "finetune" not in report["timings"]
+    # the default method: KD at 4 bits, calibration alone at 8 (no reconstruction stage runs)
+    assert {n: r["finetune"] for n, r in rows.items()} == {"w4a4": "kd", "w8a8": "calibrate"}
+    assert "reconstruct" not in report["timings"]
     assert rows["w8a8"]["accuracy"] >= fp - 1.0          # even this tiny budget keeps 8-bit near full precision
     assert rows["w4a4"]["accuracy"] >= fp - 10.0
     assert (out / "config.json").exists() and not (tmp_path / "run.partial").exists()

@@ -141,7 +141,7 @@ def test_recon_settings_follow_the_config():
     auto = TrainConfig()
     for spec in (spec4, spec8, QuantSpec(3, 3), QuantSpec(4, 8)):   # AUTO follows AUTO_METHODS, KD elsewhere
         assert auto.method_for(spec) == AUTO_METHODS.get(min(spec.w_bits, spec.a_bits), FinetuneMethod.KD)
-    assert auto.method_for(QuantSpec(4, 4)) == FinetuneMethod.RECON
+    assert auto.method_for(QuantSpec(4, 4)) == FinetuneMethod.KD and auto.method_for(spec8) == FinetuneMethod.CALIBRATE
     with pytest.raises(ValueError, match="recon_drop"):
         TrainConfig(recon_drop=1.5)
     with pytest.raises(ValueError):

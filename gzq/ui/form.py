@@ -68,7 +68,7 @@ TIPS: dict[str, str] = {
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
     "finetune": "How the small model learns from the original: kd matches its answers (distillation), recon "
                 "matches it block by block (learnt rounding), recon+kd does both, calibrate only measures its "
-                "ranges (no training); auto picks by bit-width.",
+                "ranges (no training); auto calibrates 8-bit models and uses kd below 8 bits.",
     "num_students": "Small models trained together (the 'students'); 0 means one per bit-width.",
     "seed": "The same seed gives the same images and the same result.",
     "lambda_bn": "Weight of the BatchNorm term (λ BN): how strongly images must match the statistics "
