@@ -9,7 +9,7 @@ from torch import nn
 
 from gzq.bn import BNStatsRecorder, bn_losses
 from gzq.budget import StepCosts, estimate, fit_budget
-from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig, scaled_synth
+from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig, override, scaled_synth
 from gzq.events import Message, drain
 from gzq.models import Teacher
 from gzq.evaluate import health_warnings
@@ -180,13 +180,17 @@ def test_health_warning_only_when_images_lose_their_class():
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run
-    # by default (train.method=auto) the 4-bit student is reconstructed block by block and the 8-bit one only
-    # calibrated: no KD stage is timed or counted
+    # by default (train.method=auto) the 4-bit student is fitted by KD and the 8-bit one only calibrated: no
+    # block reconstruction is timed or counted
     cfg = make_config("cpu", students=["w4a4", "w8a8"], synth=dict(num_images=64, holdout_images=8, steps=20,
                       warmup_steps=5), train=dict(epochs=2), eval=dict(max_real_images=100), export=dict(formats=[]))
     est = estimate_run(cfg)
     assert set(est.per_stage) >= {"load", "synthesis", "reconstruct", "finetune", "evaluate"}
     assert est.seconds == pytest.approx(sum(est.per_stage.values()))
-    assert est.costs.synth_step > 0 and est.costs.kd_step == 0 and est.per_stage["finetune"] == 0
-    assert "64 images, 20 synthesis steps" in est.text and "fine-tuning epochs" not in est.text
+    assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and est.per_stage["finetune"] > 0
+    assert "64 images, 20 synthesis steps, 2 fine-tuning epochs" in est.text
+    assert est.costs.recon_units == 0 and est.per_stage["reconstruct"] == 0 and "block reconstruction" not in est.text
+    # block reconstruction asked for: its units are counted and timed, and no KD stage is
+    est = estimate_run(override(cfg, "train.method=recon"))
+    assert est.costs.kd_step == 0 and est.per_stage["finetune"] == 0 and "fine-tuning epochs" not in est.text
     assert est.costs.recon_units == 10 and est.per_stage["reconstruct"] > 0 and "block reconstruction" in est.text
