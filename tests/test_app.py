@@ -110,6 +110,9 @@ def test_kl_figure_one_line_per_student_and_finetune_marker():
     narrow.update(Progress("synthesis", 2, 2, 0.2, student_kl={"w4a4": 0.1}))
     assert figures.kl_figure(narrow).layout.yaxis.type == "linear"
     assert any(s.x0 == 4.5 for s in fig.layout.shapes)  # the fine-tune boundary
+    # a run fitted by KD (the 4-bit default) has no block-by-block plot: its placeholder says how to get one
+    empty = figures.recon_figure(_view(steps=4))
+    assert not empty.data and "recon" in empty.layout.annotations[0].text
 
 
 def test_long_histories_are_strided(monkeypatch):

@@ -85,7 +85,8 @@ def recon_figure(view: RunView) -> go.Figure:
     (thin lines mark where a block starts; hovering a point names its block)."""
     title = "Block by block<br><sup>reconstruction error of the block being fitted, lower is better</sup>"
     if not view.recon:
-        return _empty_figure(title, "appears when the small models are fitted block by block")
+        return _empty_figure(title, "appears when the small models are fitted block by block<br>"
+                                    "(Advanced, how the small model learns: recon)")
     starts = [s for s, _ in view.recon_blocks]
     names = [b for _, b in view.recon_blocks]
     fig = go.Figure()
