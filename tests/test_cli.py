@@ -114,9 +114,9 @@ def test_cli_other_architecture_with_checkpoint_and_image_folder(tmp_path, other
     (["--students", "w4a4,int8"], "is not of the form w<bits>a<bits>"),
     (["--data", "/nonexistent/folder"], "does not exist or is not a folder"),
 ])
-def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg, capsys, monkeypatch):
-    # in this process (the entry point itself is run by the end-to-end test): an exception would fail the test
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, msg, capsys):
+    # in this process (the entry point itself is run by the end-to-end test; conftest keeps the hub offline):
+    # an exception would fail the test
     code = cli.main(["run", *args, "--steps", "2", "--images", "8", "--epochs", "1", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2
