@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import MODELS, digest, real_source  # noqa: E402
 from train_zoo import ZOO, ensure_trained  # noqa: E402
 
-from gzq.config import FinetuneMethod, ImageParam, ModelSpec, SynthConfig, override  # noqa: E402
+from gzq.config import FinetuneMethod, ImageParam, ModelSpec, SynthConfig, override, parse_value  # noqa: E402
 from gzq.events import drain  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
@@ -48,11 +48,16 @@ def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
     return ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
 
 
-def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_dir: Path, name: str):
+def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_dir: Path, name: str,
+                     synth_set: tuple[str, ...] = ()):
     """The images every method shares: synthesised once per (model, synthesis config, seed) and cached; the
-    file name carries a hash of the config, so a changed recipe never reuses images made by an older one."""
+    file name carries a hash of the config, so a changed recipe never reuses images made by an older one.
+    synth_set: "synth.FIELD=VALUE" overrides of that synthesis (the --set items of the synth section)."""
     cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
                       steps=steps, warmup_steps=steps // 3, adversarial=False)
+    if synth_set:
+        cfg = SynthConfig.from_dict({**cfg.to_dict(), **{k.partition(".")[2]: parse_value(v) for k, _, v in
+                                                          (item.partition("=") for item in synth_set)}})
     cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(cfg.to_dict())}.pt"
     if not cache.exists():
         dev = resolve_device("auto")
@@ -82,8 +87,9 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--epochs", type=int, default=30, help="KD epochs (block reconstruction is sized from them)")
-    p.add_argument("--set", action="append", default=[], metavar="train.FIELD=VALUE",
-                   help="e.g. --set train.recon_steps=200 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="e.g. --set train.recon_steps=200 (repeatable); synth.* items also apply to the synthesis "
+                        "of the cached images")
     p.add_argument("--quick", action="store_true", help="tiny budget, one model, temporary files")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / "results" / "finetune_cache")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/finetune.json; temporary "
@@ -107,7 +113,8 @@ def main(argv=None):
                 if source == "real":
                     make = real_source(args.images, max(args.images // 8, 1), seed)
                 else:
-                    make = synthetic_source(spec, args.images, args.steps, seed, args.cache_dir, name)
+                    make = synthetic_source(spec, args.images, args.steps, seed, args.cache_dir, name,
+                                            tuple(i for i in args.set if i.startswith("synth.")))
                 for bits in args.bits.split(","):
                     for ft in finetunes:
                         cfg = make_config("cpu", "auto", model=spec, students=[bits], seed=seed,

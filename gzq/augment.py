@@ -1,7 +1,8 @@
 """The augmentations that synthesis and fine-tuning share: a random roll (jitter) and horizontal flips,
-as in DeepInversion (docs/design.md 2.4)."""
+as in DeepInversion (docs/design.md 2.4), and the mixing of image pairs that KD may add."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -19,3 +20,19 @@ def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator
         mask = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(mask, x.flip(3), x)
     return x
+
+
+def mix_pairs(x: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image blended with another of the batch, x_i <- l_i x_i + (1 - l_i) x_j, l_i ~ Beta(alpha, alpha).
+
+    For distillation only: the teacher labels the blend itself ("function matching", Beyer et al., CVPR 2022),
+    so the students also see the inputs between the classes, where the synthetic images, each formed to be
+    one class, leave the teacher's function unsampled. alpha <= 0 returns x unchanged.
+    """
+    if alpha <= 0 or len(x) < 2:
+        return x
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, len(x)))
+    perm = torch.randperm(len(x), generator=generator)
+    lam = lam.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[perm.to(x.device)]

@@ -19,6 +19,13 @@ class ImageParam(str, enum.Enum):
     PIXEL = "pixel"      # x = m (ZeroQ / DeepInversion)
 
 
+class ImageBasis(str, enum.Enum):
+    """The coordinates the image means are optimised in (docs/design.md 2.1)."""
+    PIXEL = "pixel"      # one parameter per pixel: every spatial frequency moves as fast as any other
+    SPECTRAL = "spectral"  # orthonormal 2-D DCT coefficients scaled by 1/f^spectral_decay (normalised to unit
+                           # mean square): low frequencies move first, as in natural images (Olah et al., 2017)
+
+
 class BNLoss(str, enum.Enum):
     """Which BatchNorm-statistics loss drives synthesis (docs/design.md 2.2)."""
     LIKELIHOOD = "likelihood"  # GZNQ appendix 1.1: Gaussian NLL of the batch statistics
@@ -228,6 +235,8 @@ class SynthConfig(_Serialisable):
     lr: float = 0.25               # Adam on the images; with augment_check_at chosen on the zoo's tuning set
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
+    image_basis: ImageBasis = ImageBasis.PIXEL
+    spectral_decay: float = 1.0    # the power of 1/f that scales each DCT coefficient (image_basis=spectral)
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
@@ -263,6 +272,8 @@ class SynthConfig(_Serialisable):
 
     def __post_init__(self):
         self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)
+        self.image_basis = ImageBasis(self.image_basis)
+        _check_positive("spectral_decay", self.spectral_decay, allow_zero=True)
         self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)
         if isinstance(self.flip, bool):   # flip=true/false from the command line or an older config
             self.flip = FlipMode.ON if self.flip else FlipMode.OFF
@@ -298,6 +309,7 @@ class TrainConfig(_Serialisable):
     lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
+    mixup: float = 0.0        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs); 0 = off
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
@@ -312,6 +324,7 @@ class TrainConfig(_Serialisable):
 
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)
+        _check_positive("mixup", self.mixup, allow_zero=True)
         _check_positive("batch_size", self.batch_size)
         for nm in ("lr", "lr_quant", "temperature", "recon_batch_size", "recon_pool", "recon_lr_round", "recon_lr_act"):
             _check_positive(nm, getattr(self, nm))

@@ -49,6 +49,53 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
     assert all(not m._forward_pre_hooks for m in default_teacher.model.modules())   # hooks freed
 
 
+def test_spectral_basis_round_trips_favours_low_frequencies_and_ends_in_pixels(default_teacher):
+    from gzq.config import ImageBasis
+    from gzq.synthesis import SyntheticImages, dct_matrix, spectral_scale
+    d = dct_matrix(9)
+    assert torch.allclose(d @ d.T, torch.eye(9), atol=1e-5)                    # orthonormal
+    for h, w in ((28, 28), (224, 160)):                                         # unit mean square at any size
+        s = spectral_scale(h, w, 1.0)
+        assert abs(s.pow(2).mean().item() - 1) < 1e-4 and s[0, 0] > 10 * s[-1, -1]
+    lo, hi = default_teacher.pixel_bounds
+    images = SyntheticImages(torch.arange(4), (1, 28, 28), (lo, hi), ImageParam.REPARAM, -2.5,
+                             torch.Generator().manual_seed(0), ImageBasis.SPECTRAL)
+    x = images(torch.arange(4), noise=False)
+    assert x.shape == (4, 1, 28, 28) and (x >= lo - 1e-5).all() and (x <= hi + 1e-5).all()
+    assert torch.allclose(images._coefficients(images.pixels(images.mean)), images.mean, atol=1e-3)
+    # a unit step in one coefficient moves the pixels along that frequency only, more at the low ones
+    step = torch.zeros(1, 1, 28, 28)
+    step[..., 1, 0] = 1.0
+    low = images.pixels(step).norm()
+    step.zero_()
+    step[..., 20, 20] = 1.0
+    assert low > 5 * images.pixels(step).norm()
+    cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=15, warmup_steps=15,
+                      image_basis=ImageBasis.SPECTRAL)
+    events, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress[-1].bn_log_likelihood > progress[0].bn_log_likelihood + 1.0
+    pixels = result.images
+    assert not pixels.spectral and (pixels.mean >= lo - 1e-5).all() and (pixels.mean <= hi + 1e-5).all()
+    before = pixels.mean.clone()
+    assert torch.equal(pixels(torch.arange(16), noise=False), before.clamp(lo, hi))
+
+
+def test_mix_pairs_blends_within_the_batch_and_stays_in_range():
+    from gzq.augment import mix_pairs
+    x = torch.rand(64, 1, 4, 4)
+    assert mix_pairs(x, 0.0) is x
+    g = torch.Generator().manual_seed(0)
+    y = mix_pairs(x, 1.0, g)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert (y >= x.min() - 1e-6).all() and (y <= x.max() + 1e-6).all()      # convex blends
+    assert torch.equal(y, mix_pairs(x, 1.0, torch.Generator().manual_seed(0)))   # reproducible
+    # each output is l x_i + (1 - l) x_j for one partner j: the blend of flat images stays flat
+    flat = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 3, 3)
+    out = mix_pairs(flat, 0.5, g)
+    assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))
+
+
 def test_pixel_option_and_clamping(default_teacher):
     cfg = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=2, warmup_steps=2,
                       image_param=ImageParam.PIXEL, lr=5.0)
