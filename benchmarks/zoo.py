@@ -7,7 +7,8 @@
                                                           # seed; writes to a temporary folder
 
 The zoo (scripts/train_zoo.py) was split into a tuning set (TUNING) and a held-out set (HELD_OUT) before any
-default was tuned; the two are reported in separate tables, and only the held-out one is evidence.
+default was tuned; the two are reported in separate tables, and only the held-out one is evidence. A third
+set (CONFIRMATION), added later, tests a candidate default that was chosen with the held-out set in view.
 
 Methods, each with the same quantizer, calibration and fine-tuning at the same budget:
     gznq    the default recipe with students w4a4 and w8a8 (one synthesis serves both, as `--students w4a4,w8a8`)
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import add_overrides, real_source, recipe_digest  # noqa: E402
-from train_zoo import HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
+from train_zoo import CONFIRMATION, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import fit_budget, measure_costs  # noqa: E402
 from gzq.config import FinetuneMethod, ModelSpec, override, student_specs  # noqa: E402
@@ -250,6 +251,9 @@ def main(argv=None):
     held = summarise(records, [n for n in names if n in HELD_OUT], bits)
     print_table("Tuning set (defaults were chosen on these)", tuning)
     print_table("Held-out set (never tuned on)", held)
+    confirmation = summarise(records, [n for n in names if n in CONFIRMATION], bits)
+    if confirmation:
+        print_table("Confirmation set (added after the held-out set was measured)", confirmation)
     labels = [label(m, f) for m in methods for f in finetunes]
     print_finetune_table("Fine-tuning methods, tuning set", tuning, labels, bits)
     print_finetune_table("Fine-tuning methods, held-out set", held, labels, bits)
@@ -259,7 +263,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
                                         bits=bits, finetune=finetunes,
-                                        tuning=tuning, held_out=held), indent=2) + "\n")
+                                        tuning=tuning, held_out=held, confirmation=confirmation), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, scaled_synth, student_specs
+from .synthesis import SyntheticImages
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,27 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     """Time one synthesis step, one fine-tuning step and one evaluation forward of this teacher and these
     (uncalibrated) students on `device`. Costs a few steps; leaves no gradients or hooks behind."""
     gen = torch.Generator().manual_seed(0)
-    b = min(cfg.synth.batch_size, cfg.synth.num_images)
-    x = torch.randn(b, *teacher.input_size, generator=gen).to(device).requires_grad_(True)
+    sc = cfg.synth
+    b = min(sc.batch_size, sc.num_images)
+    # the images as synthesis holds them (their parameterisation and per-step clamp are part of a step's cost)
+    images = SyntheticImages(torch.zeros(sc.num_images, dtype=torch.long), teacher.input_size, teacher.pixel_bounds,
+                             sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay).to(device)
+    idx = torch.arange(b, device=device)
     y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
-    active = students if cfg.synth.adversarial else {}
+    active = students if sc.adversarial else {}
     try:
         def synth_step():
+            x = images(idx)
             logits = teacher.model(x)
-            loss = bn_losses(recorder, cfg.synth.bn_loss, cfg.synth.n_rule, normalize=cfg.synth.bn_normalize)[0]
+            loss = bn_losses(recorder, sc.bn_loss, sc.n_rule, normalize=sc.bn_normalize)[0]
             loss = loss + F.cross_entropy(logits, y)
             for s in active.values():
                 loss = loss + s(x).logsumexp(1).mean()
             loss.backward()
-            x.grad = None
-        synth_step_s = _timed(synth_step) if cfg.synth.steps else 0.0
+            images.zero_grad(set_to_none=True)
+            images.clamp_()
+        synth_step_s = _timed(synth_step) if sc.steps else 0.0
     finally:
         recorder.remove()
     bk = min(cfg.train.batch_size, cfg.synth.num_images)

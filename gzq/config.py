@@ -235,7 +235,7 @@ class SynthConfig(_Serialisable):
     lr: float = 0.25               # Adam on the images; with augment_check_at chosen on the zoo's tuning set
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
-    image_basis: ImageBasis = ImageBasis.PIXEL
+    image_basis: ImageBasis = ImageBasis.SPECTRAL   # chosen on the zoo's confirmation set (README, "Spectral image basis")
     spectral_decay: float = 1.0    # the power of 1/f that scales each DCT coefficient (image_basis=spectral)
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD

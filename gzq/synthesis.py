@@ -124,7 +124,8 @@ class SyntheticImages(nn.Module):
     def to_pixel_basis_(self) -> SyntheticImages:
         """Hold the pixel means in `mean` from here on (in place; a no-op in the pixel basis)."""
         if self.spectral:
-            self.mean = nn.Parameter(self.pixels(self.mean.detach()), requires_grad=self.mean.requires_grad)
+            x = torch.maximum(torch.minimum(self.pixels(self.mean.detach()), self.hi), self.lo)  # + rounding error
+            self.mean = nn.Parameter(x, requires_grad=self.mean.requires_grad)
             self.dct_h = self.dct_w = self.freq_scale = None
         return self
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow   # each runs a benchmark in a subprocess
 
@@ -106,3 +107,20 @@ def test_distributed_benchmark_quick(tmp_path):
     assert all(s["step_s"] > 0 for s in res["speed"])
     assert [(a["procs"], a["global_bn"]) for a in res["accuracy"]] == [(1, False), (2, True)]
     assert all(0 < a["top1"] <= 100 for a in res["accuracy"])
+
+
+def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
+    """--set synth.* items reach the synthesis of the shared images, and images made with another recipe are
+    cached apart instead of being reused."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from finetune import synthetic_source
+
+    from gzq.config import ModelSpec
+    from gzq.models import load_teacher
+    spec = ModelSpec("default")
+    plain = synthetic_source(spec, 16, 2, 0, tmp_path, "default")
+    spectral = synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.image_basis=spectral",))
+    assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 2
+    teacher = load_teacher(spec)
+    a, b = plain(teacher, "cpu").images.mean, spectral(teacher, "cpu").images.mean
+    assert a.shape == b.shape == (16, 1, 28, 28) and not torch.allclose(a, b)
