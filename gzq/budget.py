@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, scaled_synth, student_specs
-from .synthesis import SyntheticImages
+from .images import SyntheticImages
 
 log = logging.getLogger(__name__)
 

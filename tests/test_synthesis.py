@@ -51,7 +51,7 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
 
 def test_spectral_basis_round_trips_favours_low_frequencies_and_ends_in_pixels(default_teacher):
     from gzq.config import ImageBasis
-    from gzq.synthesis import SyntheticImages, dct_matrix, spectral_scale
+    from gzq.images import SyntheticImages, dct_matrix, spectral_scale
     d = dct_matrix(9)
     assert torch.allclose(d @ d.T, torch.eye(9), atol=1e-5)                    # orthonormal
     for h, w in ((28, 28), (224, 160)):                                         # unit mean square at any size
