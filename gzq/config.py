@@ -309,7 +309,8 @@ class TrainConfig(_Serialisable):
     lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
-    mixup: float = 0.0        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs); 0 = off
+    mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs); 0 = off;
+                              # 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)

@@ -94,6 +94,8 @@ def test_mix_pairs_blends_within_the_batch_and_stays_in_range():
     flat = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 3, 3)
     out = mix_pairs(flat, 0.5, g)
     assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))
+    with pytest.raises(ValueError, match="mixup"):
+        TrainConfig(mixup=-0.1)
 
 
 def test_pixel_option_and_clamping(default_teacher):
