@@ -235,7 +235,8 @@ class SynthConfig(_Serialisable):
     lr: float = 0.25               # Adam on the images; with augment_check_at chosen on the zoo's tuning set
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
-    image_basis: ImageBasis = ImageBasis.SPECTRAL   # chosen on the zoo's confirmation set (README, "Spectral image basis")
+    image_basis: ImageBasis = ImageBasis.SPECTRAL  # chosen on the zoo's confirmation set (README, "Spectral
+                                                   # image basis")
     spectral_decay: float = 1.0    # the power of 1/f that scales each DCT coefficient (image_basis=spectral)
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
@@ -309,8 +310,8 @@ class TrainConfig(_Serialisable):
     lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
     resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
-    mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs); 0 = off;
-                              # 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
+    mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs);
+                              # 0 = off; 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)

@@ -8,7 +8,8 @@ Generative Zero-shot Network Quantization (He et al., CVPR-W 2021, arXiv 2101.08
             + lambda_tv TV(x) + lambda_l2 ||x||^2
     each student i: min KL(p_T || q_i) on the same batch, in alternation with the image step,
 
-after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepInversion.
+after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepInversion. The image means
+are optimised in a 1/f-scaled DCT basis by default (gzq.images, SynthConfig.image_basis).
 
 So that one recipe serves any architecture, resolution and class count, L_BN is the likelihood divided by
 the layers' mean N (gzq.bn.bn_losses), O(1) like the CE (whose gradient at the logits is bounded for any
@@ -186,8 +187,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     world = dist.world_size()
     k, hold = cfg.num_images, cfg.holdout_images
     labels = balanced_labels(k, teacher.num_classes, gen)
-    images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,
-                             cfg.init_log_scale, gen, cfg.image_basis, cfg.spectral_decay)         # all k on every rank: the single-process start
+    images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,   # all k on every
+                             cfg.init_log_scale, gen, cfg.image_basis, cfg.spectral_decay)  # rank: the 1-process start
     holdout_mask = torch.zeros(k, dtype=torch.bool)
     holdout_mask[k - hold:] = True
     batch = min(cfg.batch_size, k)
