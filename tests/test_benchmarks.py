@@ -118,9 +118,9 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
     from gzq.config import ModelSpec
     from gzq.models import load_teacher
     spec = ModelSpec("default")
-    plain = synthetic_source(spec, 16, 2, 0, tmp_path, "default")
-    spectral = synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.image_basis=spectral",))
+    spectral = synthetic_source(spec, 16, 2, 0, tmp_path, "default")
+    pixel = synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.image_basis=pixel",))
     assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 2
     teacher = load_teacher(spec)
-    a, b = plain(teacher, "cpu").images.mean, spectral(teacher, "cpu").images.mean
+    a, b = pixel(teacher, "cpu").images.mean, spectral(teacher, "cpu").images.mean
     assert a.shape == b.shape == (16, 1, 28, 28) and not torch.allclose(a, b)
