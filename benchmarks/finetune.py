@@ -55,9 +55,12 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     synth_set: "synth.FIELD=VALUE" overrides of that synthesis (the --set items of the synth section)."""
     cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
                       steps=steps, warmup_steps=steps // 3, adversarial=False)
-    if synth_set:
-        cfg = SynthConfig.from_dict({**cfg.to_dict(), **{k.partition(".")[2]: parse_value(v) for k, _, v in
-                                                          (item.partition("=") for item in synth_set)}})
+    fields = {k.strip().partition(".")[2]: parse_value(v.strip()) for k, _, v in (i.partition("=") for i in synth_set)}
+    derived = sorted(set(fields) & {"num_images", "steps", "holdout_images", "batch_size", "warmup_steps"})
+    if derived:
+        raise SystemExit(f"--set synth.{derived[0]} does not apply to the cached images; use --images / --steps")
+    if fields:
+        cfg = SynthConfig.from_dict({**cfg.to_dict(), **fields})
     cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(cfg.to_dict())}.pt"
     if not cache.exists():
         dev = resolve_device("auto")

@@ -5,7 +5,8 @@ fresh noise from f_I(z), so the students see a new sample of each image every ep
 
 With many processes (gzq.dist) every rank draws the same global batches and trains on its slice of each,
 with its own noise and augmentation; gradients are averaged over ranks after every backward, as
-DistributedDataParallel does, so the students stay identical on every rank (checked at the end).
+DistributedDataParallel does, so the students stay identical on every rank (checked at the end). Pair
+mixing (TrainConfig.mixup) blends images within each rank's slice of the batch.
 """
 from __future__ import annotations
 
