@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import MODELS, digest, real_source  # noqa: E402
 from train_zoo import ZOO, ensure_trained  # noqa: E402
 
-from gzq.config import FinetuneMethod, ImageParam, ModelSpec, SynthConfig, override, parse_value  # noqa: E402
+from gzq.config import FinetuneMethod, ImageParam, ModelSpec, RunConfig, SynthConfig, override  # noqa: E402
 from gzq.events import drain  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
@@ -55,12 +55,12 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     synth_set: "synth.FIELD=VALUE" overrides of that synthesis (the --set items of the synth section)."""
     cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
                       steps=steps, warmup_steps=steps // 3, adversarial=False)
-    fields = {k.strip().partition(".")[2]: parse_value(v.strip()) for k, _, v in (i.partition("=") for i in synth_set)}
-    derived = sorted(set(fields) & {"num_images", "steps", "holdout_images", "batch_size", "warmup_steps"})
+    given = override(RunConfig(synth=cfg), *synth_set).synth
+    derived = [f for f in ("num_images", "steps", "holdout_images", "batch_size", "warmup_steps")
+               if getattr(given, f) != getattr(cfg, f)]
     if derived:
         raise SystemExit(f"--set synth.{derived[0]} does not apply to the cached images; use --images / --steps")
-    if fields:
-        cfg = SynthConfig.from_dict({**cfg.to_dict(), **fields})
+    cfg = given
     cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(cfg.to_dict())}.pt"
     if not cache.exists():
         dev = resolve_device("auto")

@@ -56,7 +56,7 @@ class SyntheticImages(nn.Module):
         self.register_buffer("dct_w", dct_matrix(w) if spectral else None, persistent=False)
         self.register_buffer("freq_scale", spectral_scale(h, w, spectral_decay) if spectral else None,
                              persistent=False)
-        self.mean = nn.Parameter(mean if spectral else torch.maximum(torch.minimum(mean, hi), lo))
+        self.mean = nn.Parameter(mean if spectral else self._in_range(mean))
         self.log_scale = (nn.Parameter(torch.full((k, *input_size), float(init_log_scale)))
                           if param == ImageParam.REPARAM else None)
         if spectral:
@@ -82,13 +82,17 @@ class SyntheticImages(nn.Module):
         if noise and self.log_scale is not None:
             z = torch.randn(x.shape, generator=generator, device=x.device)
             x = x + self.log_scale[idx].exp() * z
+        return self._in_range(x)
+
+    def _in_range(self, x: torch.Tensor) -> torch.Tensor:
+        """x clamped to the valid pixel range (min/max: a value on a bound gets half its gradient)."""
         return torch.maximum(torch.minimum(x, self.hi), self.lo)
 
     @torch.no_grad()
     def to_pixel_basis_(self) -> SyntheticImages:
         """Hold the pixel means in `mean` from here on (in place; a no-op in the pixel basis)."""
         if self.spectral:
-            x = torch.maximum(torch.minimum(self.pixels(self.mean.detach()), self.hi), self.lo)  # + rounding error
+            x = self._in_range(self.pixels(self.mean.detach()))  # the transform's rounding error clamped off
             self.mean = nn.Parameter(x, requires_grad=self.mean.requires_grad)
             self.dct_h = self.dct_w = self.freq_scale = None
         return self
@@ -113,7 +117,7 @@ class SyntheticImages(nn.Module):
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        x = torch.maximum(torch.minimum(self.pixels(self.mean), self.hi), self.lo)
+        x = self._in_range(self.pixels(self.mean))
         self.mean.copy_(self._coefficients(x) if self.spectral else x)
         if self.log_scale is not None:
             self.log_scale.clamp_(max=1.0)
