@@ -117,10 +117,13 @@ def _adversarial_backward_(img_loss: torch.Tensor, xs: torch.Tensor, logits_t: t
 
 
 @torch.no_grad()
-def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor, batch: int = 256) -> dict[str, float]:
+def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor, batch: int = 256, jitter: int = 0,
+               generator: torch.Generator | None = None) -> dict[str, float]:
     """How mirror-invariant the teacher is on the current images (their means): the share of images whose
-    label it predicts as they are and mirrored, and the share whose prediction the mirror leaves unchanged."""
-    hits, hits_flip, same = 0, 0, 0
+    label it predicts as they are and mirrored, and the share whose prediction the mirror leaves unchanged.
+    With jitter > 0 also the share it labels when rolled by up to `jitter` pixels (one random shift per
+    batch of `batch`, from `generator`)."""
+    hits, hits_flip, hits_roll, same = 0, 0, 0, 0
     for i in range(0, len(labels), batch):
         idx = torch.arange(i, min(i + batch, len(labels)), device=labels.device)
         x = images(idx, noise=False)
@@ -128,13 +131,19 @@ def flip_check(teacher: nn.Module, images: SyntheticImages, labels: torch.Tensor
         hits += int((p == labels[idx]).sum())
         hits_flip += int((pf == labels[idx]).sum())
         same += int((p == pf).sum())
+        if jitter > 0:
+            hits_roll += int((teacher(augment(x, jitter, False, generator)).argmax(1) == labels[idx]).sum())
     n = len(labels)
-    return dict(label_agreement=hits / n, flipped_label_agreement=hits_flip / n, consistency=same / n)
+    out = dict(label_agreement=hits / n, flipped_label_agreement=hits_flip / n, consistency=same / n)
+    if jitter > 0:
+        out["rolled_label_agreement"] = hits_roll / n
+    return out
 
 
-def _global_flip_check(teacher: nn.Module, images: SyntheticImages) -> dict[str, float]:
+def _global_flip_check(teacher: nn.Module, images: SyntheticImages, jitter: int = 0,
+                       generator: torch.Generator | None = None) -> dict[str, float]:
     """flip_check over every rank's shard of the images (each rank's shares weighted by its image count)."""
-    check = flip_check(teacher, images, images.labels)
+    check = flip_check(teacher, images, images.labels, jitter=jitter, generator=generator)
     if dist.world_size() <= 1:
         return check
     n = len(images.labels)
@@ -293,7 +302,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             history["agreement"].append(agree)
             history["ce_weight"].append(cfg.lambda_ce * ce_scale)
             if step == check_step:
-                checked = _global_flip_check(teacher.model, images)
+                checked = _global_flip_check(teacher.model, images, jitter,   # its own stream: the check
+                                             torch.Generator().manual_seed(seed + 23))   # leaves gen's as it was
                 held = float(np.mean(history["agreement"][-10:]))
                 checked["augmented_agreement"] = held
                 if cfg.augment_check and held < cfg.augment_min_agreement and (jitter or flip):

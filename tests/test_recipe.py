@@ -78,6 +78,19 @@ def test_flip_check_tells_mirror_invariant_teachers_apart():
     sym = flip_check(_Symmetric(), _images(labels, False), labels)
     assert sym["label_agreement"] == sym["flipped_label_agreement"] == 1.0 and sym["consistency"] == 1.0
     assert flips_are_valid(sym)
+    assert "rolled_label_agreement" not in sym
+
+
+def test_flip_check_measures_the_teachers_hold_under_the_roll():
+    """With jitter, flip_check also reports the share of labels the teacher keeps on rolled image means: a
+    roll by half the side swaps the bright half (labels lost), one of any size leaves total brightness."""
+    labels = torch.tensor([0, 1] * 8)
+    g = torch.Generator().manual_seed(0)
+    rolls = [flip_check(_Chirality(), _images(labels, True), labels, batch=2, jitter=4, generator=g)
+             ["rolled_label_agreement"] for _ in range(5)]
+    assert min(rolls) < 1.0 and all(0.0 <= r <= 1.0 for r in rolls)
+    sym = flip_check(_Symmetric(), _images(labels, False), labels, jitter=4, generator=g)
+    assert sym["rolled_label_agreement"] == 1.0
 
 
 def test_augment_flips_and_rolls_for_real():
