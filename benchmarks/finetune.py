@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import MODELS, digest, real_source  # noqa: E402
 from train_zoo import ZOO, ensure_trained  # noqa: E402
 
+from gzq.augment import coarse_size
 from gzq.config import FinetuneMethod, ImageParam, ModelSpec, RunConfig, SynthConfig, override  # noqa: E402
 from gzq.events import drain  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
@@ -48,6 +49,21 @@ def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
     return ModelSpec(ZOO[name].arch, checkpoint=str(ckpt))
 
 
+#: synthesis fields added after images were first cached, at the values that leave the images as they were
+NEUTRAL = {"label_smoothing": 0.0}
+
+
+def synth_key(cfg: SynthConfig, input_size) -> dict:
+    """The synthesis settings that can change this model's images, so that images cached before a field
+    existed (at its neutral value, NEUTRAL) or made with a setting that cannot affect this model are reused:
+    the coarse warm-up's fields count only where the input is large enough for a coarse size
+    (gzq.augment.coarse_size)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in NEUTRAL or v != NEUTRAL[k]}
+    if coarse_size(input_size, cfg.coarse_scale, cfg.coarse_min_side) is None:
+        d.pop("coarse_scale"), d.pop("coarse_min_side")
+    return d
+
+
 def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_dir: Path, name: str,
                      synth_set: tuple[str, ...] = ()):
     """The images every method shares: synthesised once per (model, synthesis config, seed) and cached; the
@@ -61,10 +77,10 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     if derived:
         raise SystemExit(f"--set synth.{derived[0]} does not apply to the cached images; use --images / --steps")
     cfg = given
-    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(cfg.to_dict())}.pt"
+    dev = resolve_device("auto")
+    teacher = load_teacher(spec, dev)
+    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(synth_key(cfg, teacher.input_size))}.pt"
     if not cache.exists():
-        dev = resolve_device("auto")
-        teacher = load_teacher(spec, dev)
         _, res = drain(iter_synthesize(teacher, {}, cfg, dev, seed), keep=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(state=res.images.state_dict(), train=res.train_idx.cpu(), hold=res.holdout_idx.cpu(),

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def jitter_pixels(fraction: float, input_size) -> int:
     """The roll, in pixels, that `fraction` of the input's shorter side gives (SynthConfig.jitter)."""
     return int(round(fraction * min(input_size[-2:])))
+
+
+def coarse_size(input_size, scale: float, min_side: int) -> tuple[int, int] | None:
+    """The (h, w) a coarse synthesis step shows the teacher (SynthConfig.coarse_scale), or None where the
+    input stays full size: scale 1, or a shorter side that scaling would take under `min_side` pixels."""
+    h, w = input_size[-2:]
+    if scale >= 1 or min(h, w) * scale < min_side:
+        return None
+    return max(round(h * scale), 1), max(round(w * scale), 1)
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """x resized to `size` (bilinear, antialiased, so the content above the smaller size's band is dropped
+    rather than aliased); x itself when size is None."""
+    if size is None:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, scaled_synth, student_specs
 from .images import SyntheticImages
@@ -38,6 +39,8 @@ class StepCosts:
     student_forward_image: float = 0.0   # one image through every student (no grad)
     recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
                            # gzq.reconstruct.find_units)
+    warmup_step: float | None = None   # one warm-up step: the teacher alone, at the coarse size where synthesis
+                                       # uses one (SynthConfig.coarse_scale); None = as synth_step
 
 
 @dataclass
@@ -78,18 +81,21 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
     active = students if sc.adversarial else {}
+    coarse = coarse_size(teacher.input_size, sc.coarse_scale, sc.coarse_min_side)
     try:
-        def synth_step():
-            x = images(idx)
+        def synth_step(joined=active, size=None):
+            x = resize(images(idx), size)
             logits = teacher.model(x)
             loss = bn_losses(recorder, sc.bn_loss, sc.n_rule, normalize=sc.bn_normalize)[0]
             loss = loss + F.cross_entropy(logits, y)
-            for s in active.values():
+            for s in joined.values():
                 loss = loss + s(x).logsumexp(1).mean()
             loss.backward()
             images.zero_grad(set_to_none=True)
             images.clamp_()
         synth_step_s = _timed(synth_step) if sc.steps else 0.0
+        warmup_differs = sc.steps and min(sc.warmup_steps, sc.steps) and (active or coarse)
+        warmup_step_s = _timed(lambda: synth_step({}, coarse)) if warmup_differs else None
     finally:
         recorder.remove()
     bk = min(cfg.train.batch_size, cfg.synth.num_images)
@@ -108,7 +114,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk)) / bk
         s_fwd = _timed(lambda: [s(xk) for s in students.values()]) / bk
-    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd)
+    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd, warmup_step=warmup_step_s)
 
 
 def _shares(cfg: RunConfig) -> tuple[float, float]:
@@ -134,8 +140,10 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     train_images = s.num_images - s.holdout_images
     kd_steps = t.epochs * max(train_images // min(t.batch_size, train_images), 1)
     fresh = s.holdout_images * cfg.eval.fresh_draws
+    warm = min(s.warmup_steps, s.steps)
+    warm_step = costs.synth_step if costs.warmup_step is None else costs.warmup_step
     stages = {
-        "synthesis": s.steps * costs.synth_step,
+        "synthesis": warm * warm_step + (s.steps - warm) * costs.synth_step,
         "calibration": 2 * train_images * costs.forward_image * num_students,
         "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * costs.kd_step,

@@ -232,6 +232,10 @@ class SynthConfig(_Serialisable):
     batch_size: int = 96
     steps: int = 300
     warmup_steps: int = 100        # steps before the students and the adversarial term join
+    coarse_scale: float = 1.0      # the warm-up shows the teacher the images resized to this share of their side
+                                   # (antialiased; coarse to fine, as DeepInversion's multi-resolution synthesis),
+                                   # at about coarse_scale^2 of a step's cost; 1 = full size throughout
+    coarse_min_side: int = 64      # never coarser than this many pixels on the shorter side (small inputs keep theirs)
     lr: float = 0.25               # Adam on the images; with augment_check_at chosen on the zoo's tuning set
     lr_log_scale: float = 0.05
     image_param: ImageParam = ImageParam.REPARAM
@@ -247,6 +251,9 @@ class SynthConfig(_Serialisable):
                                    # batch or resolution (lambda_bn then weighs per-value z^2 terms, O(1) each)
     lambda_bn: float = 25.0        # on the normalised likelihood; = 0.01 on the raw one for the bundled model
     lambda_ce: float = 1.0
+    label_smoothing: float = 0.0   # CE against labels smoothed by this share (the CE is then least at a top
+                                   # probability of 1 - share + share / classes, not 1): images that carry their
+                                   # class without the saturated confidence real images seldom reach
     ce_target: float = 0.98        # after the warm-up, adapt the CE weight until the teacher agrees with this share
                                    # of the batch's labels (0 = fixed weight): a Lagrange-multiplier-like weight
                                    # that grows while images miss their class and decays back once they carry it
@@ -284,6 +291,8 @@ class SynthConfig(_Serialisable):
         _check_positive("batch_size", self.batch_size)
         _check_positive("steps", self.steps, allow_zero=True)
         _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_range("coarse_scale", self.coarse_scale, 0.1, 1.0)
+        _check_positive("coarse_min_side", self.coarse_min_side)
         _check_positive("num_students", self.num_students, allow_zero=True)
         for nm in ("lr", "lr_log_scale", "student_lr", "student_lr_quant", "first_bn_weight"):
             _check_positive(nm, getattr(self, nm))
@@ -291,6 +300,7 @@ class SynthConfig(_Serialisable):
             _check_positive(nm, getattr(self, nm), allow_zero=True)
         _check_range("jitter", self.jitter, 0.0, 0.5)
         _check_range("ce_target", self.ce_target, 0.0, 1.0)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.9)
         _check_range("augment_min_agreement", self.augment_min_agreement, 0.0, 1.0)
         _check_range("augment_check_at", self.augment_check_at, 0.0, 1.0)
         _check_positive("ce_adapt_rate", self.ce_adapt_rate, allow_zero=True)

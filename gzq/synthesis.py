@@ -9,7 +9,9 @@ Generative Zero-shot Network Quantization (He et al., CVPR-W 2021, arXiv 2101.08
     each student i: min KL(p_T || q_i) on the same batch, in alternation with the image step,
 
 after `warmup_steps` of BN + CE only. Random roll (jitter) and flips as in DeepInversion. The image means
-are optimised in a 1/f-scaled DCT basis by default (gzq.images, SynthConfig.image_basis).
+are optimised in a 1/f-scaled DCT basis by default (gzq.images, SynthConfig.image_basis). With
+`coarse_scale` < 1 the warm-up shows the teacher the images downsized (coarse to fine, as DeepInversion's
+multi-resolution synthesis): the low frequencies form first, at a fraction of a full step's cost.
 
 So that one recipe serves any architecture, resolution and class count, L_BN is the likelihood divided by
 the layers' mean N (gzq.bn.bn_losses), O(1) like the CE (whose gradient at the logits is bounded for any
@@ -37,7 +39,7 @@ from torch import nn
 
 from . import dist
 from .accel import autocast
-from .augment import augment, jitter_pixels
+from .augment import augment, coarse_size, jitter_pixels, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import ActInit, FlipMode, SynthConfig, VRule
 from .events import Message, Preview, Progress, StageStarted, Stopped
@@ -219,6 +221,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     s_opts: dict[str, torch.optim.Optimizer] = {}  # made once the students are calibrated
     history: dict[str, list] = {"bn_ll": [], "ce": [], "kl_ens": [], "agreement": [], "ce_weight": []}
     jitter = jitter_pixels(cfg.jitter, teacher.input_size)
+    coarse = coarse_size(teacher.input_size, cfg.coarse_scale, cfg.coarse_min_side)
     flip = cfg.flip != FlipMode.OFF           # AUTO starts with flips; the check at check_step may drop them
     check_step = max(int(cfg.augment_check_at * cfg.steps), 1)
     checked: dict[str, float] | None = None
@@ -244,11 +247,13 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             idx = perm[cursor:cursor + batch].to(device)
             cursor += batch
             x = augment(images(idx, dev_gen), jitter, flip, gen)          # (B, C, H, W)
+            if step <= cfg.warmup_steps:    # coarse to fine: the warm-up forms the images' low frequencies
+                x = resize(x, coarse)
             with autocast(device, amp):
                 logits_t = teacher.model(x).float()
             l_bn, layer_ll = bn_losses(recorder, cfg.bn_loss, cfg.n_rule, cfg.v_rule, cfg.first_bn_weight,
                                        cfg.bn_normalize)
-            ce = F.cross_entropy(logits_t, images.labels[idx])
+            ce = F.cross_entropy(logits_t, images.labels[idx], label_smoothing=cfg.label_smoothing)
             agree = (logits_t.detach().argmax(1) == images.labels[idx]).float().mean().item()
             train_sel = ~holdout_mask[idx]
             few_train = int(train_sel.sum()) < 2

@@ -169,6 +169,9 @@ def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     costs = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3)
     full = estimate(cfg, costs, num_students=2)
     assert full.per_stage["synthesis"] == pytest.approx(300.0) and full.seconds > 300
+    # warm-up steps (the teacher alone, at the coarse size where there is one) priced at their own cost
+    cheap_warmup = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3, warmup_step=0.25)
+    assert estimate(cfg, cheap_warmup, 2).per_stage["synthesis"] == pytest.approx(100 * 0.25 + 200 * 1.0)
     fitted, est = fit_budget(cfg, costs, 2, seconds=full.seconds / 3)
     assert est.seconds <= full.seconds / 3 and fitted.synth.steps < 300 and fitted.synth.num_images < 256
     assert fitted.synth.warmup_steps == round(fitted.synth.steps / 3)
@@ -201,6 +204,7 @@ def test_estimate_run_measures_the_bundled_model():
     assert set(est.per_stage) >= {"load", "synthesis", "reconstruct", "finetune", "evaluate"}
     assert est.seconds == pytest.approx(sum(est.per_stage.values()))
     assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and est.per_stage["finetune"] > 0
+    assert 0 < est.costs.warmup_step < est.costs.synth_step   # the warm-up runs the teacher without students
     assert "64 images, 20 synthesis steps, 2 fine-tuning epochs" in est.text
     assert est.costs.recon_units == 0 and est.per_stage["reconstruct"] == 0 and "block reconstruction" not in est.text
     # block reconstruction asked for: its units are counted and timed, and no KD stage is

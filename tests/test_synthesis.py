@@ -195,3 +195,39 @@ def test_pipeline_finetunes_fresh_students_unless_asked_to_keep_them(monkeypatch
         assert names == seen["names"] == (["w4a4", "w4a4_s1"] if keep else ["w4a4"])
         fresh = new_student("w4a4").get_submodule("conv1").module.weight
         assert torch.equal(seen["weights"]["w4a4"], fresh) != keep   # trained during synthesis only if kept
+
+
+def test_coarse_warmup_shows_the_teacher_smaller_images_then_full_size(default_teacher):
+    from gzq.augment import coarse_size
+    assert coarse_size((3, 224, 224), 0.5, 64) == (112, 112)
+    assert coarse_size((3, 96, 128), 0.5, 32) == (48, 64)
+    assert coarse_size((1, 64, 64), 0.5, 64) is None    # small inputs keep their size
+    assert coarse_size((3, 224, 224), 1.0, 64) is None
+    seen = []
+    hook = default_teacher.model.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=5, warmup_steps=3, coarse_scale=0.5,
+                      coarse_min_side=8, augment_check_at=1.0)
+    try:
+        _, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
+    finally:
+        hook.remove()
+    assert seen[:5] == [(14, 14)] * 3 + [(28, 28)] * 2    # then the flip check at the last step, at full size
+    assert set(seen[5:]) == {(28, 28)}
+    assert result.images(torch.arange(16), noise=False).shape[-2:] == (28, 28)
+    with pytest.raises(ValueError, match="coarse_scale"):
+        SynthConfig(coarse_scale=0.01)
+
+
+def test_label_smoothing_keeps_the_class_without_saturating_the_teacher(default_teacher):
+    def top_probs(smoothing):
+        cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=30, warmup_steps=30,
+                          label_smoothing=smoothing)
+        _, res = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
+        with torch.no_grad():
+            p = default_teacher.model(res.images(torch.arange(32), noise=False)).softmax(1)
+        return p.max(1).values.mean().item(), (p.argmax(1) == res.images.labels).float().mean().item()
+    (sharp, agree_sharp), (smooth, agree_smooth) = top_probs(0.0), top_probs(0.5)
+    assert agree_sharp >= 0.9 and agree_smooth >= 0.9
+    assert smooth < sharp - 0.05, (smooth, sharp)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SynthConfig(label_smoothing=1.0)

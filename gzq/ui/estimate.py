@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..augment import coarse_size
 from ..config import EvalConfig, RunConfig
 from ..presets import resolve_device
 
@@ -29,6 +30,7 @@ class Probe:
     teacher_step: float      # forward + backward of the teacher, per image
     student_step: float      # forward + backward of one fake-quant student, per image
     real_images: int         # labelled images the evaluation will run (the default model's test set)
+    input_size: tuple = ()   # (C, H, W) of the teacher's input
 
 
 @dataclass
@@ -70,7 +72,7 @@ def _probe(cfg: RunConfig) -> Probe:
             return min(times[1:]) / n
 
         probe = Probe(load, per_image(teacher.model), per_image(student.train()),
-                      len(labelled.labels) if labelled else 0)
+                      len(labelled.labels) if labelled else 0, tuple(teacher.input_size))
         del teacher, student, x
         _PROBES[key] = probe
         return probe
@@ -84,9 +86,13 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     m = len(cfg.students)                               # students fine-tuned and exported
     batch = min(s.batch_size, s.num_images)
     joined = max(s.steps - s.warmup_steps, 0) if s.adversarial else 0
-    # every step: the teacher pass plus the BN and image terms (about 1.5 passes); once the students have
-    # joined, each student's pass, the images' gradient through it and its own update (about 3 passes)
-    synthesis = batch * (s.steps * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
+    warm = min(s.warmup_steps, s.steps)
+    coarse = coarse_size(p.input_size, s.coarse_scale, s.coarse_min_side) if p.input_size else None
+    area = coarse[0] * coarse[1] / (p.input_size[-2] * p.input_size[-1]) if coarse else 1.0
+    # every step: the teacher pass plus the BN and image terms (about 1.5 passes; a warm-up step at the coarse
+    # size costs its share of the area); once the students have joined, each student's pass, the images'
+    # gradient through it and its own update (about 3 passes)
+    synthesis = batch * ((s.steps - warm + warm * area) * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
     n_train = s.num_images - s.holdout_images
     methods = [tr.method_for(spec) for spec in cfg.students]
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
