@@ -124,3 +124,9 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
     teacher = load_teacher(spec)
     a, b = pixel(teacher, "cpu").images.mean, spectral(teacher, "cpu").images.mean
     assert a.shape == b.shape == (16, 1, 28, 28) and not torch.allclose(a, b)
+    # settings that cannot change these images reuse them: a coarse warm-up on a 28-px input, and a field
+    # at the value that leaves synthesis as it was
+    synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.coarse_scale=0.5", "synth.label_smoothing=0"))
+    assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 2
+    synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.label_smoothing=0.1",))
+    assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 3
