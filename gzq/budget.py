@@ -19,6 +19,8 @@ from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, scaled_synth, student_specs
 from .images import SyntheticImages
+from .losses import total_variation
+from .optim import adam
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,19 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     recorder = BNStatsRecorder(teacher.model)
     active = students if sc.adversarial else {}
     coarse = coarse_size(teacher.input_size, sc.coarse_scale, sc.coarse_min_side)
+    # the images' own update is part of a step: Adam over every image's parameters, whatever the batch
+    opt = adam([p for p in images.parameters() if p.requires_grad], lr=1e-6)
     try:
         def synth_step(joined=active, size=None):
             x = resize(images(idx), size)
             logits = teacher.model(x)
             loss = bn_losses(recorder, sc.bn_loss, sc.n_rule, normalize=sc.bn_normalize)[0]
-            loss = loss + F.cross_entropy(logits, y)
+            loss = loss + F.cross_entropy(logits, y) + total_variation(x) + x.pow(2).mean()
             for s in joined.values():
                 loss = loss + s(x).logsumexp(1).mean()
             loss.backward()
-            images.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             images.clamp_()
         synth_step_s = _timed(synth_step) if sc.steps else 0.0
         warmup_differs = sc.steps and min(sc.warmup_steps, sc.steps) and (active or coarse)
