@@ -319,9 +319,13 @@ class TrainConfig(_Serialisable):
     lr: float = 1e-4          # weights
     lr_quant: float = 1e-2    # step sizes (relative to their magnitude) and zero points
     temperature: float = 1.0
-    resample: bool = True     # draw fresh z from f_I for every batch (reparameterised images only)
+    resample: bool = False    # KD draws fresh z from f_I for every batch (True, reparameterised images only) or
+                              # fits the image means (False; chosen on the zoo's tuning set, README "KD on the
+                              # image means"); block reconstruction always draws fresh z
     mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs);
                               # 0 = off; 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
+    feature_kd: float = 0.0   # weight of the unit-output term of KD (gzq.distill): each unit block reconstruction
+                              # finds, ||s - t||^2 / ||t||^2 against the BN-folded teacher; 0 = logits alone
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
@@ -337,6 +341,7 @@ class TrainConfig(_Serialisable):
     def __post_init__(self):
         _check_positive("epochs", self.epochs, allow_zero=True)
         _check_positive("mixup", self.mixup, allow_zero=True)
+        _check_positive("feature_kd", self.feature_kd, allow_zero=True)
         _check_positive("batch_size", self.batch_size)
         for nm in ("lr", "lr_quant", "temperature", "recon_batch_size", "recon_pool", "recon_lr_round", "recon_lr_act"):
             _check_positive(nm, getattr(self, nm))

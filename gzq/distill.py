@@ -1,16 +1,26 @@
 """Student fine-tuning by knowledge distillation on the synthetic set (docs/design.md 2.5).
 
-All students share each batch and its teacher forward. With reparameterised images every batch draws
-fresh noise from f_I(z), so the students see a new sample of each image every epoch.
+All students share each batch and its teacher forward. They fit the image means; with
+TrainConfig.resample every batch of reparameterised images draws fresh noise from f_I(z) instead, so the
+students see a new sample of each image every epoch (the default before the zoo's tuning set preferred the
+means).
 
 With many processes (gzq.dist) every rank draws the same global batches and trains on its slice of each,
 with its own noise and augmentation; gradients are averaged over ranks after every backward, as
 DistributedDataParallel does, so the students stay identical on every rank (checked at the end). Pair
 mixing (TrainConfig.mixup) blends images within each rank's slice of the batch.
+
+With TrainConfig.feature_kd > 0 the students also match the teacher inside the network: at the output of
+every unit that block reconstruction finds (gzq.reconstruct.find_units: the stem, each block, the head), the
+normalised squared error ||s - t||^2 / ||t||^2 is averaged over units and added to the KL with that weight.
+The targets come from a BN-folded copy of the teacher, whose units compute what the students' (folded) units
+do; its logits are the teacher's up to rounding and serve as the KL's targets too.
 """
 from __future__ import annotations
 
+import copy
 import time
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -21,9 +31,45 @@ from .accel import autocast, compiled
 from .augment import augment, mix_pairs
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
-from .losses import kd_loss
+from .losses import feature_loss, kd_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer
+from .quant.convert import fold_bn_
+from .reconstruct import find_units
+
+
+@contextmanager
+def unit_outputs(model: nn.Module, names: list[str]):
+    """Collects the output of each named submodule of `model` into the yielded dict while the block is
+    open. The forward goes on with a copy, so a later in-place op cannot change what was collected."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(m, args, out):
+            if isinstance(out, torch.Tensor):
+                box[name] = out
+                return out.clone()
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: torch.Tensor):
+    """(BN-folded copy of the teacher, names of the units both it and every student call) for feature KD."""
+    ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
+    fold_bn_(ref, example)
+    names = find_units(ref, example)
+    for s in students.values():
+        names = [n for n in names if n in set(find_units(s, example))]
+    if not names:
+        raise ValueError("train.feature_kd: no unit of the teacher is called as a module by the students; "
+                         "set train.feature_kd=0 for this model")
+    return ref, names
 
 
 def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Module, train_idx: torch.Tensor,
@@ -48,36 +94,46 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
         opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
         scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
-    t_fwd = compiled(teacher.model, compile)
+    t_model, units = teacher.model, []
+    if cfg.feature_kd > 0:
+        with torch.no_grad():
+            example = images(train_idx[:2].to(device), noise=False)
+        t_model, units = folded_reference(teacher, students, example)
+    t_fwd = compiled(t_model, compile)
     fwd = {name: compiled(s, compile) for name, s in students.items()}
     yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")
     t0 = time.perf_counter()
     step = 0
-    for _ in range(cfg.epochs):
-        perm = train_idx[torch.randperm(n, generator=gen)]
-        for b in range(steps_per_epoch):
-            if stop():
-                yield Stopped("finetune", step)
-                return step
-            idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
-            with torch.no_grad():
-                x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
-                x = mix_pairs(x, cfg.mixup, aug_gen)
-                with autocast(device, amp):
-                    t_logits = t_fwd(x).float()
-            kls = {}
-            for name, s in students.items():
-                with autocast(device, amp):
-                    logits = fwd[name](x).float()
-                loss = kd_loss(logits, t_logits, cfg.temperature)
-                opts[name].zero_grad(set_to_none=True)
-                loss.backward()
-                dist.average_gradients_(s.parameters())
-                opts[name].step()
-                scheds[name].step()
-                kls[name] = loss.item() / cfg.temperature ** 2
-            step += 1
-            yield Progress("finetune", step, total, time.perf_counter() - t0, student_kl=kls)
+    with ExitStack() as hooks:   # the unit outputs of each forward (nothing without feature KD)
+        t_feats = hooks.enter_context(unit_outputs(t_model, units))
+        feats = {name: hooks.enter_context(unit_outputs(s, units)) for name, s in students.items()}
+        for _ in range(cfg.epochs):
+            perm = train_idx[torch.randperm(n, generator=gen)]
+            for b in range(steps_per_epoch):
+                if stop():
+                    yield Stopped("finetune", step)
+                    return step
+                idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
+                with torch.no_grad():
+                    x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
+                    x = mix_pairs(x, cfg.mixup, aug_gen)
+                    with autocast(device, amp):
+                        t_logits = t_fwd(x).float()
+                kls = {}
+                for name, s in students.items():
+                    with autocast(device, amp):
+                        logits = fwd[name](x).float()
+                    loss = kd_loss(logits, t_logits, cfg.temperature)
+                    kls[name] = loss.item() / cfg.temperature ** 2
+                    if units:
+                        loss = loss + cfg.feature_kd * feature_loss(feats[name], t_feats)
+                    opts[name].zero_grad(set_to_none=True)
+                    loss.backward()
+                    dist.average_gradients_(s.parameters())
+                    opts[name].step()
+                    scheds[name].step()
+                step += 1
+                yield Progress("finetune", step, total, time.perf_counter() - t0, student_kl=kls)
     for name, s in students.items():
         s.zero_grad(set_to_none=True)
         s.requires_grad_(False)

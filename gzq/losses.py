@@ -1,5 +1,5 @@
 """The losses that synthesis, fine-tuning and evaluation share: KL between teacher and student(s), the
-ensemble of several students, total variation, and the distillation loss."""
+ensemble of several students, total variation, and the distillation losses."""
 from __future__ import annotations
 
 import math
@@ -29,3 +29,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
     t = temperature
     return kl_teacher_student(F.log_softmax(teacher_logits / t, 1), F.log_softmax(student_logits / t, 1)) * t * t
+
+
+def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the named tensors both dicts hold of ||s - t||^2 / ||t||^2 (each over the whole batch), so every
+    unit counts alike whatever its width, resolution or scale."""
+    names = [n for n in teacher if n in student]
+    if not names:
+        raise ValueError("feature_loss: the student and the teacher share no unit output")
+    terms = [(student[n].float() - teacher[n].float()).pow(2).sum() / teacher[n].float().pow(2).sum().clamp_min(1e-12)
+             for n in names]
+    return torch.stack(terms).mean()

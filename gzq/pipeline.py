@@ -255,7 +255,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             t = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed + 13)
             dev_gen = torch.Generator(device=device).manual_seed(cfg.seed + 14)
-            draw = lambda idx: augment(synth.images(idx, dev_gen, noise=cfg.train.resample), jitter, synth.flip, gen)  # noqa: E731
+            draw = lambda idx: augment(synth.images(idx, dev_gen, noise=True), jitter, synth.flip, gen)  # noqa: E731
             settings = recon_settings(cfg.train, len(synth.train_idx))
             steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, settings, device, cfg.seed,
                                                 stop_fn)

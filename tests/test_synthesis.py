@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -231,3 +233,35 @@ def test_label_smoothing_keeps_the_class_without_saturating_the_teacher(default_
     assert smooth < sharp - 0.05, (smooth, sharp)
     with pytest.raises(ValueError, match="label_smoothing"):
         SynthConfig(label_smoothing=1.0)
+
+
+def test_feature_kd_fits_the_unit_outputs_of_the_folded_teacher(default_teacher, new_student):
+    """train.feature_kd: the folded reference computes the teacher's function, its units are the students',
+    and KD with the unit term leaves the student nearer the teacher inside the network than KD on logits."""
+    from gzq.distill import folded_reference, unit_outputs
+    from gzq.losses import feature_loss
+    from gzq.quant import calibrate_
+    cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
+    _, synth = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    x = synth.images(synth.train_idx, noise=False)
+    base = new_student("w3a3")
+    calibrate_(base, [x])
+    ref, units = folded_reference(default_teacher, {"s": base}, x[:2])
+    assert len(units) >= 5
+    with torch.no_grad():
+        assert torch.allclose(ref(x), default_teacher.model(x), atol=1e-4, rtol=1e-4)
+
+    def unit_error(student):
+        with torch.no_grad(), unit_outputs(ref, units) as t, unit_outputs(student, units) as s:
+            ref(x), student(x)
+            return feature_loss(s, t).item()
+
+    errors = {}
+    for weight in (0.0, 5.0):
+        s = copy.deepcopy(base)
+        drain(iter_distill(default_teacher, {"s": s}, synth.images, synth.train_idx,
+                           TrainConfig(epochs=6, batch_size=16, lr=3e-4, feature_kd=weight), torch.device("cpu")))
+        errors[weight] = unit_error(s)
+    assert errors[5.0] < 0.8 * errors[0.0], errors
+    with pytest.raises(ValueError, match="feature_kd"):
+        TrainConfig(feature_kd=-1)
