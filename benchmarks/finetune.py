@@ -50,7 +50,7 @@ def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
 
 
 #: synthesis fields added after images were first cached, at the values that leave the images as they were
-NEUTRAL = {"label_smoothing": 0.0}
+NEUTRAL = {"label_smoothing": 0.0, "band": 1.0}
 
 
 def synth_key(cfg: SynthConfig, input_size) -> dict:

@@ -78,7 +78,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     b = min(sc.batch_size, sc.num_images)
     # the images as synthesis holds them (their parameterisation and per-step clamp are part of a step's cost)
     images = SyntheticImages(torch.zeros(sc.num_images, dtype=torch.long), teacher.input_size, teacher.pixel_bounds,
-                             sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay).to(device)
+                             sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay, sc.band).to(device)
     idx = torch.arange(b, device=device)
     y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)

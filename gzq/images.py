@@ -21,14 +21,20 @@ def dct_matrix(n: int) -> torch.Tensor:
     return d.float()
 
 
-def spectral_scale(h: int, w: int, decay: float) -> torch.Tensor:
+def spectral_scale(h: int, w: int, decay: float, band: float = 1.0) -> torch.Tensor:
     """1/f^decay for each 2-D DCT coefficient of an h x w image, (h, w), normalised to unit mean square so that
     a step in these coordinates moves the pixels as much, on average, as a step in the pixels themselves.
-    f is the radial frequency in cycles per pixel; the constant term counts as the lowest frequency present."""
+    f is the radial frequency in cycles per pixel; the constant term counts as the lowest frequency present.
+    band < 1 keeps the lowest `band` share of the frequencies along each axis and zeroes the rest (the image
+    holds what an image of band * (h, w) pixels, upsampled, can)."""
     fy = torch.arange(h, dtype=torch.float64)[:, None] / (2 * h)
     fx = torch.arange(w, dtype=torch.float64)[None, :] / (2 * w)
     f = (fy ** 2 + fx ** 2).sqrt().clamp(min=1 / (2 * max(h, w)))
     scale = f ** -decay
+    if band < 1:
+        keep_h, keep_w = max(math.ceil(band * h), 1), max(math.ceil(band * w), 1)
+        scale[keep_h:] = 0
+        scale[:, keep_w:] = 0
     return (scale / scale.pow(2).mean().sqrt()).float()
 
 
@@ -42,7 +48,8 @@ class SyntheticImages(nn.Module):
     """
 
     def __init__(self, labels: torch.Tensor, input_size, bounds, param: ImageParam, init_log_scale: float,
-                 generator: torch.Generator, basis: ImageBasis = ImageBasis.PIXEL, spectral_decay: float = 1.0):
+                 generator: torch.Generator, basis: ImageBasis = ImageBasis.PIXEL, spectral_decay: float = 1.0,
+                 band: float = 1.0):
         super().__init__()
         k = len(labels)
         lo, hi = bounds                                                    # (1, C, 1, 1) each
@@ -54,7 +61,7 @@ class SyntheticImages(nn.Module):
         spectral = ImageBasis(basis) == ImageBasis.SPECTRAL
         self.register_buffer("dct_h", dct_matrix(h) if spectral else None, persistent=False)
         self.register_buffer("dct_w", dct_matrix(w) if spectral else None, persistent=False)
-        self.register_buffer("freq_scale", spectral_scale(h, w, spectral_decay) if spectral else None,
+        self.register_buffer("freq_scale", spectral_scale(h, w, spectral_decay, band) if spectral else None,
                              persistent=False)
         self.mean = nn.Parameter(mean if spectral else self._in_range(mean))
         self.log_scale = (nn.Parameter(torch.full((k, *input_size), float(init_log_scale)))
@@ -73,8 +80,10 @@ class SyntheticImages(nn.Module):
         return self.dct_h.T @ (m * self.freq_scale) @ self.dct_w
 
     def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """The inverse of pixels()."""
-        return (self.dct_h @ x @ self.dct_w.T) / self.freq_scale
+        """The inverse of pixels() (a coefficient outside the band, SynthConfig.band, becomes 0)."""
+        c = self.dct_h @ x @ self.dct_w.T
+        kept = self.freq_scale > 0
+        return torch.where(kept, c / torch.where(kept, self.freq_scale, 1.0), 0.0)
 
     def forward(self, idx: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
         """Draw images idx, (B, C, H, W): fresh noise per call for the reparameterised option."""

@@ -265,3 +265,27 @@ def test_feature_kd_fits_the_unit_outputs_of_the_folded_teacher(default_teacher,
     assert errors[5.0] < 0.8 * errors[0.0], errors
     with pytest.raises(ValueError, match="feature_kd"):
         TrainConfig(feature_kd=-1)
+
+
+def test_band_limited_images_hold_no_frequency_above_the_band(default_teacher):
+    """synth.band: the images (means and their draws' means) carry no DCT power above the kept share."""
+    from gzq.images import SyntheticImages, dct_matrix
+    cfg = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=3, warmup_steps=3, band=0.25)
+    _, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    d = dct_matrix(28)
+
+    def high_share(x):   # share of the DCT power outside the lowest 7 of 28 frequencies on either axis
+        c = d @ x @ d.T
+        return ((c[..., 7:, :].pow(2).sum() + c[..., :7, 7:].pow(2).sum()) / c.pow(2).sum()).item()
+
+    assert high_share(result.images(torch.arange(8), noise=False)) < 0.01   # only clamping to the pixel range leaks
+    raw = SyntheticImages(torch.zeros(4, dtype=torch.long), (1, 28, 28), default_teacher.pixel_bounds, "reparam",
+                          -2.5, torch.Generator().manual_seed(0), "spectral", 1.0, band=0.25)
+    assert high_share(raw.pixels(raw.mean.detach())) < 1e-10
+    full = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=3, warmup_steps=3)
+    _, r_full = drain(iter_synthesize(default_teacher, {}, full, torch.device("cpu")))
+    assert high_share(r_full.images(torch.arange(8), noise=False)) > 0.05
+    with pytest.raises(ValueError, match="band"):
+        SynthConfig(band=0.5, image_basis="pixel")
+    with pytest.raises(ValueError, match="band"):
+        SynthConfig(band=0)
