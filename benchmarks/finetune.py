@@ -84,7 +84,8 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
         _, res = drain(iter_synthesize(teacher, {}, cfg, dev, seed), keep=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(state=res.images.state_dict(), train=res.train_idx.cpu(), hold=res.holdout_idx.cpu(),
-                        flip=res.flip, jitter=res.jitter, steps=res.steps_done), cache)
+                        flip=res.flip, jitter=res.jitter, steps=res.steps_done, band=res.band, band_probe=res.band_probe),
+                   cache)
     saved = torch.load(cache)
 
     def make(teacher, device) -> SynthResult:
@@ -92,7 +93,8 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
                                  ImageParam.REPARAM, 0.0, torch.Generator())
         images.load_state_dict(saved["state"])
         return SynthResult(images.to(device), saved["train"], saved["hold"], False, saved["steps"],
-                           {"bn_ll": [], "ce": []}, flip=saved["flip"], jitter=saved["jitter"])
+                           {"bn_ll": [], "ce": []}, flip=saved["flip"], jitter=saved["jitter"],
+                           band=saved.get("band", 1.0), band_probe=saved.get("band_probe"))
     return make
 
 
@@ -147,7 +149,7 @@ def main(argv=None):
                         row = dict(model=name, source=source, seed=seed, bits=bits, finetune=ft,
                                    fp=rep["teacher"]["accuracy"], accuracy=rep["students"][0]["accuracy"],
                                    kl=rep["students"][0]["kl"], agreement=rep["students"][0]["agreement"],
-                                   finetune_s=round(secs, 1))
+                                   finetune_s=round(secs, 1), band=rep["synthesis"]["health"]["band"])
                         rows.append(row)
                         print(f"  {name} {source} seed {seed} {bits} {ft}: {row['accuracy']} "
                               f"(fine-tuning {secs:.0f} s)", flush=True)

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
-from .config import RunConfig, SynthConfig, scaled_synth, student_specs
+from .config import (
+    BAND_CANDIDATES,
+    BAND_PROBE_IMAGES,
+    BAND_PROBE_STEPS,
+    RunConfig,
+    SynthConfig,
+    scaled_synth,
+    student_specs,
+)
 from .images import SyntheticImages
 from .losses import total_variation
 from .optim import adam
@@ -78,7 +86,8 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device)
     b = min(sc.batch_size, sc.num_images)
     # the images as synthesis holds them (their parameterisation and per-step clamp are part of a step's cost)
     images = SyntheticImages(torch.zeros(sc.num_images, dtype=torch.long), teacher.input_size, teacher.pixel_bounds,
-                             sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay, sc.band).to(device)
+                             sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay,
+                             1.0 if sc.band == "auto" else sc.band).to(device)
     idx = torch.arange(b, device=device)
     y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
@@ -147,8 +156,11 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     fresh = s.holdout_images * cfg.eval.fresh_draws
     warm = min(s.warmup_steps, s.steps)
     warm_step = costs.synth_step if costs.warmup_step is None else costs.warmup_step
+    # synth.band=auto first forms a few images in each candidate band (priced as if every band were probed)
+    probe = (len(BAND_CANDIDATES) * BAND_PROBE_STEPS * warm_step * min(BAND_PROBE_IMAGES, s.num_images)
+             / min(s.batch_size, s.num_images)) if s.band == "auto" else 0.0
     stages = {
-        "synthesis": warm * warm_step + (s.steps - warm) * costs.synth_step,
+        "synthesis": probe + warm * warm_step + (s.steps - warm) * costs.synth_step,
         "calibration": 2 * train_images * costs.forward_image * num_students,
         "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * costs.kd_step,

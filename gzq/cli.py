@@ -116,7 +116,8 @@ def _format_health(report: dict) -> str:
         return "synthetic images: from a given source"
     ll = h["final_bn_log_likelihood"]
     line = (f"synthetic images: the teacher gives {h['label_agreement']:.1f} % of them their intended class; "
-            f"BN log-likelihood {'-' if ll is None else f'{ll:.2f}'}; flips {'on' if h['flip'] else 'off'}")
+            f"BN log-likelihood {'-' if ll is None else f'{ll:.2f}'}; flips {'on' if h['flip'] else 'off'}"
+            + (f"; frequency band {h['band']:g}" if h.get("band", 1) != 1 else ""))
     return "\n".join([line] + [f"WARNING: {w}" for w in report.get("warnings", [])])
 
 

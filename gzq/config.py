@@ -221,6 +221,13 @@ class QuantSpec(_Serialisable):
         return cls(w_bits=int(m.group(1)), a_bits=int(m.group(2)), protocol=protocol)
 
 
+#: synth.band=auto (gzq.synthesis.choose_band): the bands probed, widest first (the probe stops at the first
+#: that matches the BN statistics worse than the one before), and each probe's images and teacher-only steps
+BAND_CANDIDATES = (1.0, 0.5, 0.25, 0.125)
+BAND_PROBE_IMAGES = 32
+BAND_PROBE_STEPS = 40
+
+
 @dataclass
 class SynthConfig(_Serialisable):
     """Image synthesis (docs/design.md 2.1-2.4).
@@ -242,8 +249,10 @@ class SynthConfig(_Serialisable):
     image_basis: ImageBasis = ImageBasis.SPECTRAL  # chosen on the zoo's confirmation set (README, "Spectral
                                                    # image basis")
     spectral_decay: float = 1.0    # the power of 1/f that scales each DCT coefficient (image_basis=spectral)
-    band: float = 1.0              # the share of the frequencies along each axis the images may hold (spectral
-                                   # basis; 1 = all): 0.125 at 224 px holds what a 28-px image upsampled holds
+    band: float | str = 1.0        # the share of the frequencies along each axis the images may hold (spectral
+                                   # basis; 1 = all): 0.125 at 224 px holds what a 28-px image upsampled holds;
+                                   # "auto": the band whose images best match the teacher's BN statistics in a
+                                   # short probe (gzq.synthesis.choose_band)
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
@@ -284,11 +293,17 @@ class SynthConfig(_Serialisable):
         self.image_param, self.bn_loss = ImageParam(self.image_param), BNLoss(self.bn_loss)
         self.image_basis = ImageBasis(self.image_basis)
         _check_positive("spectral_decay", self.spectral_decay, allow_zero=True)
-        _check_range("band", self.band, 0.0, 1.0)
-        if self.band == 0:
-            raise ValueError("synth.band must be > 0 (the share of the frequencies the images may hold)")
-        if self.band < 1 and ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
-            raise ValueError("synth.band < 1 needs synth.image_basis=spectral (it limits the DCT coefficients)")
+        if self.band != "auto":
+            try:
+                self.band = float(self.band)
+            except (TypeError, ValueError):
+                raise ValueError(f"synth.band must be a number in (0, 1] or auto, got {self.band!r}") from None
+            if not 0 < self.band <= 1:
+                raise ValueError(f"synth.band must be in (0, 1] (the share of the frequencies the images may hold) "
+                                 f"or auto, got {self.band}")
+        if self.band != 1 and ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
+            raise ValueError("synth.band other than 1 needs synth.image_basis=spectral (it limits the DCT "
+                             "coefficients)")
         self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)
         if isinstance(self.flip, bool):   # flip=true/false from the command line or an older config
             self.flip = FlipMode.ON if self.flip else FlipMode.OFF

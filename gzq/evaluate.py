@@ -115,13 +115,15 @@ MIN_LABEL_AGREEMENT = 90.0
 
 def synthesis_health(report: dict, synth) -> dict:
     """Signals that the synthetic images are fit to train on: the teacher's agreement with their labels (on
-    fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, and the
-    flip decision."""
+    fresh draws of held-out images), the final BN log-likelihood, the CE weight the recipe ended on, the
+    flip decision, and the images' frequency band (with the BN loss per band probed under synth.band=auto)."""
     h = synth.history
     return dict(label_agreement=report["teacher"]["synthetic_label_agreement"],
                 final_bn_log_likelihood=h["bn_ll"][-1] if h.get("bn_ll") else None,
                 final_ce_weight=h["ce_weight"][-1] if h.get("ce_weight") else None,
-                flip=synth.flip, jitter_pixels=synth.jitter, flip_check=synth.flip_check)
+                flip=synth.flip, jitter_pixels=synth.jitter, flip_check=synth.flip_check,
+                band=synth.band,
+                band_probe={str(b): round(v, 5) for b, v in synth.band_probe.items()} if synth.band_probe else None)
 
 
 def health_warnings(health: dict) -> list[str]:

@@ -26,6 +26,7 @@ a wrapped roll, and a teacher that is not mirror-invariant cannot hold it under 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -41,8 +42,16 @@ from . import dist
 from .accel import autocast
 from .augment import augment, coarse_size, jitter_pixels, resize
 from .bn import BNStatsRecorder, bn_losses
-from .config import ActInit, FlipMode, SynthConfig, VRule
-from .events import Message, Preview, Progress, StageStarted, Stopped
+from .config import (
+    BAND_CANDIDATES,
+    BAND_PROBE_IMAGES,
+    BAND_PROBE_STEPS,
+    ActInit,
+    FlipMode,
+    SynthConfig,
+    VRule,
+)
+from .events import Message, Preview, Progress, StageStarted, Stopped, drain
 from .images import SyntheticImages
 from .losses import ensemble_log_probs, kl_teacher_student, total_variation
 from .models import Teacher
@@ -158,6 +167,38 @@ def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
     return check["flipped_label_agreement"] >= min_ratio * check["label_agreement"]
 
 
+def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: int = 0,
+                stop: Callable[[], bool] = lambda: False) -> tuple[float | None, dict[float, float]]:
+    """synth.band=auto: the share of the image frequencies the synthesis keeps (SynthConfig.band), chosen by the
+    GZNQ objective itself. For each band of BAND_CANDIDATES, widest first, a short synthesis (BAND_PROBE_IMAGES
+    images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms images in that band; the
+    band whose images leave the lowest BN loss (the normalised likelihood, gzq.bn.bn_losses) wins. The probe
+    stops at the first band that does worse than the one before; with `stop` set midway it returns (None, ...).
+
+    A teacher trained on images with detail up to its input's resolution (a plain 28-px model, one trained on
+    ImageNet at 224) needs the fine frequencies to reach its first layers' statistics, and keeps the full
+    band; one trained on small images upsampled (28-px images at 224) is matched best by images that hold no
+    more detail than its data did, and wider bands only add detail it never saw. Returns (band, {band: BN
+    loss}). Every rank probes its shard and takes rank 0's choice."""
+    n = min(BAND_PROBE_IMAGES, cfg.num_images)
+    losses: dict[float, float] = {}
+    for band in BAND_CANDIDATES:
+        probe = dataclasses.replace(cfg, num_images=n, holdout_images=0, batch_size=n, steps=BAND_PROBE_STEPS,
+                                    warmup_steps=BAND_PROBE_STEPS, adversarial=False, band=band,
+                                    preview_every=BAND_PROBE_STEPS)
+        _, res = drain(iter_synthesize(teacher, {}, probe, device, seed + 104729, stop), keep=False)
+        if res.steps_done < BAND_PROBE_STEPS:   # stopped
+            return None, losses
+        with torch.no_grad(), BNStatsRecorder(teacher.model) as rec:
+            teacher.model(res.images(torch.arange(len(res.images.labels), device=device), noise=False))
+            loss, _ = bn_losses(rec, cfg.bn_loss, cfg.n_rule, cfg.v_rule, normalize=cfg.bn_normalize)
+        losses[band] = float(loss)
+        if len(losses) > 1 and losses[band] >= list(losses.values())[-2]:
+            break
+    best = min(losses, key=losses.get)
+    return dist.broadcast_object(best), losses
+
+
 @dataclass
 class SynthResult:
     images: SyntheticImages
@@ -170,6 +211,8 @@ class SynthResult:
     flip_check: dict[str, float] | None = None   # the teacher's labels on the image means, upright and mirrored,
                                                  # and on the augmented batches, at the end of the warm-up
     jitter: int = 0               # the roll in pixels used at the end (0 once the augmentation check drops it)
+    band: float = 1.0             # the share of the frequencies the images hold (SynthConfig.band, resolved)
+    band_probe: dict[float, float] | None = None   # synth.band=auto: the BN loss the probe reached per band
 
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
@@ -192,6 +235,15 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     """
     if not cfg.adversarial:
         students = {}
+    band_probe = None
+    if cfg.band == "auto":
+        yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
+                      f"{min(BAND_PROBE_IMAGES, cfg.num_images)} images x {BAND_PROBE_STEPS} steps")
+        band, band_probe = choose_band(teacher, cfg, device, seed, stop)
+        cfg = dataclasses.replace(cfg, band=1.0 if band is None else band)   # None: stopped, as the loop will see
+        if band is not None:
+            probed = ", ".join(f"{b:g}: {v:.4f}" for b, v in band_probe.items())
+            yield Message(f"image band: {band:g} of the frequencies (BN loss after a short probe, per band: {probed})")
     boot_gens = {n: torch.Generator().manual_seed(seed * 1000 + i + 11) for i, n in enumerate(students) if n in bootstrap}
     gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -241,7 +293,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             if stop():
                 yield Stopped("synthesis", step)
                 return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
-                                   flip, checked, jitter)
+                                   flip, checked, jitter, cfg.band, band_probe)
             if cursor + batch > k_own:
                 perm, cursor = torch.randperm(k_own, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
@@ -331,4 +383,4 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             dist.check_identical(s, "a synthesis student")
     return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked,
-                       jitter)
+                       jitter, cfg.band, band_probe)

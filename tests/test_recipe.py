@@ -165,13 +165,17 @@ def test_flip_mode_accepts_booleans_and_validates():
 
 
 def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
-    cfg = make_config("cpu")
+    cfg = override(make_config("cpu"), "synth.band=1")
     costs = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3)
     full = estimate(cfg, costs, num_students=2)
     assert full.per_stage["synthesis"] == pytest.approx(300.0) and full.seconds > 300
     # warm-up steps (the teacher alone, at the coarse size where there is one) priced at their own cost
     cheap_warmup = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3, warmup_step=0.25)
     assert estimate(cfg, cheap_warmup, 2).per_stage["synthesis"] == pytest.approx(100 * 0.25 + 200 * 1.0)
+    # synth.band=auto first probes up to 4 bands with 32 images x 40 teacher-only steps each
+    probe = 4 * 40 * 0.25 * 32 / cfg.synth.batch_size
+    assert (estimate(override(cfg, "synth.band=auto"), cheap_warmup, 2).per_stage["synthesis"]
+            == pytest.approx(probe + 100 * 0.25 + 200 * 1.0))
     fitted, est = fit_budget(cfg, costs, 2, seconds=full.seconds / 3)
     assert est.seconds <= full.seconds / 3 and fitted.synth.steps < 300 and fitted.synth.num_images < 256
     assert fitted.synth.warmup_steps == round(fitted.synth.steps / 3)

@@ -289,3 +289,36 @@ def test_band_limited_images_hold_no_frequency_above_the_band(default_teacher):
         SynthConfig(band=0.5, image_basis="pixel")
     with pytest.raises(ValueError, match="band"):
         SynthConfig(band=0)
+
+
+@pytest.mark.slow
+def test_band_auto_keeps_the_full_band_natively_and_narrows_it_for_an_upsampled_teacher(default_teacher):
+    """synth.band=auto: the bundled 28-px model needs its fine frequencies; the same network reading a
+    downsized view of 112-px inputs (a teacher of upsampled images) is matched better by narrower images."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from gzq.events import Message
+    from gzq.synthesis import choose_band
+
+    class Downsized(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(F.interpolate(x, size=(28, 28), mode="bilinear", antialias=True, align_corners=False))
+
+    cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=4, warmup_steps=4, band="auto")
+    events, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    assert result.band == 1.0 and set(result.band_probe) == {1.0, 0.5}
+    assert result.band_probe[1.0] < result.band_probe[0.5]
+    assert any(isinstance(e, Message) and "image band: 1 " in e.text for e in events)
+    big = dataclasses.replace(default_teacher, model=Downsized(default_teacher.model).eval(), input_size=(1, 112, 112))
+    band, losses = choose_band(big, cfg, torch.device("cpu"))
+    assert band < 1 and losses[band] < losses[1.0]
+    assert SynthConfig(band="0.25").band == 0.25
+    with pytest.raises(ValueError, match="band"):
+        SynthConfig(band="wide")
