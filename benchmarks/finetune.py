@@ -16,6 +16,7 @@ synthetic images).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -37,7 +38,7 @@ from gzq.events import drain  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
 from gzq.presets import make_config, resolve_device  # noqa: E402
-from gzq.synthesis import SynthResult, SyntheticImages, iter_synthesize  # noqa: E402
+from gzq.synthesis import SynthResult, SyntheticImages, choose_band, iter_synthesize  # noqa: E402
 
 
 def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
@@ -68,7 +69,9 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
                      synth_set: tuple[str, ...] = ()):
     """The images every method shares: synthesised once per (model, synthesis config, seed) and cached; the
     file name carries a hash of the config, so a changed recipe never reuses images made by an older one.
-    synth_set: "synth.FIELD=VALUE" overrides of that synthesis (the --set items of the synth section)."""
+    synth_set: "synth.FIELD=VALUE" overrides of that synthesis (the --set items of the synth section).
+    synth.band=auto is resolved first (its probe cached beside the images), so the images are keyed by the band
+    it picked: where that is the full band, the images made before the probe existed are reused."""
     cfg = SynthConfig(num_images=images, holdout_images=max(images // 8, 1), batch_size=min(96, images),
                       steps=steps, warmup_steps=steps // 3, adversarial=False)
     given = override(RunConfig(synth=cfg), *synth_set).synth
@@ -79,13 +82,22 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     cfg = given
     dev = resolve_device("auto")
     teacher = load_teacher(spec, dev)
-    cache = cache_dir / f"{name}_{images}_{steps}_{seed}_{digest(synth_key(cfg, teacher.input_size))}.pt"
+    stem = f"{name}_{images}_{steps}_{seed}"
+    probe = None
+    if cfg.band == "auto":   # resolved first (and cached), so the images are those of the band it picks
+        probe_file = cache_dir / f"{stem}_{digest(synth_key(cfg, teacher.input_size))}.band.json"
+        if not probe_file.exists():
+            band, losses = choose_band(teacher, cfg, dev, seed)
+            probe_file.parent.mkdir(parents=True, exist_ok=True)
+            probe_file.write_text(json.dumps(dict(band=band, losses={str(b): v for b, v in losses.items()})))
+        probe = json.loads(probe_file.read_text())
+        cfg = dataclasses.replace(cfg, band=probe["band"])
+    cache = cache_dir / f"{stem}_{digest(synth_key(cfg, teacher.input_size))}.pt"
     if not cache.exists():
         _, res = drain(iter_synthesize(teacher, {}, cfg, dev, seed), keep=False)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(dict(state=res.images.state_dict(), train=res.train_idx.cpu(), hold=res.holdout_idx.cpu(),
-                        flip=res.flip, jitter=res.jitter, steps=res.steps_done, band=res.band, band_probe=res.band_probe),
-                   cache)
+                        flip=res.flip, jitter=res.jitter, steps=res.steps_done), cache)
     saved = torch.load(cache)
 
     def make(teacher, device) -> SynthResult:
@@ -94,7 +106,7 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
         images.load_state_dict(saved["state"])
         return SynthResult(images.to(device), saved["train"], saved["hold"], False, saved["steps"],
                            {"bn_ll": [], "ce": []}, flip=saved["flip"], jitter=saved["jitter"],
-                           band=saved.get("band", 1.0), band_probe=saved.get("band_probe"))
+                           band=cfg.band, band_probe=probe and {float(b): v for b, v in probe["losses"].items()})
     return make
 
 

@@ -249,10 +249,10 @@ class SynthConfig(_Serialisable):
     image_basis: ImageBasis = ImageBasis.SPECTRAL  # chosen on the zoo's confirmation set (README, "Spectral
                                                    # image basis")
     spectral_decay: float = 1.0    # the power of 1/f that scales each DCT coefficient (image_basis=spectral)
-    band: float | str = 1.0        # the share of the frequencies along each axis the images may hold (spectral
+    band: float | str = "auto"     # the share of the frequencies along each axis the images may hold (spectral
                                    # basis; 1 = all): 0.125 at 224 px holds what a 28-px image upsampled holds;
                                    # "auto": the band whose images best match the teacher's BN statistics in a
-                                   # short probe (gzq.synthesis.choose_band)
+                                   # short probe (gzq.synthesis.choose_band; README "The images' frequency band")
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
@@ -301,9 +301,12 @@ class SynthConfig(_Serialisable):
             if not 0 < self.band <= 1:
                 raise ValueError(f"synth.band must be in (0, 1] (the share of the frequencies the images may hold) "
                                  f"or auto, got {self.band}")
-        if self.band != 1 and ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
-            raise ValueError("synth.band other than 1 needs synth.image_basis=spectral (it limits the DCT "
-                             "coefficients)")
+        if ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
+            if self.band == "auto":   # the pixel basis has no frequencies to limit
+                self.band = 1.0
+            elif self.band != 1:
+                raise ValueError("synth.band other than 1 needs synth.image_basis=spectral (it limits the DCT "
+                                 "coefficients)")
         self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)
         if isinstance(self.flip, bool):   # flip=true/false from the command line or an older config
             self.flip = FlipMode.ON if self.flip else FlipMode.OFF

@@ -130,3 +130,9 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
     assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 2
     synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.label_smoothing=0.1",))
     assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 3
+    # synth.band=auto (the default) is resolved before the images are keyed: the band it picked, given
+    # explicitly, finds the same images
+    bands = {json.loads(p.read_text())["band"] for p in tmp_path.glob("default_16_2_0_*.band.json")}
+    assert bands == {1.0}
+    synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.band=1",))
+    assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 3

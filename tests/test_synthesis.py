@@ -12,7 +12,8 @@ from gzq.synthesis import balanced_labels, iter_synthesize
 
 
 def test_synthesis_raises_bn_log_likelihood(default_teacher):
-    cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=25, warmup_steps=25, preview_every=5)
+    cfg = SynthConfig(num_images=32, holdout_images=0, batch_size=32, steps=25, warmup_steps=25, preview_every=5,
+                      band=1.0)
     events, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
     progress = [e for e in events if isinstance(e, Progress)]
     assert isinstance(events[0], StageStarted) and len(progress) == 25
@@ -45,9 +46,13 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
     assert torch.equal(a.images.mean, b.images.mean)
     calls = []
     stop = lambda: (calls.append(1), len(calls) > 2)[1]  # noqa: E731
+    events, result = drain(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50,
+                                                                          band=1.0), torch.device("cpu"), stop=stop))
+    assert isinstance(events[-1], Stopped) and result.steps_done == 2
+    calls.clear()   # a stop during the band probe (synth.band=auto) stops the run before its first step
     events, result = drain(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
                                           torch.device("cpu"), stop=stop))
-    assert isinstance(events[-1], Stopped) and result.steps_done == 2
+    assert isinstance(events[-1], Stopped) and result.steps_done == 0 and len(calls) <= 4
     assert all(not m._forward_pre_hooks for m in default_teacher.model.modules())   # hooks freed
 
 
@@ -208,7 +213,7 @@ def test_coarse_warmup_shows_the_teacher_smaller_images_then_full_size(default_t
     seen = []
     hook = default_teacher.model.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     cfg = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=5, warmup_steps=3, coarse_scale=0.5,
-                      coarse_min_side=8, augment_check_at=1.0)
+                      coarse_min_side=8, augment_check_at=1.0, band=1.0)
     try:
         _, result = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu"), seed=0))
     finally:
