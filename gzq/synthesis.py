@@ -235,6 +235,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     """
     if not cfg.adversarial:
         students = {}
+    yield StageStarted("synthesis", cfg.steps, f"{cfg.num_images} images, {len(students)} students, "
+                                               f"{cfg.bn_loss.value} BN loss")
     band_probe = None
     if cfg.band == "auto":
         yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
@@ -285,7 +287,6 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     recorder = BNStatsRecorder(teacher.model, need_m4=cfg.v_rule == VRule.EMPIRICAL,
                                across_ranks=cfg.global_bn_stats and world > 1)
     bn_weight = world if recorder.across_ranks else 1
-    yield StageStarted("synthesis", cfg.steps, f"{k} images, {len(students)} students, {cfg.bn_loss.value} BN loss")
     t0 = time.perf_counter()
     step = 0
     try:
