@@ -302,9 +302,7 @@ class SynthConfig(_Serialisable):
                 raise ValueError(f"synth.band must be in (0, 1] (the share of the frequencies the images may hold) "
                                  f"or auto, got {self.band}")
         if ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
-            if self.band == "auto":   # the pixel basis has no frequencies to limit
-                self.band = 1.0
-            elif self.band != 1:
+            if self.band not in ("auto", 1):   # auto: the pixel basis has no band to limit, so it keeps all
                 raise ValueError("synth.band other than 1 needs synth.image_basis=spectral (it limits the DCT "
                                  "coefficients)")
         self.v_rule, self.n_rule = VRule(self.v_rule), NRule(self.n_rule)

@@ -59,10 +59,14 @@ def unit_outputs(model: nn.Module, names: list[str]):
             h.remove()
 
 
-def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: torch.Tensor):
-    """(BN-folded copy of the teacher, names of the units both it and every student call) for feature KD."""
-    ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
-    fold_bn_(ref, example)
+def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: torch.Tensor,
+                     reference: nn.Module | None = None):
+    """(BN-folded copy of the teacher, names of the units both it and every student call) for feature KD.
+    `reference`: such a copy made already (the pipeline makes it before it hooks the models for stopping)."""
+    ref = reference
+    if ref is None:
+        ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
+        fold_bn_(ref, example)
     names = find_units(ref, example)
     for s in students.values():
         names = [n for n in names if n in set(find_units(s, example))]
@@ -74,10 +78,12 @@ def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: 
 
 def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Module, train_idx: torch.Tensor,
                  cfg: TrainConfig, device: torch.device, jitter: int = 0, flip: bool = False, seed: int = 0,
-                 stop: Callable[[], bool] = lambda: False, amp: bool = False, compile: bool = False) -> Iterator:
+                 stop: Callable[[], bool] = lambda: False, amp: bool = False, compile: bool = False,
+                 reference: nn.Module | None = None) -> Iterator:
     """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run.
 
     amp: bf16 autocast of the forwards; compile: torch.compile the teacher's and students' forwards (gzq.accel).
+    reference: the BN-folded teacher that feature KD (cfg.feature_kd) matches; made here when not given.
     """
     gen = torch.Generator().manual_seed(seed + 7)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 8)
@@ -98,7 +104,7 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
     if cfg.feature_kd > 0:
         with torch.no_grad():
             example = images(train_idx[:2].to(device), noise=False)
-        t_model, units = folded_reference(teacher, students, example)
+        t_model, units = folded_reference(teacher, students, example, reference)
     t_fwd = compiled(t_model, compile)
     fwd = {name: compiled(s, compile) for name, s in students.items()}
     yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")

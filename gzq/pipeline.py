@@ -179,8 +179,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         check_stop(stop_fn)
         methods = {n: cfg.train.method_for(specs[n]) for n in students}
         reference = None
-        if any(m.recon for m in methods.values()):   # the float network in the students' shape (BN folded): what
-            reference = copy.deepcopy(teacher.model).requires_grad_(False)    # block reconstruction matches
+        if any(m.recon for m in methods.values()) or cfg.train.feature_kd > 0:   # the float network in the
+            # students' shape (BN folded): what block reconstruction and unit-output KD match
+            reference = copy.deepcopy(teacher.model).requires_grad_(False)
             fold_bn_(reference, example)
         if cfg.channels_last:
             for m in (teacher.model, reference, *students.values()):
@@ -259,7 +260,6 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             settings = recon_settings(cfg.train, len(synth.train_idx))
             steps = yield from iter_reconstruct(reference, recon, draw, synth.train_idx, settings, device, cfg.seed,
                                                 stop_fn)
-            reference = None
             timings["reconstruct"] = time.perf_counter() - t
             if steps == 0 or stop_fn():
                 return
@@ -267,7 +267,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if kd:
             t = time.perf_counter()
             steps = yield from iter_distill(teacher, kd, synth.images, synth.train_idx, cfg.train, device,
-                                            jitter, synth.flip, cfg.seed, stop_fn, amp=cfg.amp, compile=cfg.compile)
+                                            jitter, synth.flip, cfg.seed, stop_fn, amp=cfg.amp, compile=cfg.compile,
+                                            reference=reference)
+            reference = None
             timings["finetune"] = time.perf_counter() - t
             if cfg.train.epochs and steps == 0 or stop_fn():
                 return

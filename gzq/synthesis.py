@@ -48,6 +48,7 @@ from .config import (
     BAND_PROBE_STEPS,
     ActInit,
     FlipMode,
+    ImageBasis,
     SynthConfig,
     VRule,
 )
@@ -168,7 +169,7 @@ def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
 
 
 def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: int = 0,
-                stop: Callable[[], bool] = lambda: False) -> tuple[float | None, dict[float, float]]:
+                stop: Callable[[], bool] = lambda: False, amp: bool = False) -> tuple[float | None, dict[float, float]]:
     """synth.band=auto: the share of the image frequencies the synthesis keeps (SynthConfig.band), chosen by the
     GZNQ objective itself. For each band of BAND_CANDIDATES, widest first, a short synthesis (BAND_PROBE_IMAGES
     images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms images in that band; the
@@ -179,24 +180,27 @@ def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: 
     ImageNet at 224) needs the fine frequencies to reach its first layers' statistics, and keeps the full
     band; one trained on small images upsampled (28-px images at 224) is matched best by images that hold no
     more detail than its data did, and wider bands only add detail it never saw. Returns (band, {band: BN
-    loss}). Every rank probes its shard and takes rank 0's choice."""
-    n = min(BAND_PROBE_IMAGES, cfg.num_images)
+    loss}); (1, {}) without probing in the pixel basis, which has no band to limit, or for a synthesis of no
+    steps. Every rank probes its shard of the probe's images and follows rank 0's losses, so all ranks probe
+    the same bands and pick the same one. The probe runs at full size (no coarse warm-up)."""
+    if cfg.image_basis != ImageBasis.SPECTRAL or cfg.steps == 0:
+        return 1.0, {}
+    n = min(max(BAND_PROBE_IMAGES, dist.world_size()), cfg.num_images)   # at least one image per rank
     losses: dict[float, float] = {}
     for band in BAND_CANDIDATES:
         probe = dataclasses.replace(cfg, num_images=n, holdout_images=0, batch_size=n, steps=BAND_PROBE_STEPS,
                                     warmup_steps=BAND_PROBE_STEPS, adversarial=False, band=band,
-                                    preview_every=BAND_PROBE_STEPS)
-        _, res = drain(iter_synthesize(teacher, {}, probe, device, seed + 104729, stop), keep=False)
+                                    preview_every=BAND_PROBE_STEPS, coarse_scale=1.0)
+        _, res = drain(iter_synthesize(teacher, {}, probe, device, seed + 104729, stop, amp=amp), keep=False)
         if res.steps_done < BAND_PROBE_STEPS:   # stopped
             return None, losses
         with torch.no_grad(), BNStatsRecorder(teacher.model) as rec:
             teacher.model(res.images(torch.arange(len(res.images.labels), device=device), noise=False))
             loss, _ = bn_losses(rec, cfg.bn_loss, cfg.n_rule, cfg.v_rule, normalize=cfg.bn_normalize)
-        losses[band] = float(loss)
+        losses[band] = dist.broadcast_object(float(loss))
         if len(losses) > 1 and losses[band] >= list(losses.values())[-2]:
             break
-    best = min(losses, key=losses.get)
-    return dist.broadcast_object(best), losses
+    return min(losses, key=losses.get), losses
 
 
 @dataclass
@@ -239,11 +243,12 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                                                f"{cfg.bn_loss.value} BN loss")
     band_probe = None
     if cfg.band == "auto":
-        yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
-                      f"{min(BAND_PROBE_IMAGES, cfg.num_images)} images x {BAND_PROBE_STEPS} steps")
-        band, band_probe = choose_band(teacher, cfg, device, seed, stop)
+        if cfg.image_basis == ImageBasis.SPECTRAL and cfg.steps:
+            yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
+                          f"{min(BAND_PROBE_IMAGES, cfg.num_images)} images x {BAND_PROBE_STEPS} steps")
+        band, band_probe = choose_band(teacher, cfg, device, seed, stop, amp)
         cfg = dataclasses.replace(cfg, band=1.0 if band is None else band)   # None: stopped, as the loop will see
-        if band is not None:
+        if band_probe and band is not None:
             probed = ", ".join(f"{b:g}: {v:.4f}" for b, v in band_probe.items())
             yield Message(f"image band: {band:g} of the frequencies (BN loss after a short probe, per band: {probed})")
     boot_gens = {n: torch.Generator().manual_seed(seed * 1000 + i + 11) for i, n in enumerate(students) if n in bootstrap}

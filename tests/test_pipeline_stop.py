@@ -60,3 +60,15 @@ def test_a_stop_inside_a_synthesis_pass_ends_the_run_with_stopped(tmp_path):
         gzq.run(cfg, tmp_path / "run2", stop=lambda: True)
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run2.partial").exists()
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+@pytest.mark.slow
+def test_feature_kd_runs_under_the_apps_stop_event(tmp_path):
+    """Unit-output KD needs a BN-folded copy of the teacher; made after the stop hooks (which hold the app's
+    threading.Event) it could not be copied. The run finishes and its W4A4 student trained."""
+    cfg = make_config("cpu", device="cpu", students=["w4a4"],
+                      synth=dict(num_images=16, holdout_images=2, batch_size=16, steps=4, warmup_steps=4),
+                      train=dict(epochs=2, feature_kd=1.0), export=dict(formats=[]))
+    report = gzq.run(cfg, tmp_path / "run", stop=threading.Event())
+    (row,) = report["students"]
+    assert row["name"] == "w4a4" and row["finetune"] == "kd" and 0 < row["accuracy"] <= 100

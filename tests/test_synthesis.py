@@ -327,3 +327,13 @@ def test_band_auto_keeps_the_full_band_natively_and_narrows_it_for_an_upsampled_
     assert SynthConfig(band="0.25").band == 0.25
     with pytest.raises(ValueError, match="band"):
         SynthConfig(band="wide")
+
+
+def test_band_auto_needs_no_probe_in_the_pixel_basis_or_without_steps(default_teacher):
+    from gzq.synthesis import choose_band
+    pixel = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=2, warmup_steps=2, image_basis="pixel")
+    assert pixel.band == "auto" and choose_band(default_teacher, pixel, torch.device("cpu")) == (1.0, {})
+    _, result = drain(iter_synthesize(default_teacher, {}, pixel, torch.device("cpu")))
+    assert result.band == 1.0 and result.band_probe == {}
+    idle = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=0, warmup_steps=0)
+    assert choose_band(default_teacher, idle, torch.device("cpu")) == (1.0, {})

@@ -19,6 +19,7 @@ from ..config import (
     BAND_PROBE_IMAGES,
     BAND_PROBE_STEPS,
     EvalConfig,
+    ImageBasis,
     RunConfig,
 )
 from ..presets import resolve_device
@@ -99,7 +100,7 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     # size costs its share of the area); once the students have joined, each student's pass, the images'
     # gradient through it and its own update (about 3 passes)
     synthesis = batch * ((s.steps - warm + warm * area) * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
-    if s.band == "auto":   # the band probe: up to every candidate band, teacher-only steps on a few images
+    if s.band == "auto" and s.image_basis == ImageBasis.SPECTRAL and s.steps:   # the band probe: up to every candidate band, teacher-only steps on a few images
         synthesis += (len(BAND_CANDIDATES) * BAND_PROBE_STEPS * min(BAND_PROBE_IMAGES, s.num_images)
                       * 1.5 * p.teacher_step)
     n_train = s.num_images - s.holdout_images
