@@ -17,16 +17,7 @@ import torch.nn.functional as F
 
 from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
-from .config import (
-    BAND_CANDIDATES,
-    BAND_PROBE_IMAGES,
-    BAND_PROBE_STEPS,
-    ImageBasis,
-    RunConfig,
-    SynthConfig,
-    scaled_synth,
-    student_specs,
-)
+from .config import RunConfig, SynthConfig, scaled_synth, student_specs
 from .images import SyntheticImages
 from .losses import total_variation
 from .optim import adam
@@ -158,8 +149,7 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     warm = min(s.warmup_steps, s.steps)
     warm_step = costs.synth_step if costs.warmup_step is None else costs.warmup_step
     # synth.band=auto first forms a few images in each candidate band (priced as if every band were probed)
-    probe = (len(BAND_CANDIDATES) * BAND_PROBE_STEPS * warm_step * min(BAND_PROBE_IMAGES, s.num_images)
-             / min(s.batch_size, s.num_images)) if s.band == "auto" and s.image_basis == ImageBasis.SPECTRAL and s.steps else 0.0
+    probe = s.band_probe_image_steps() * warm_step / min(s.batch_size, s.num_images)
     stages = {
         "synthesis": probe + warm * warm_step + (s.steps - warm) * costs.synth_step,
         "calibration": 2 * train_images * costs.forward_image * num_students,

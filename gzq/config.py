@@ -333,6 +333,17 @@ class SynthConfig(_Serialisable):
         if self.num_images < 2:
             raise ValueError(f"num_images must be >= 2 (batch statistics need a batch), got {self.num_images}")
 
+    @property
+    def probes_band(self) -> bool:
+        """Whether synthesis first probes the images' band (gzq.synthesis.choose_band): band=auto in the spectral
+        basis (the pixel basis has no band to limit), with steps to run."""
+        return self.band == "auto" and self.image_basis == ImageBasis.SPECTRAL and self.steps > 0
+
+    def band_probe_image_steps(self) -> int:
+        """Images x teacher-only steps the band probe runs at most (every candidate band); 0 without a probe."""
+        return len(BAND_CANDIDATES) * BAND_PROBE_STEPS * min(BAND_PROBE_IMAGES, self.num_images) if self.probes_band \
+            else 0
+
 
 @dataclass
 class TrainConfig(_Serialisable):

@@ -48,7 +48,6 @@ from .config import (
     BAND_PROBE_STEPS,
     ActInit,
     FlipMode,
-    ImageBasis,
     SynthConfig,
     VRule,
 )
@@ -183,7 +182,7 @@ def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: 
     loss}); (1, {}) without probing in the pixel basis, which has no band to limit, or for a synthesis of no
     steps. Every rank probes its shard of the probe's images and follows rank 0's losses, so all ranks probe
     the same bands and pick the same one. The probe runs at full size (no coarse warm-up)."""
-    if cfg.image_basis != ImageBasis.SPECTRAL or cfg.steps == 0:
+    if not cfg.probes_band:
         return 1.0, {}
     n = min(max(BAND_PROBE_IMAGES, dist.world_size()), cfg.num_images)   # at least one image per rank
     losses: dict[float, float] = {}
@@ -243,7 +242,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                                                f"{cfg.bn_loss.value} BN loss")
     band_probe = None
     if cfg.band == "auto":
-        if cfg.image_basis == ImageBasis.SPECTRAL and cfg.steps:
+        if cfg.probes_band:
             yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
                           f"{min(BAND_PROBE_IMAGES, cfg.num_images)} images x {BAND_PROBE_STEPS} steps")
         band, band_probe = choose_band(teacher, cfg, device, seed, stop, amp)

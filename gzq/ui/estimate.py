@@ -14,14 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..augment import coarse_size
-from ..config import (
-    BAND_CANDIDATES,
-    BAND_PROBE_IMAGES,
-    BAND_PROBE_STEPS,
-    EvalConfig,
-    ImageBasis,
-    RunConfig,
-)
+from ..config import EvalConfig, RunConfig
 from ..presets import resolve_device
 
 RECON_BLOCKS = 20   # typical number of reconstruction units, for the estimate before the model is traced
@@ -100,9 +93,7 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     # size costs its share of the area); once the students have joined, each student's pass, the images'
     # gradient through it and its own update (about 3 passes)
     synthesis = batch * ((s.steps - warm + warm * area) * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
-    if s.band == "auto" and s.image_basis == ImageBasis.SPECTRAL and s.steps:   # the band probe: up to every candidate band, teacher-only steps on a few images
-        synthesis += (len(BAND_CANDIDATES) * BAND_PROBE_STEPS * min(BAND_PROBE_IMAGES, s.num_images)
-                      * 1.5 * p.teacher_step)
+    synthesis += s.band_probe_image_steps() * 1.5 * p.teacher_step   # synth.band=auto: teacher-only probe steps
     n_train = s.num_images - s.holdout_images
     methods = [tr.method_for(spec) for spec in cfg.students]
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
