@@ -225,6 +225,21 @@ _QDQ_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Tr
 _NO_INT4_BEFORE = ("Clip",)
 
 
+# ops that a QuantizeLinear must not read 4-bit codes after, through shape-only ops: onnxruntime propagates the
+# QuantizeLinear back across them and then runs them on the codes, and MaxPool has no 4-bit kernel (the model
+# fails to load)
+_NO_INT4_AFTER = ("MaxPool",)
+
+
+def _after_op(name: str, producer: dict, ops: tuple[str, ...]) -> bool:
+    """Whether tensor `name` comes from one of `ops`, directly or through shape-only ops (_QDQ_TRANSPARENT)."""
+    while (node := producer.get(name)) is not None and node.op_type in _QDQ_TRANSPARENT:
+        if node.op_type in ops:
+            return True
+        name = node.input[0]
+    return node is not None and node.op_type in ops
+
+
 def _input_quant(name: str, producer: dict, act_outs: dict) -> tuple[ActQuant, int] | None:
     """The activation quantizer (and its ONNX code type) whose dequantized output tensor `name` is, if any."""
     while name not in act_outs:
@@ -511,6 +526,7 @@ def export_onnx(student: nn.Module, path: str | Path, input_size, opset: int = 2
         else:
             a = tensors[int(key)] if kind == "t" else layers[int(key)].input_quant()
             int4 = not (getattr(producers.get(node.input[0]), "op_type", None) in _NO_INT4_BEFORE
+                        or _after_op(node.input[0], producers, _NO_INT4_AFTER)
                         or any(c.op_type in _QDQ_TRANSPARENT for c in consumers.get(node.output[0], ())))
             inits, nodes, t = _act_nodes(a, node.input[0], node.output[0], opset, int4)
             act_outs[node.output[0]] = (a, t)

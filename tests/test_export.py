@@ -545,3 +545,29 @@ def test_cli_export_flag():
     assert cfg.export.formats == [ExportFormat.ONNX] and cfg.export.opset == 17
     with pytest.raises(ValueError, match="export formats"):
         build_config(p.parse_args(["run", "--out", "x", "--device", "cpu", "--export", "tflite"]))
+
+
+def test_4bit_codes_after_a_maxpool_load_in_onnxruntime(tmp_path):
+    """A quantizer that reads a MaxPool's output (CSPNet's and DLA's stems): onnxruntime moves the
+    QuantizeLinear back across the MaxPool and would run the pool on uint4 codes, which it has no kernel for,
+    so the file must not store those codes as uint4."""
+    from torch import nn
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1), nn.MaxPool2d(3, 2, 1),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 10))
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 3, 32, 32))
+    s = create_student(m.eval(), QuantSpec(4, 4), torch.zeros(2, 3, 32, 32), "9")
+    calibrate_(s, [torch.randn(32, 3, 32, 32)])
+    dc = dict(architecture="sequential", model_kwargs={}, input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.25] * 3,
+              num_classes=10, class_names=None, first_conv="0", classifier="9")
+    info = export_onnx(s.eval(), tmp_path / "maxpool.onnx", (3, 32, 32), 21, dc)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
+    g = onnx.load(info["path"]).graph
+    assert {n.op_type for n in g.node} >= {"MaxPool", "QuantizeLinear"}
