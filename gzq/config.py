@@ -222,10 +222,15 @@ class QuantSpec(_Serialisable):
 
 
 #: synth.band=auto (gzq.synthesis.choose_band): the bands probed, widest first (the probe stops at the first
-#: that matches the BN statistics worse than the one before), and each probe's images and teacher-only steps
+#: that matches the BN statistics worse than the one before), and each probe's images (at most) and teacher-only
+#: steps. The probe of every band together holds at most BAND_PROBE_SHARE of the synthesis's images x steps, so
+#: that a budget fitted to a slow model does not go to the probe; one that would need fewer than
+#: BAND_PROBE_MIN_IMAGES images is not run, and the images keep the full band.
 BAND_CANDIDATES = (1.0, 0.5, 0.25, 0.125)
 BAND_PROBE_IMAGES = 32
 BAND_PROBE_STEPS = 40
+BAND_PROBE_SHARE = 0.3
+BAND_PROBE_MIN_IMAGES = 8
 
 
 @dataclass
@@ -333,16 +338,24 @@ class SynthConfig(_Serialisable):
         if self.num_images < 2:
             raise ValueError(f"num_images must be >= 2 (batch statistics need a batch), got {self.num_images}")
 
+    def band_probe_images(self) -> int:
+        """Images each band of the band probe forms (gzq.synthesis.choose_band); 0 where synthesis does not probe:
+        a band given, the pixel basis (no band to limit), no steps, or a synthesis too small for a probe of
+        BAND_PROBE_MIN_IMAGES within BAND_PROBE_SHARE of its images x steps (the images keep the full band)."""
+        if self.band != "auto" or self.image_basis != ImageBasis.SPECTRAL or self.steps <= 0:
+            return 0
+        share = int(BAND_PROBE_SHARE * self.num_images * self.steps / (len(BAND_CANDIDATES) * BAND_PROBE_STEPS))
+        n = min(BAND_PROBE_IMAGES, self.num_images, share)
+        return n if n >= BAND_PROBE_MIN_IMAGES else 0
+
     @property
     def probes_band(self) -> bool:
-        """Whether synthesis first probes the images' band (gzq.synthesis.choose_band): band=auto in the spectral
-        basis (the pixel basis has no band to limit), with steps to run."""
-        return self.band == "auto" and self.image_basis == ImageBasis.SPECTRAL and self.steps > 0
+        """Whether synthesis first probes the images' band (band_probe_images)."""
+        return self.band_probe_images() > 0
 
     def band_probe_image_steps(self) -> int:
         """Images x teacher-only steps the band probe runs at most (every candidate band); 0 without a probe."""
-        return len(BAND_CANDIDATES) * BAND_PROBE_STEPS * min(BAND_PROBE_IMAGES, self.num_images) if self.probes_band \
-            else 0
+        return len(BAND_CANDIDATES) * BAND_PROBE_STEPS * self.band_probe_images()
 
 
 @dataclass

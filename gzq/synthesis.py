@@ -44,10 +44,10 @@ from .augment import augment, coarse_size, jitter_pixels, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import (
     BAND_CANDIDATES,
-    BAND_PROBE_IMAGES,
     BAND_PROBE_STEPS,
     ActInit,
     FlipMode,
+    ImageBasis,
     SynthConfig,
     VRule,
 )
@@ -170,8 +170,8 @@ def flips_are_valid(check: dict[str, float], min_ratio: float = 0.9) -> bool:
 def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: int = 0,
                 stop: Callable[[], bool] = lambda: False, amp: bool = False) -> tuple[float | None, dict[float, float]]:
     """synth.band=auto: the share of the image frequencies the synthesis keeps (SynthConfig.band), chosen by the
-    GZNQ objective itself. For each band of BAND_CANDIDATES, widest first, a short synthesis (BAND_PROBE_IMAGES
-    images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms images in that band; the
+    GZNQ objective itself. For each band of BAND_CANDIDATES, widest first, a short synthesis
+    (cfg.band_probe_images() images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms images in that band; the
     band whose images leave the lowest BN loss (the normalised likelihood, gzq.bn.bn_losses) wins. The probe
     stops at the first band that does worse than the one before; with `stop` set midway it returns (None, ...).
 
@@ -179,12 +179,12 @@ def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: 
     ImageNet at 224) needs the fine frequencies to reach its first layers' statistics, and keeps the full
     band; one trained on small images upsampled (28-px images at 224) is matched best by images that hold no
     more detail than its data did, and wider bands only add detail it never saw. Returns (band, {band: BN
-    loss}); (1, {}) without probing in the pixel basis, which has no band to limit, or for a synthesis of no
-    steps. Every rank probes its shard of the probe's images and follows rank 0's losses, so all ranks probe
+    loss}); (1, {}) without probing in the pixel basis, which has no band to limit, for a synthesis of no
+    steps, or for one too small to spare a probe (SynthConfig.band_probe_images). Every rank probes its shard of the probe's images and follows rank 0's losses, so all ranks probe
     the same bands and pick the same one. The probe runs at full size (no coarse warm-up)."""
     if not cfg.probes_band:
         return 1.0, {}
-    n = min(max(BAND_PROBE_IMAGES, dist.world_size()), cfg.num_images)   # at least one image per rank
+    n = min(max(cfg.band_probe_images(), dist.world_size()), cfg.num_images)   # at least one image per rank
     losses: dict[float, float] = {}
     for band in BAND_CANDIDATES:
         probe = dataclasses.replace(cfg, num_images=n, holdout_images=0, batch_size=n, steps=BAND_PROBE_STEPS,
@@ -244,7 +244,10 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     if cfg.band == "auto":
         if cfg.probes_band:
             yield Message(f"choosing the images' frequency band: up to {len(BAND_CANDIDATES)} short syntheses of "
-                          f"{min(BAND_PROBE_IMAGES, cfg.num_images)} images x {BAND_PROBE_STEPS} steps")
+                          f"{cfg.band_probe_images()} images x {BAND_PROBE_STEPS} steps")
+        elif cfg.image_basis == ImageBasis.SPECTRAL and cfg.steps > 0:
+            yield Message("image band: the full band, not probed (the synthesis is too small to spare a probe; "
+                          "set synth.band to choose one)")
         band, band_probe = choose_band(teacher, cfg, device, seed, stop, amp)
         cfg = dataclasses.replace(cfg, band=1.0 if band is None else band)   # None: stopped, as the loop will see
         if band_probe and band is not None:

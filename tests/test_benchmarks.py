@@ -25,6 +25,21 @@ def test_accuracy_benchmark_quick(tmp_path):
     assert "vs real" in r.stdout
 
 
+def test_architectures_benchmark_runs_a_network_end_to_end_and_checks_its_files(tmp_path):
+    out = tmp_path / "arch.json"
+    r = subprocess.run([sys.executable, "benchmarks/architectures.py", "--archs", "resnet18,no_such_net", "--size", "32",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1, r.stderr[-3000:]                   # one row fails, so the run says so
+    rows = {row["arch"]: row for row in json.loads(out.read_text())["rows"]}
+    ok = rows["resnet18"]
+    assert ok["ok"] and ok["bn_layers"] == 20
+    for name in ("w4a4", "w8a8"):
+        assert ok[name]["onnx"]["agree"] >= 98 and ok[name]["int_file"]["max_rel"] <= 1e-4
+    assert not rows["no_such_net"]["ok"] and rows["no_such_net"]["error"].startswith("build:")
+    assert "1 of 2 architectures pass" in r.stdout
+
+
 def test_speed_benchmark_quick():
     r = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)

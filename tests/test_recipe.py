@@ -173,6 +173,7 @@ def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     cheap_warmup = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3, warmup_step=0.25)
     assert estimate(cfg, cheap_warmup, 2).per_stage["synthesis"] == pytest.approx(100 * 0.25 + 200 * 1.0)
     # synth.band=auto first probes up to 4 bands with 32 images x 40 teacher-only steps each
+    assert override(cfg, "synth.band=auto").synth.band_probe_images() == 32
     probe = 4 * 40 * 0.25 * 32 / cfg.synth.batch_size
     assert (estimate(override(cfg, "synth.band=auto"), cheap_warmup, 2).per_stage["synthesis"]
             == pytest.approx(probe + 100 * 0.25 + 200 * 1.0))

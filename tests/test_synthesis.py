@@ -297,10 +297,14 @@ def test_band_limited_images_hold_no_frequency_above_the_band(default_teacher):
 
 
 @pytest.mark.slow
-def test_band_auto_keeps_the_full_band_natively_and_narrows_it_for_an_upsampled_teacher(default_teacher):
+def test_band_auto_keeps_the_full_band_natively_and_narrows_it_for_an_upsampled_teacher(default_teacher,
+                                                                                         monkeypatch):
     """synth.band=auto: the bundled 28-px model needs its fine frequencies; the same network reading a
     downsized view of 112-px inputs (a teacher of upsampled images) is matched better by narrower images."""
     import dataclasses
+
+    import gzq.config
+    monkeypatch.setattr(gzq.config, "BAND_PROBE_SHARE", 100.0)   # a full probe ahead of a 4-step synthesis
 
     import torch.nn.functional as F
     from torch import nn
@@ -337,3 +341,23 @@ def test_band_auto_needs_no_probe_in_the_pixel_basis_or_without_steps(default_te
     assert result.band == 1.0 and result.band_probe == {}
     idle = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=0, warmup_steps=0)
     assert choose_band(default_teacher, idle, torch.device("cpu")) == (1.0, {})
+
+
+def test_band_probe_is_sized_by_the_synthesis_and_skipped_where_it_would_dominate(default_teacher):
+    """The probe holds at most BAND_PROBE_SHARE of the synthesis's images x steps: the benchmark budgets keep
+    its 32 images, a budget fitted to a slow 224-px model gets a smaller one, and the smallest runs none
+    (full band, said in a message)."""
+    from gzq.config import BAND_CANDIDATES, BAND_PROBE_MIN_IMAGES, BAND_PROBE_STEPS
+    from gzq.events import Message
+    assert SynthConfig(num_images=128, steps=150).band_probe_images() == 32
+    assert SynthConfig(num_images=256, steps=300).band_probe_images() == 32
+    assert SynthConfig(num_images=130, steps=76).band_probe_images() == 18
+    assert SynthConfig(num_images=32, steps=40).band_probe_images() == 0      # the budget fit's floor
+    assert SynthConfig(num_images=130, steps=76).band_probe_image_steps() == 18 * BAND_PROBE_STEPS * len(BAND_CANDIDATES)
+    for cfg in (SynthConfig(band=0.5), SynthConfig(image_basis="pixel"), SynthConfig(steps=0, warmup_steps=0)):
+        assert cfg.band_probe_images() == 0 and not cfg.probes_band and cfg.band_probe_image_steps() == 0
+    small = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=3, warmup_steps=3)
+    assert small.band == "auto" and small.band_probe_images() < BAND_PROBE_MIN_IMAGES and not small.probes_band
+    events, result = drain(iter_synthesize(default_teacher, {}, small, torch.device("cpu")))
+    assert result.band == 1.0 and not result.band_probe
+    assert any(isinstance(e, Message) and "not probed" in e.text for e in events)

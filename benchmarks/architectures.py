@@ -1,0 +1,164 @@
+"""Does every kind of timm BN network go through the whole pipeline and come out as files that run without GZQ?
+
+    python benchmarks/architectures.py                     # 38 architectures, ~25 min on 2 cores
+    python benchmarks/architectures.py --archs resnet18,cspresnet50 --size 64
+
+Each architecture is built with random weights and BatchNorm statistics gathered from a few batches of noise
+(no download: what is measured is the code path, not accuracy), then run end to end at a tiny budget
+(16 images x 4 synthesis steps, one KD epoch, students w4a4 and w8a8, both downloads). For each student the
+ONNX file is run in onnxruntime with its default graph optimisations and compared with the fake-quant
+student rebuilt from the run's checkpoint, and the integer safetensors file is rebuilt and compared too, on
+the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load it, or
+the outputs disagree: top-1 agreement under 98 % or a logit off by more than a quarter of the logit scale
+(the tolerance of tests/test_export.py; 8-bit integer kernels may move a value by one activation step).
+Writes benchmarks/results/architectures.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (architecture, family); chosen to cover the families timm has with BatchNorm, small variants for speed
+ARCHS = [
+    ("resnet18", "ResNet"), ("resnet50d", "ResNet-D"), ("seresnext26d_32x4d", "SE-ResNeXt"),
+    ("ecaresnet26t", "ECA-ResNet"), ("skresnet18", "selective kernel"), ("legacy_seresnet18", "SENet (legacy)"),
+    ("res2net50_26w_4s", "Res2Net"), ("resnet18d", "ResNet-D"),
+    ("mobilenetv2_050", "MobileNetV2"), ("mobilenetv3_small_050", "MobileNetV3"),
+    ("mobilenetv4_conv_small", "MobileNetV4"), ("efficientnet_lite0", "EfficientNet-Lite"),
+    ("tf_efficientnet_b0", "EfficientNet (TF 'same' padding)"), ("mixnet_s", "MixNet"),
+    ("fbnetc_100", "FBNet"), ("spnasnet_100", "SPNASNet"), ("hardcorenas_a", "HardCoReNAS"),
+    ("tinynet_e", "TinyNet"), ("lcnet_050", "LCNet"),
+    ("ghostnetv2_100", "GhostNetV2"), ("repghostnet_050", "RepGhost"),
+    ("regnetz_005", "RegNetZ"), ("regnetx_002", "RegNetX"),
+    ("rexnet_100", "ReXNet"), ("gernet_s", "GENet (ByobNet)"),
+    ("dla34", "DLA"), ("dpn48b", "DPN"), ("densenet121", "DenseNet"), ("hrnet_w18_small", "HRNet"),
+    ("cspresnet50", "CSPNet"), ("cs3darknet_s", "CSP-Darknet"), ("darknet17", "Darknet"),
+    ("ese_vovnet19b_dw", "VoVNet"), ("selecsls42b", "SelecSLS"),
+    ("vgg11_bn", "VGG-BN"), ("repvgg_a0", "RepVGG"), ("mobileone_s0", "MobileOne"),
+    ("convmixer_768_32", "ConvMixer"), ("efficientvit_b0", "EfficientViT (MIT, conv + linear attention)"),
+    ("mobilevit_xxs", "MobileViT"), ("fastvit_t8", "FastViT"), ("xception41", "Xception"),
+]
+
+
+def _teacher_checkpoint(arch: str, size: int, folder: Path) -> Path:
+    """Random weights with BatchNorm running statistics from three train-mode batches of noise."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    m = timm.create_model(arch, pretrained=False, num_classes=10)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.momentum = None           # a plain average of the batches
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(8, 3, size, size) * 0.8 + 0.1)
+    path = folder / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    return path
+
+
+def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
+    scale = ref.abs().max().item()
+    return dict(agree=round(100 * (a.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
+                max_rel=round((a - ref).abs().max().item() / max(scale, 1e-12), 5))
+
+
+def check(arch: str, size: int, folder: Path, seed: int = 0) -> dict:
+    """One architecture end to end; a row of the table."""
+    import gzq
+    from gzq.checkpoint import load_int_weights, load_student
+    from gzq.export import onnx_session, run_onnx
+    from gzq.models import find_bn_layers
+    row = dict(arch=arch, size=size, ok=False)
+    t0 = time.perf_counter()
+    stage = "build"
+    try:
+        ckpt = _teacher_checkpoint(arch, size, folder)
+        stage = "pipeline"
+        cfg = gzq.make_config("cpu", "cpu", model=dict(name=arch, checkpoint=str(ckpt), num_classes=10,
+                                                       input_size=(3, size, size)),
+                              students=["w4a4", "w8a8"], seed=seed,
+                              synth=dict(num_images=16, holdout_images=4, steps=4, warmup_steps=2, batch_size=8),
+                              train=dict(epochs=1, batch_size=8))
+        report = gzq.run(dataclasses.replace(cfg, time_budget_s=None), folder / "run")   # the budget as given
+        row["bn_layers"] = report.get("teacher", {}).get("bn_layers")
+        x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(1))
+        stage = "files"
+        for s in report["students"]:
+            files = s.get("files") or {}
+            errors = {k: v["error"] for k, v in files.items() if "error" in v}
+            if errors or {"onnx", "safetensors_int"} - set(files):
+                raise RuntimeError(f"{s['name']}: downloads missing or failed: {errors or sorted(files)}")
+            student, _, _ = load_student(folder / "run" / "students" / f"{s['name']}.safetensors")
+            with torch.no_grad():
+                ref = student(x)
+                rebuilt = load_int_weights(folder / "run" / files["safetensors_int"]["path"])[0](x)
+            out = run_onnx(onnx_session(str(folder / "run" / files["onnx"]["path"]), threads=1), x)
+            row[s["name"]] = dict(onnx=_compare(out, ref), int_file=_compare(rebuilt, ref))
+        row["ok"] = all(row[n]["onnx"]["agree"] >= 98 and row[n]["onnx"]["max_rel"] <= 0.25
+                        and row[n]["int_file"]["max_rel"] <= 1e-4 for n in ("w4a4", "w8a8"))
+        if not row["ok"]:
+            row["error"] = "outputs disagree"
+        if row.get("bn_layers") is None:
+            import timm
+            with torch.device("meta"):
+                row["bn_layers"] = len(find_bn_layers(timm.create_model(arch, num_classes=10)))
+    except Exception as e:  # noqa: BLE001 - every failure is a row
+        row["error"] = f"{stage}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row["traceback"] = traceback.format_exc()[-2000:]
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def table(rows: list[dict], families: dict[str, str]) -> str:
+    head = f"{'architecture':<24}{'family':<36}{'BN':>5}  {'w4a4 ONNX':>10}{'w8a8 ONNX':>10}{'s':>7}  result"
+    lines = [head]
+    for r in rows:
+        cols = [f"{r[n]['onnx']['agree']:.1f}%" if n in r else "-" for n in ("w4a4", "w8a8")]
+        result = "ok" if r["ok"] else r.get("error", "failed")
+        lines.append(f"{r['arch']:<24}{families.get(r['arch'], ''):<36}{r.get('bn_layers') or '-':>5}  "
+                     f"{cols[0]:>10}{cols[1]:>10}{r['seconds']:>7.1f}  {result}")
+    n_ok = sum(r["ok"] for r in rows)
+    lines.append(f"{n_ok} of {len(rows)} architectures pass")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", help="comma-separated timm names (default: the list in this file)")
+    p.add_argument("--size", type=int, default=64, help="input side in pixels")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "architectures.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    families = dict(ARCHS)
+    archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
+    rows = []
+    for arch in archs:
+        with tempfile.TemporaryDirectory() as d:
+            row = check(arch, args.size, Path(d))
+        rows.append(row)
+        print(f"{arch}: {'ok' if row['ok'] else row.get('error')} ({row['seconds']} s)", flush=True)
+    print(table(rows, families))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(size=args.size, torch=torch.__version__, rows=rows), indent=1) + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
