@@ -1,6 +1,7 @@
 """Does every kind of timm BN network go through the whole pipeline and come out as files that run without GZQ?
 
-    python benchmarks/architectures.py                     # 38 architectures, ~25 min on 2 cores
+    python benchmarks/architectures.py                          # 42 architectures, ~30 min on one thread
+    python benchmarks/architectures.py --protocol deployable    # students an integer runtime runs throughout
     python benchmarks/architectures.py --archs resnet18,cspresnet50 --size 64
 
 Each architecture is built with random weights and BatchNorm statistics gathered from a few batches of noise
@@ -8,14 +9,20 @@ Each architecture is built with random weights and BatchNorm statistics gathered
 (16 images x 4 synthesis steps, one KD epoch, students w4a4 and w8a8, both downloads). For each student the
 ONNX file is run in onnxruntime with its default graph optimisations and compared with the fake-quant
 student rebuilt from the run's checkpoint, and the integer safetensors file is rebuilt and compared too, on
-the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load it, or
-the outputs disagree: top-1 agreement under 98 % or a logit off by more than a quarter of the logit scale
-(the tolerance of tests/test_export.py; 8-bit integer kernels may move a value by one activation step).
-Writes benchmarks/results/architectures.json.
+the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load it, the
+integer file does not rebuild the student exactly, or the ONNX outputs disagree: top-1 agreement under 90 %,
+a 95th-percentile logit error over 10 % of the logit scale, or any over 25 %. A wrong operator, scale or
+bias in the file gives far more. The file cannot be exact: its float convolutions sum in another order, so
+a value that lands on a rounding boundary takes the other code, and in a random network such a one-step
+change spreads: the file run with every onnxruntime optimisation off (recorded as `onnx_unoptimised`)
+departs as far. Trained models are held to tighter bounds (tests/test_export.py).
+"int8 convs" is the share of the W8A8 file's convolutions that onnxruntime runs as integer kernels
+(QLinearConv) after its QDQ fusions. Writes benchmarks/results/architectures[_deployable].json.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -29,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import onnx  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,18 +82,22 @@ def _teacher_checkpoint(arch: str, size: int, folder: Path) -> Path:
 
 
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
-    scale = ref.abs().max().item()
+    """Top-1 agreement (%) and each image's largest logit error relative to the logit scale: 95th percentile
+    and maximum."""
+    per_image = (a - ref).abs().amax(1) / max(ref.abs().max().item(), 1e-12)
     return dict(agree=round(100 * (a.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
-                max_rel=round((a - ref).abs().max().item() / max(scale, 1e-12), 5))
+                p95_rel=round(per_image.quantile(0.95).item(), 5), max_rel=round(per_image.max().item(), 5))
 
 
-def check(arch: str, size: int, folder: Path, seed: int = 0) -> dict:
+def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "all_layers") -> dict:
     """One architecture end to end; a row of the table."""
     import gzq
     from gzq.checkpoint import load_int_weights, load_student
     from gzq.export import onnx_session, run_onnx
     from gzq.models import find_bn_layers
-    row = dict(arch=arch, size=size, ok=False)
+    from gzq.config import QuantSpec
+    row = dict(arch=arch, size=size, protocol=protocol, ok=False)
+    specs = [QuantSpec.parse(b, protocol) for b in ("w4a4", "w8a8")]
     t0 = time.perf_counter()
     stage = "build"
     try:
@@ -93,7 +105,7 @@ def check(arch: str, size: int, folder: Path, seed: int = 0) -> dict:
         stage = "pipeline"
         cfg = gzq.make_config("cpu", "cpu", model=dict(name=arch, checkpoint=str(ckpt), num_classes=10,
                                                        input_size=(3, size, size)),
-                              students=["w4a4", "w8a8"], seed=seed,
+                              students=specs, seed=seed,
                               synth=dict(num_images=16, holdout_images=4, steps=4, warmup_steps=2, batch_size=8),
                               train=dict(epochs=1, batch_size=8))
         report = gzq.run(dataclasses.replace(cfg, time_budget_s=None), folder / "run")   # the budget as given
@@ -101,18 +113,28 @@ def check(arch: str, size: int, folder: Path, seed: int = 0) -> dict:
         x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(1))
         stage = "files"
         for s in report["students"]:
+            s = {**s, "name": s["name"].removesuffix("_dep").removesuffix("_fl8"), "file": s["name"]}
             files = s.get("files") or {}
             errors = {k: v["error"] for k, v in files.items() if "error" in v}
             if errors or {"onnx", "safetensors_int"} - set(files):
                 raise RuntimeError(f"{s['name']}: downloads missing or failed: {errors or sorted(files)}")
-            student, _, _ = load_student(folder / "run" / "students" / f"{s['name']}.safetensors")
+            student, _, _ = load_student(folder / "run" / "students" / f"{s['file']}.safetensors")
             with torch.no_grad():
                 ref = student(x)
                 rebuilt = load_int_weights(folder / "run" / files["safetensors_int"]["path"])[0](x)
-            out = run_onnx(onnx_session(str(folder / "run" / files["onnx"]["path"]), threads=1), x)
-            row[s["name"]] = dict(onnx=_compare(out, ref), int_file=_compare(rebuilt, ref))
-        row["ok"] = all(row[n]["onnx"]["agree"] >= 98 and row[n]["onnx"]["max_rel"] <= 0.25
-                        and row[n]["int_file"]["max_rel"] <= 1e-4 for n in ("w4a4", "w8a8"))
+            path = str(folder / "run" / files["onnx"]["path"])
+            out = run_onnx(onnx_session(path, threads=1), x)
+            as_written = run_onnx(onnx_session(path, threads=1, optimization="none"), x)
+            row[s["name"]] = dict(onnx=_compare(out, ref), onnx_unoptimised=_compare(as_written, ref),
+                                  int_file=_compare(rebuilt, ref))
+            if s["name"] == "w8a8":   # the share of convolutions onnxruntime runs as int8 kernels
+                opt = folder / "optimised.onnx"
+                onnx_session(str(folder / "run" / files["onnx"]["path"]), optimization="extended", optimized_path=opt)
+                ops = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
+                row["int8_convs"] = round(100 * ops["QLinearConv"] / max(ops["QLinearConv"] + ops["Conv"], 1), 1)
+        row["ok"] = all(row[n]["onnx"]["agree"] >= 90 and row[n]["onnx"]["p95_rel"] <= 0.1
+                        and row[n]["onnx"]["max_rel"] <= 0.25 and row[n]["int_file"]["max_rel"] <= 1e-4
+                        for n in ("w4a4", "w8a8"))
         if not row["ok"]:
             row["error"] = "outputs disagree"
         if row.get("bn_layers") is None:
@@ -127,13 +149,14 @@ def check(arch: str, size: int, folder: Path, seed: int = 0) -> dict:
 
 
 def table(rows: list[dict], families: dict[str, str]) -> str:
-    head = f"{'architecture':<24}{'family':<36}{'BN':>5}  {'w4a4 ONNX':>10}{'w8a8 ONNX':>10}{'s':>7}  result"
+    head = (f"{'architecture':<24}{'family':<36}{'BN':>5}  {'w4a4 ONNX':>10}{'w8a8 ONNX':>10}{'int8 convs':>11}"
+            f"{'s':>7}  result")
     lines = [head]
     for r in rows:
         cols = [f"{r[n]['onnx']['agree']:.1f}%" if n in r else "-" for n in ("w4a4", "w8a8")]
         result = "ok" if r["ok"] else r.get("error", "failed")
         lines.append(f"{r['arch']:<24}{families.get(r['arch'], ''):<36}{r.get('bn_layers') or '-':>5}  "
-                     f"{cols[0]:>10}{cols[1]:>10}{r['seconds']:>7.1f}  {result}")
+                     f"{cols[0]:>10}{cols[1]:>10}{r.get('int8_convs', '-'):>10}%{r['seconds']:>7.1f}  {result}")
     n_ok = sum(r["ok"] for r in rows)
     lines.append(f"{n_ok} of {len(rows)} architectures pass")
     return "\n".join(lines)
@@ -143,20 +166,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", help="comma-separated timm names (default: the list in this file)")
     p.add_argument("--size", type=int, default=64, help="input side in pixels")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "architectures.json")
+    p.add_argument("--protocol", default="all_layers", choices=["all_layers", "deployable"],
+                   help="the students' quantization protocol (deployable: every tensor an integer runtime reads)")
+    p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/architectures[_PROTOCOL].json)")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "architectures.json" if args.protocol == "all_layers" else f"architectures_{args.protocol}.json")
     logging.basicConfig(level=logging.WARNING)
     families = dict(ARCHS)
     archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
     rows = []
     for arch in archs:
         with tempfile.TemporaryDirectory() as d:
-            row = check(arch, args.size, Path(d))
+            row = check(arch, args.size, Path(d), protocol=args.protocol)
         rows.append(row)
         print(f"{arch}: {'ok' if row['ok'] else row.get('error')} ({row['seconds']} s)", flush=True)
     print(table(rows, families))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(size=args.size, torch=torch.__version__, rows=rows), indent=1) + "\n")
+    args.out.write_text(json.dumps(dict(size=args.size, protocol=args.protocol, torch=torch.__version__, rows=rows),
+                                   indent=1) + "\n")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -109,8 +109,9 @@ def test_onnx_matches_fake_quant_model(arch, name, onnx_files, default_students,
     path = onnx_files[arch, name]["path"]
     # what the graph means: the same arithmetic, float summation order aside
     _assert_logits_match(run_onnx(_session(path, optimise=False), x), ref, exact_frac=0.5, p95_rel=1e-2)
-    # what onnxruntime runs by default (8-bit units as integer kernels): within about one activation step
-    _assert_logits_match(run_onnx(_session(path), x), ref, exact_frac=0.0 if name == "w8a8" else 0.8,
+    # what onnxruntime runs by default (8-bit convs as QLinearConv, which the students' int32 biases match):
+    # most images exact, the rest within about one activation step
+    _assert_logits_match(run_onnx(_session(path), x), ref, exact_frac=0.6 if name == "w8a8" else 0.8,
                          p95_rel=0.03)
 
 
@@ -125,6 +126,7 @@ def test_onnx_graph_holds_integer_weights_and_qdq(arch, name, onnx_files, defaul
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
     inits = {i.name: i for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
     w_type = {8: TensorProto.INT8, 4: TensorProto.INT4}.get(spec.w_bits, TensorProto.INT8)
     a_type = {8: TensorProto.UINT8, 4: TensorProto.UINT4}.get(spec.a_bits, TensorProto.INT8)
     layers = find_layer_quants(s)
@@ -136,8 +138,12 @@ def test_onnx_graph_holds_integer_weights_and_qdq(arch, name, onnx_files, defaul
         assert _is_kernel_window(torch.from_numpy(arr), lq.codes)   # all taps, or those that read the input
         assert inits[f"{lq.name}.weight_scale"].data_type == TensorProto.FLOAT
         assert list(inits[f"{lq.name}.weight_scale"].dims) == [lq.codes.shape[0]]       # per channel
-        if lq.a_bits is not None:
-            assert inits[f"{lq.name}.input_zero_point"].data_type == a_type
+        if lq.a_bits is not None:   # 4-bit codes read after a MaxPool are clipped int8 (onnxruntime, see below)
+            q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear"
+                     and n.input[2] == f"{lq.name}.input_zero_point")
+            after_pool = producer.get(q.input[0]) is not None and producer[q.input[0]].op_type == "MaxPool"
+            expect = TensorProto.INT8 if after_pool and spec.a_bits == 4 else a_type
+            assert inits[f"{lq.name}.input_zero_point"].data_type == expect
     # no float copy of a quantized weight is left behind
     shapes = {tuple(lq.codes.shape) for lq in layers}
     assert not any(i.data_type == TensorProto.FLOAT and tuple(i.dims) in shapes and len(i.dims) > 1

@@ -126,7 +126,10 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate).
 
     With the deployable protocol the copy is an fx.GraphModule (same submodule names) with one activation
-    quantizer per tensor that an integer runtime reads or writes (`gzq.quant.graph`).
+    quantizer per tensor that an integer runtime reads or writes (`gzq.quant.graph`). With every protocol, a
+    conv with 8-bit weights and an 8-bit input adds its bias as int32 codes (step input scale x weight scale):
+    onnxruntime runs such a conv as QLinearConv, which rounds the bias so, and the student computes what the
+    ONNX file will.
     """
     student = copy.deepcopy(teacher)
     fold_bn_(student, example)
@@ -135,6 +138,11 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     quantize_(student, spec, example, classifier)
     if spec.protocol == Protocol.DEPLOYABLE:
         graph.insert_tensor_quantizers_(student, spec.a_bits)
+    else:   # an 8-bit conv of 8-bit input adds its bias as int32 codes, as onnxruntime's QLinearConv will
+        for _, w in quant_wrappers(student):
+            if isinstance(w.module, nn.Conv2d) and w.w_quant.bits == 8 and w.a_quant is not None \
+                    and w.a_quant.bits == 8:
+                w.set_int_bias_input(w.a_quant)
     student.to(example.device).eval().requires_grad_(True)   # new quantizer tensors follow the model's device
     return student
 
