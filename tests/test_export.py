@@ -384,6 +384,24 @@ def test_deployable_real_accuracy_on_10k(name, dep_files, fmnist):
     assert top1(ref, y) > 80.0
 
 
+def test_w8a8_file_of_a_depthwise_net_reproduces_the_student_under_default_optimisations(mnv2_teacher, fmnist,
+                                                                                         tmp_path):
+    """The research protocol's W8A8 MobileNetV2: onnxruntime runs its 8-bit convs as QLinearConv, which adds
+    the bias as int32 codes; the student adds it so too, so the file gives the student's predictions."""
+    from gzq.evaluate import predict_logits
+    t = mnv2_teacher
+    s = _calibrated(t, QuantSpec(8, 8), fmnist["calib"])
+    assert all(w.bias_scale() is not None for _, w in quant_wrappers(s)
+               if isinstance(w.module, torch.nn.Conv2d) and w.module.bias is not None and w.a_quant is not None)
+    info = export_onnx(s, tmp_path / "mnv2_w8a8.onnx", t.input_size, 21, t.data_config(), QuantSpec(8, 8))
+    x = fmnist["test"][:2000]
+    ref = predict_logits(s, x, torch.device("cpu"), batch=1000)
+    out = run_onnx(onnx_session(info["path"], threads=1), x, batch=1000)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.997
+    per_image = (out - ref).abs().amax(1)
+    assert (per_image <= 1e-4 * ref.abs().max()).float().mean() >= 0.9
+
+
 def test_dynamo_exporter_gives_the_same_graph(dep_files, default_teacher, default_students, fmnist, tmp_path):
     """The maintained exporter (torch.export + onnxscript, where installed) yields the same fused integer
     graph and the same numbers; TorchScript stays the default (it exports about 40x faster)."""
