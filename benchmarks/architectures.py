@@ -11,11 +11,13 @@ ONNX file is run in onnxruntime with its default graph optimisations and compare
 student rebuilt from the run's checkpoint, and the integer safetensors file is rebuilt and compared too, on
 the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load it, the
 integer file does not rebuild the student exactly, or the ONNX outputs disagree: top-1 agreement under 90 %,
-a 95th-percentile logit error over 10 % of the logit scale, or any over 25 %. A wrong operator, scale or
-bias in the file gives far more. The file cannot be exact: its float convolutions sum in another order, so
-a value that lands on a rounding boundary takes the other code, and in a random network such a one-step
-change spreads: the file run with every onnxruntime optimisation off (recorded as `onnx_unoptimised`)
-departs as far. Trained models are held to tighter bounds (tests/test_export.py).
+a 95th-percentile logit error over 10 % of the logit scale, or any over 25 %, unless the student itself
+moves as far when its input changes by 1e-6 (NUDGE; "floor": the file may then disagree twice as much, and
+agree 10 pt less). The file cannot be exact: its float convolutions sum in another order, so a value that
+lands on a rounding boundary takes the other code, and in a random network such a one-step change spreads,
+more in the deep depthwise ones: the file run with every onnxruntime optimisation off (`onnx_unoptimised`)
+departs as far, and so does the student from itself under the nudge. A wrong operator, scale or bias
+departs far more. Trained models are held to tighter bounds (tests/test_export.py).
 "int8 convs" is the share of the W8A8 file's convolutions that onnxruntime runs as integer kernels
 (QLinearConv) after its QDQ fusions. Writes benchmarks/results/architectures[_deployable].json.
 """
@@ -40,6 +42,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+NUDGE = 1e-6   # the input change (x N(0, 1) per value) that measures how far rounding flips alone move a student
 
 #: (architecture, family); chosen to cover the families timm has with BatchNorm, small variants for speed
 ARCHS = [
@@ -89,6 +92,12 @@ def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
                 p95_rel=round(per_image.quantile(0.95).item(), 5), max_rel=round(per_image.max().item(), 5))
 
 
+def _within(onnx: dict, floor: dict) -> bool:
+    """The ONNX file is as close to the student as the bounds, or as the student is to itself under NUDGE."""
+    return (onnx["agree"] >= min(90, floor["agree"] - 10) and onnx["p95_rel"] <= max(0.1, 2 * floor["p95_rel"])
+            and onnx["max_rel"] <= max(0.25, 2 * floor["max_rel"]))
+
+
 def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "all_layers") -> dict:
     """One architecture end to end; a row of the table."""
     import gzq
@@ -121,19 +130,19 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
             student, _, _ = load_student(folder / "run" / "students" / f"{s['file']}.safetensors")
             with torch.no_grad():
                 ref = student(x)
+                nudged = student(x + NUDGE * torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
                 rebuilt = load_int_weights(folder / "run" / files["safetensors_int"]["path"])[0](x)
             path = str(folder / "run" / files["onnx"]["path"])
             out = run_onnx(onnx_session(path, threads=1), x)
             as_written = run_onnx(onnx_session(path, threads=1, optimization="none"), x)
             row[s["name"]] = dict(onnx=_compare(out, ref), onnx_unoptimised=_compare(as_written, ref),
-                                  int_file=_compare(rebuilt, ref))
+                                  int_file=_compare(rebuilt, ref), floor=_compare(nudged, ref))
             if s["name"] == "w8a8":   # the share of convolutions onnxruntime runs as int8 kernels
                 opt = folder / "optimised.onnx"
                 onnx_session(str(folder / "run" / files["onnx"]["path"]), optimization="extended", optimized_path=opt)
                 ops = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
                 row["int8_convs"] = round(100 * ops["QLinearConv"] / max(ops["QLinearConv"] + ops["Conv"], 1), 1)
-        row["ok"] = all(row[n]["onnx"]["agree"] >= 90 and row[n]["onnx"]["p95_rel"] <= 0.1
-                        and row[n]["onnx"]["max_rel"] <= 0.25 and row[n]["int_file"]["max_rel"] <= 1e-4
+        row["ok"] = all(_within(row[n]["onnx"], row[n]["floor"]) and row[n]["int_file"]["max_rel"] <= 1e-4
                         for n in ("w4a4", "w8a8"))
         if not row["ok"]:
             row["error"] = "outputs disagree"
@@ -149,14 +158,16 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
 
 
 def table(rows: list[dict], families: dict[str, str]) -> str:
-    head = (f"{'architecture':<24}{'family':<36}{'BN':>5}  {'w4a4 ONNX':>10}{'w8a8 ONNX':>10}{'int8 convs':>11}"
-            f"{'s':>7}  result")
+    head = (f"{'architecture':<24}{'family':<36}{'BN':>5}  {'w4a4 ONNX':>10}{'w8a8 ONNX':>10}{'w8a8 floor':>11}"
+            f"{'int8 convs':>11}{'s':>7}  result")
     lines = [head]
     for r in rows:
         cols = [f"{r[n]['onnx']['agree']:.1f}%" if n in r else "-" for n in ("w4a4", "w8a8")]
+        cols.append(f"{r['w8a8']['floor']['agree']:.1f}%" if "w8a8" in r else "-")
         result = "ok" if r["ok"] else r.get("error", "failed")
         lines.append(f"{r['arch']:<24}{families.get(r['arch'], ''):<36}{r.get('bn_layers') or '-':>5}  "
-                     f"{cols[0]:>10}{cols[1]:>10}{r.get('int8_convs', '-'):>10}%{r['seconds']:>7.1f}  {result}")
+                     f"{cols[0]:>10}{cols[1]:>10}{cols[2]:>11}{r.get('int8_convs', '-'):>10}%{r['seconds']:>7.1f}"
+                     f"  {result}")
     n_ok = sum(r["ok"] for r in rows)
     lines.append(f"{n_ok} of {len(rows)} architectures pass")
     return "\n".join(lines)
