@@ -33,7 +33,15 @@ from accuracy import MODELS, digest, real_source  # noqa: E402
 from train_zoo import ZOO, ensure_trained  # noqa: E402
 
 from gzq.augment import coarse_size
-from gzq.config import FinetuneMethod, ImageParam, ModelSpec, RunConfig, SynthConfig, override  # noqa: E402
+from gzq.config import (  # noqa: E402
+    BAND_PROBE_IMAGES,
+    FinetuneMethod,
+    ImageParam,
+    ModelSpec,
+    RunConfig,
+    SynthConfig,
+    override,
+)
 from gzq.events import drain  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run  # noqa: E402
@@ -85,7 +93,9 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     stem = f"{name}_{images}_{steps}_{seed}"
     probe = None
     if cfg.band == "auto":   # resolved first (and cached), so the images are those of the band it picks
-        probe_file = cache_dir / f"{stem}_{digest(synth_key(cfg, teacher.input_size))}.band.json"
+        size = cfg.band_probe_images()   # named where it is not the full probe the cached files were made with
+        tag = "" if size == BAND_PROBE_IMAGES else f"_probe{size}"
+        probe_file = cache_dir / f"{stem}_{digest(synth_key(cfg, teacher.input_size))}{tag}.band.json"
         if not probe_file.exists():
             band, losses = choose_band(teacher, cfg, dev, seed)
             probe_file.parent.mkdir(parents=True, exist_ok=True)

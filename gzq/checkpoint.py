@@ -4,7 +4,8 @@ Float checkpoint: `students/<name>.safetensors`, the fake-quant student's state 
 step sizes, zero points), and a `.json` beside it with its QuantSpec and the teacher's data config.
 
 Integer safetensors: per quantized layer `<layer>.weight` (int8/uint8 codes), `<layer>.weight_scale` (O,),
-`<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float), `<layer>.input_scale` / `.input_zero_point`
+`<layer>.weight_zero_point` (O,) int32, `<layer>.bias` (float; added as int32 codes of step input_scale x
+weight_scale where the JSON says `int_bias`), `<layer>.input_scale` / `.input_zero_point`
 (per tensor); every other tensor of the student (an unfolded BN, a layer scale, the step sizes and zero
 points of the deployable protocol's tensor quantizers) as float under its state-dict name; plus a JSON
 with the quantization spec, the per-layer and per-tensor bit widths and the data config.
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QuantSpec
+from .config import Protocol, QuantSpec
 from .quant.convert import create_student, quant_wrappers
 from .quant.graph import tensor_quantizers
 from .quant.integer import find_layer_quants, find_tensor_quants
@@ -47,7 +48,8 @@ def save_student(path: str | Path, student: nn.Module, spec: QuantSpec, data_con
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(path))
-    meta = {"quant_spec": spec.to_dict(), "teacher": data_config, "teacher_name": teacher_name}
+    meta = {"quant_spec": spec.to_dict(), "teacher": data_config, "teacher_name": teacher_name,
+            "int_bias_layers": [n for n, w in quant_wrappers(student) if w.has_int_bias]}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -63,8 +65,21 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     spec = QuantSpec.from_dict(meta["quant_spec"])
     dc = meta["teacher"]
     student = rebuild_student(dc, spec)
+    _keep_int_biases(student, meta.get("int_bias_layers"), spec)
     student.load_state_dict(load_file(str(path)))
     return student.to(device).eval().requires_grad_(False), spec, dc
+
+
+def _keep_int_biases(student: nn.Module, names, spec: QuantSpec) -> None:
+    """Leave the int32 bias (QuantWrapper.set_int_bias_input) only on the layers that had it when saved. A file
+    that does not list them predates int32 biases outside the deployable protocol."""
+    if names is None:
+        if spec.protocol == Protocol.DEPLOYABLE:
+            return
+        names = ()
+    for n, w in quant_wrappers(student):
+        if n not in names:
+            w.set_int_bias_input(None)
 
 
 def _int_json_path(path: Path) -> Path:
@@ -103,7 +118,9 @@ def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data
                 tensors={a.prefix[:-1]: dict(bits=a.bits, qmin=a.qmin, qmax=a.qmax, numel=a.numel)
                          for a in find_tensor_quants(student)},
                 formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
-                        "qmin, qmax); weights per output channel (axis 0), inputs per tensor")
+                        "qmin, qmax); weights per output channel (axis 0), inputs per tensor; a layer with "
+                        "int_bias adds its bias as round_half_even(bias / step) * step, step = input_scale * "
+                        "weight_scale (int32 codes, as QLinearConv), the others in float")
     save_file(tensors, str(path), metadata={"format": "gzq-int", "version": str(INT_FORMAT_VERSION)})
     jpath = _int_json_path(path)
     jpath.write_text(json.dumps(meta, indent=2) + "\n")
@@ -136,6 +153,7 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
     for k, v in tensors.items():
         if not k.startswith(prefixes):
             sd[k] = v
+    _keep_int_biases(student, [n for n, lm in meta["layers"].items() if lm.get("int_bias")], spec)
     for n, w in wrappers.items():
         lm = meta["layers"][n]
         codes = tensors[f"{n}.weight"].to(torch.int64)

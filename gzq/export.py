@@ -18,7 +18,7 @@ faster and needs no extra package, dynamo is the exporter torch maintains.
                  repeated after a shape-only op (Flatten, MaxPool) that reads it, which changes no value and
                  lets onnxruntime fuse the consumer (the classifier's QGemm).
     biases       float, or int32 codes -> DequantizeLinear (step input x weight scale) where the student
-                 adds an integer bias (the deployable protocol's 8-bit convs)
+                 adds an integer bias (8-bit convs of 8-bit input, in every protocol)
 
 Kernel taps that, at the model's fixed input size, only ever read padding are cut from each Conv
 (`drop_padding_taps_`, the FP32 export too): exact, and integer kernels, unlike float ones, would multiply
@@ -167,8 +167,8 @@ def _act_nodes(a: ActQuant, inp: str, out: str, opset: int, int4: bool = True, n
     """QuantizeLinear -> [Clip] -> DequantizeLinear of one tensor, per tensor.
 
     int4: whether 4-bit codes may be stored as uint4 (False where onnxruntime's graph optimisation fails
-    on 4-bit codes: after a Clip, or before an op it would run on the codes, e.g. MaxPool, which has no
-    4-bit kernel); otherwise they are uint8 codes clipped to [0, 15]. node_prefix: names of the nodes and
+    on 4-bit codes: after a Clip, or next to an op it would run on the codes, e.g. MaxPool, which has no
+    4-bit kernel); otherwise they are int8 codes clipped to [0, 15]. node_prefix: names of the nodes and
     intermediate tensors (default: the initializers' prefix).
     """
     import numpy as np
@@ -284,13 +284,13 @@ def _integer_kernel_layer(lq: LayerQuant, a: tuple[ActQuant, int] | None, w_type
 def _rewrite_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: dict):
     """The bias of each quantized-input Conv/Gemm as the fake-quant model adds it.
 
-    - integer bias (`LayerQuant.bias_scale`, the deployable protocol's 8-bit convs): int32 codes ->
+    - integer bias (`LayerQuant.bias_scale`: 8-bit convs of 8-bit input): int32 codes ->
       DequantizeLinear(step input_scale * weight_scale, axis 0), which QLinearConv takes as it is;
     - a layer that cannot run as an integer kernel: the float bias moves into an Add. onnxruntime's
       WeightBiasQuantization would otherwise round it to int32 with step input_scale * weight_scale; at
       4 bit that step is coarse and changes the logits (not what the fake-quant model computes);
-    - other 8-bit convs keep the float bias in the Conv (onnxruntime rounds it; what lets it pick
-      QLinearConv); a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output
+    - any other conv that can run as an integer kernel keeps the float bias in the Conv (onnxruntime
+      rounds it; what lets it pick QLinearConv); a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output
       (the logits) into QGemm only when the Gemm has no float bias.
     """
     from onnx import helper

@@ -200,6 +200,10 @@ class LearnedRounding(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:   # w: the float weight, ignored (its floor is in base)
         return (self.codes() - self.zero_point) * self.scale
 
+    def effective_scale(self) -> torch.Tensor:
+        """(O,) the weight step, as WeightQuantizer.effective_scale (an int32 bias is coded with it)."""
+        return self.scale.flatten()
+
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 

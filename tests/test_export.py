@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 
 from gzq.config import ExportConfig, ExportFormat, ModelSpec, Protocol, QuantSpec, RunConfig
 from gzq.checkpoint import load_int_weights, save_int_weights
-from gzq.export import export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
+from gzq.export import _after_op, export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
 from gzq.quant.integer import effective_scale, find_layer_quants
 from gzq.quant.convert import calibrate_, create_student, quant_wrappers
 from gzq.quant.primitives import fake_quantize
@@ -141,7 +141,7 @@ def test_onnx_graph_holds_integer_weights_and_qdq(arch, name, onnx_files, defaul
         if lq.a_bits is not None:   # 4-bit codes read after a MaxPool are clipped int8 (onnxruntime, see below)
             q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear"
                      and n.input[2] == f"{lq.name}.input_zero_point")
-            after_pool = producer.get(q.input[0]) is not None and producer[q.input[0]].op_type == "MaxPool"
+            after_pool = _after_op(q.input[0], producer, ("MaxPool",))
             expect = TensorProto.INT8 if after_pool and spec.a_bits == 4 else a_type
             assert inits[f"{lq.name}.input_zero_point"].data_type == expect
     # no float copy of a quantized weight is left behind
@@ -494,6 +494,29 @@ def test_float_checkpoint_round_trip_is_exact(arch, default_teacher, default_stu
     x = _inputs(arch, fmnist)[:32]
     with torch.no_grad():
         assert torch.equal(rebuilt(x), s(x))
+
+
+def test_w8a8_checkpoints_keep_their_bias_form(default_teacher, default_students, fmnist, tmp_path):
+    """Both formats rebuild the int32 biases of a W8A8 student exactly; files written before 8-bit convs had
+    them outside the deployable protocol (no `int_bias_layers` in the float checkpoint's JSON, `int_bias`
+    false per layer in the integer file's) rebuild the float-bias student they held."""
+    from gzq.checkpoint import load_int_weights, load_student, save_int_weights, save_student
+    s, spec, dc = default_students["w8a8"], QuantSpec(8, 8), default_teacher.data_config()
+    assert any(w.has_int_bias for _, w in quant_wrappers(s))
+    x = fmnist["test"][:32]
+    save_student(tmp_path / "f.safetensors", s, spec, dc)
+    save_int_weights(s, tmp_path / "i.safetensors", spec, dc)
+    with torch.no_grad():
+        assert torch.equal(load_student(tmp_path / "f.safetensors")[0](x), s(x))
+        assert torch.equal(load_int_weights(tmp_path / "i.safetensors")[0](x), s(x))
+    for path, forget in ((tmp_path / "f.json", lambda m: m.pop("int_bias_layers")),
+                         (tmp_path / "i.json", lambda m: [lm.update(int_bias=False) for lm in m["layers"].values()])):
+        meta = json.loads(path.read_text())
+        forget(meta)
+        path.write_text(json.dumps(meta))
+    for load, path in ((load_student, tmp_path / "f.safetensors"), (load_int_weights, tmp_path / "i.safetensors")):
+        old = load(path)[0]
+        assert not any(w.has_int_bias for _, w in quant_wrappers(old))
 
 
 def test_int_safetensors_rejects_a_foreign_json(tmp_path, default_students, default_teacher):

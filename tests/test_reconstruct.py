@@ -210,3 +210,20 @@ def test_pipeline_runs_block_reconstruction_and_reports_it(tmp_path):
     fig = recon_figure(view)
     assert len(fig.data) == 1 and len(fig.data[0].x) == len(recon)
     assert view.losses == {} or "bn" in view.losses   # the synthesis loss table is not overwritten
+
+
+def test_reconstruction_of_an_8bit_student_with_int32_biases(tiny):
+    """An 8-bit conv of 8-bit input adds its bias as int32 codes of step input scale x weight scale; while its
+    unit is reconstructed the learnt rounding gives that weight scale."""
+    m, ref, _, x = tiny
+    s = create_student(m, QuantSpec(8, 8), x[:2])
+    calibrate_(s, [x])
+    int_bias = [n for n, w in quant_wrappers(s) if w.has_int_bias]
+    assert int_bias
+    gen = torch.Generator().manual_seed(3)
+    draw = lambda idx: x[idx] + 0.05 * torch.randn(x[idx].shape, generator=gen)   # noqa: E731
+    settings = ReconSettings(steps=3, batch_size=16, pool=32)
+    list(iter_reconstruct(ref, {"w8a8": s}, draw, torch.arange(len(x)), settings, torch.device("cpu")))
+    assert [n for n, w in quant_wrappers(s) if w.has_int_bias] == int_bias
+    with torch.no_grad():
+        assert (s(x) - ref(x)).pow(2).mean() < 0.05 * ref(x).pow(2).mean()

@@ -50,8 +50,9 @@ def test_synthesis_is_deterministic_and_stops_within_a_step(default_teacher):
                                                                           band=1.0), torch.device("cpu"), stop=stop))
     assert isinstance(events[-1], Stopped) and result.steps_done == 2
     calls.clear()   # a stop during the band probe (synth.band=auto) stops the run before its first step
-    events, result = drain(iter_synthesize(default_teacher, {}, SynthConfig(num_images=16, holdout_images=0, steps=50),
-                                          torch.device("cpu"), stop=stop))
+    probing = SynthConfig(num_images=32, holdout_images=0, steps=200)
+    assert probing.probes_band
+    events, result = drain(iter_synthesize(default_teacher, {}, probing, torch.device("cpu"), stop=stop))
     assert isinstance(events[-1], Stopped) and result.steps_done == 0 and len(calls) <= 4
     assert all(not m._forward_pre_hooks for m in default_teacher.model.modules())   # hooks freed
 

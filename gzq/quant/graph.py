@@ -23,7 +23,8 @@ quantizer's clamp is the ReLU (onnxruntime removes such a ReLU, `ReluQuantFusion
 quantizer on a ReLU's output is therefore fixed (not trained) at its calibrated 0. The network input is
 quantized at 8 bit whatever the activation width (images are 8-bit data). An 8-bit conv reading an
 8-bit tensor adds its bias as int32 codes with step input_scale * weight_scale, as QLinearConv does
-(`QuantWrapper.set_int_bias_input`); other layers keep a float bias (the exporter adds it in float).
+(`QuantWrapper.set_int_bias_input`; `gzq.quant.convert.create_student` does the same for the other
+protocols); other layers keep a float bias (the exporter adds it in float).
 
 Nothing here knows an architecture: the rules are about operators, so any fx-traceable CNN works.
 """

@@ -188,9 +188,16 @@ class QuantWrapper(nn.Module):
     def set_int_bias_input(self, q: ActQuantizer | None) -> None:
         object.__setattr__(self, "_int_bias_input", q)
 
+    @property
+    def has_int_bias(self) -> bool:
+        """Whether the bias is added as int32 codes (set_int_bias_input)."""
+        return self._int_bias_input is not None and self.module.bias is not None
+
     def bias_scale(self) -> torch.Tensor | None:
-        """(O,) step of the int32 bias codes, or None for a float bias."""
-        if self._int_bias_input is None or self.module.bias is None:
+        """(O,) step of the int32 bias codes, or None for a float bias. None also while the input's quantizer
+        is still calibrating: its step is not known yet, and the ranges after this layer are measured on the
+        float bias."""
+        if not self.has_int_bias or self._int_bias_input.calibrating:
             return None
         return self._int_bias_input.effective_scale() * self.w_quant.effective_scale()
 
