@@ -290,11 +290,12 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
     assert probe.teacher_step > 0 and probe.student_step > 0 and probe.real_images == 10_000
     # synth.band=auto (the default) adds its band probe: up to 4 bands x 40 teacher-only steps of the probe's images
     from gzq.config import override
-    cfg = form.build_config("default", preset="quick CPU", device="cpu")
-    assert cfg.synth.band_probe_images() >= 8
-    probed = estimate.estimate_seconds(cfg)["synthesis"] - estimate.estimate_seconds(
-        override(cfg, "synth.band=1"))["synthesis"]
-    assert probed == pytest.approx(4 * 40 * cfg.synth.band_probe_images() * 1.5 * probe.teacher_step)
+    for preset in ("quick CPU", "standard"):   # the quick preset's synthesis is too small to spare a probe
+        cfg = form.build_config("default", preset=preset, device="cpu")
+        assert cfg.synth.band_probe_images() == (0 if preset == "quick CPU" else 32)
+        probed = estimate.estimate_seconds(cfg)["synthesis"] - estimate.estimate_seconds(
+            override(cfg, "synth.band=1"))["synthesis"]
+        assert probed == pytest.approx(4 * 40 * cfg.synth.band_probe_images() * 1.5 * probe.teacher_step)
 
 
 # ------------------------------------------------------------------------------------- the run handler
