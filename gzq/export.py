@@ -290,8 +290,9 @@ def _rewrite_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: di
       WeightBiasQuantization would otherwise round it to int32 with step input_scale * weight_scale; at
       4 bit that step is coarse and changes the logits (not what the fake-quant model computes);
     - any other conv that can run as an integer kernel keeps the float bias in the Conv (onnxruntime
-      rounds it; what lets it pick QLinearConv); a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output
-      (the logits) into QGemm only when the Gemm has no float bias.
+      rounds it; what lets it pick QLinearConv);
+    - a Gemm always loses it into an Add: onnxruntime fuses DQ -> Gemm with a float output (the logits)
+      into QGemm only when the Gemm has no float bias.
     """
     from onnx import helper
     by_weight = {f"{lq.name}/weight_dq": lq for lq in layers}

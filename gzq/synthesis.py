@@ -171,17 +171,19 @@ def choose_band(teacher: Teacher, cfg: SynthConfig, device: torch.device, seed: 
                 stop: Callable[[], bool] = lambda: False, amp: bool = False) -> tuple[float | None, dict[float, float]]:
     """synth.band=auto: the share of the image frequencies the synthesis keeps (SynthConfig.band), chosen by the
     GZNQ objective itself. For each band of BAND_CANDIDATES, widest first, a short synthesis
-    (cfg.band_probe_images() images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms images in that band; the
-    band whose images leave the lowest BN loss (the normalised likelihood, gzq.bn.bn_losses) wins. The probe
-    stops at the first band that does worse than the one before; with `stop` set midway it returns (None, ...).
+    (cfg.band_probe_images() images, BAND_PROBE_STEPS teacher-only steps, the run's other settings) forms
+    images in that band; the band whose images leave the lowest BN loss (the normalised likelihood,
+    gzq.bn.bn_losses) wins. The probe stops at the first band that does worse than the one before; with
+    `stop` set midway it returns (None, ...).
 
     A teacher trained on images with detail up to its input's resolution (a plain 28-px model, one trained on
     ImageNet at 224) needs the fine frequencies to reach its first layers' statistics, and keeps the full
     band; one trained on small images upsampled (28-px images at 224) is matched best by images that hold no
     more detail than its data did, and wider bands only add detail it never saw. Returns (band, {band: BN
     loss}); (1, {}) without probing in the pixel basis, which has no band to limit, for a synthesis of no
-    steps, or for one too small to spare a probe (SynthConfig.band_probe_images). Every rank probes its shard of the probe's images and follows rank 0's losses, so all ranks probe
-    the same bands and pick the same one. The probe runs at full size (no coarse warm-up)."""
+    steps, or for one too small to spare a probe (SynthConfig.band_probe_images). Every rank probes its
+    shard of the probe's images and follows rank 0's losses, so all ranks probe the same bands and pick the
+    same one. The probe runs at full size (no coarse warm-up)."""
     if not cfg.probes_band:
         return 1.0, {}
     n = min(max(cfg.band_probe_images(), dist.world_size()), cfg.num_images)   # at least one image per rank

@@ -27,8 +27,8 @@ def test_accuracy_benchmark_quick(tmp_path):
 
 def test_architectures_benchmark_runs_a_network_end_to_end_and_checks_its_files(tmp_path):
     out = tmp_path / "arch.json"
-    r = subprocess.run([sys.executable, "benchmarks/architectures.py", "--archs", "resnet18,no_such_net", "--size", "32",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    r = subprocess.run([sys.executable, "benchmarks/architectures.py", "--archs", "resnet18,no_such_net",
+                        "--size", "32", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1, r.stderr[-3000:]                   # one row fails, so the run says so
     rows = {row["arch"]: row for row in json.loads(out.read_text())["rows"]}

@@ -354,7 +354,8 @@ def test_band_probe_is_sized_by_the_synthesis_and_skipped_where_it_would_dominat
     assert SynthConfig(num_images=256, steps=300).band_probe_images() == 32
     assert SynthConfig(num_images=130, steps=76).band_probe_images() == 18
     assert SynthConfig(num_images=32, steps=40).band_probe_images() == 0      # the budget fit's floor
-    assert SynthConfig(num_images=130, steps=76).band_probe_image_steps() == 18 * BAND_PROBE_STEPS * len(BAND_CANDIDATES)
+    assert (SynthConfig(num_images=130, steps=76).band_probe_image_steps()
+            == 18 * BAND_PROBE_STEPS * len(BAND_CANDIDATES))
     for cfg in (SynthConfig(band=0.5), SynthConfig(image_basis="pixel"), SynthConfig(steps=0, warmup_steps=0)):
         assert cfg.band_probe_images() == 0 and not cfg.probes_band and cfg.band_probe_image_steps() == 0
     small = SynthConfig(num_images=16, holdout_images=0, batch_size=16, steps=3, warmup_steps=3)
