@@ -19,7 +19,7 @@ logit error of 10 % (or twice what the nudge gives). The file cannot be exact: i
 in another order, so a value that lands on a rounding boundary takes the other code, and in a random network
 such a one-step change spreads, most in the deep depthwise ones; the file run with every onnxruntime
 optimisation off (`onnx_unoptimised`) departs as far, and so does the student from itself under the nudge.
-Trained models are held to tight bounds instead (tests/test_export.py: the bundled models' files agree with
+Trained models are held to tight bounds instead (tests/test_export.py: the bundled ResNet's files agree with
 their students on at least 99.5 % of the 10,000 test images).
 "int8 convs" is the share of the W8A8 file's convolutions that onnxruntime runs as integer kernels
 (QLinearConv) after its QDQ fusions. Writes benchmarks/results/architectures[_deployable].json.
