@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
+from gzq.models import find_bn_layers  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 NUDGE = 1e-6   # the input change (x N(0, 1) per value) that measures how far rounding flips alone move a student
 
@@ -69,22 +71,23 @@ ARCHS = [
 ]
 
 
-def _teacher_checkpoint(arch: str, size: int, folder: Path) -> Path:
-    """Random weights with BatchNorm running statistics from three train-mode batches of noise."""
+def _teacher_checkpoint(arch: str, size: int, folder: Path) -> tuple[Path, int]:
+    """Random weights with BatchNorm running statistics from three train-mode batches of noise: (the
+    checkpoint, the number of BN layers)."""
     import timm
     from safetensors.torch import save_file
     torch.manual_seed(0)
     m = timm.create_model(arch, pretrained=False, num_classes=10)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.momentum = None           # a plain average of the batches
+    bns = find_bn_layers(m)
+    for _, mod in bns:
+        mod.momentum = None               # a plain average of the batches
     m.train()
     with torch.no_grad():
         for _ in range(3):
             m(torch.randn(8, 3, size, size) * 0.8 + 0.1)
     path = folder / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
-    return path
+    return path, len(bns)
 
 
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -106,14 +109,13 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
     import gzq
     from gzq.checkpoint import load_int_weights, load_student
     from gzq.export import onnx_session, run_onnx
-    from gzq.models import find_bn_layers
     from gzq.config import QuantSpec
     row = dict(arch=arch, size=size, protocol=protocol, ok=False)
     specs = [QuantSpec.parse(b, protocol) for b in ("w4a4", "w8a8")]
     t0 = time.perf_counter()
     stage = "build"
     try:
-        ckpt = _teacher_checkpoint(arch, size, folder)
+        ckpt, row["bn_layers"] = _teacher_checkpoint(arch, size, folder)
         stage = "pipeline"
         cfg = gzq.make_config("cpu", "cpu", model=dict(name=arch, checkpoint=str(ckpt), num_classes=10,
                                                        input_size=(3, size, size)),
@@ -121,7 +123,6 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
                               synth=dict(num_images=16, holdout_images=4, steps=4, warmup_steps=2, batch_size=8),
                               train=dict(epochs=1, batch_size=8))
         report = gzq.run(dataclasses.replace(cfg, time_budget_s=None), folder / "run")   # the budget as given
-        row["bn_layers"] = report.get("teacher", {}).get("bn_layers")
         x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(1))
         stage = "files"
         for s in report["students"]:
@@ -142,17 +143,13 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
                                   int_file=_compare(rebuilt, ref), floor=_compare(nudged, ref))
             if s["name"] == "w8a8":   # the share of convolutions onnxruntime runs as int8 kernels
                 opt = folder / "optimised.onnx"
-                onnx_session(str(folder / "run" / files["onnx"]["path"]), optimization="extended", optimized_path=opt)
+                onnx_session(path, optimization="extended", optimized_path=opt)
                 ops = collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
                 row["int8_convs"] = round(100 * ops["QLinearConv"] / max(ops["QLinearConv"] + ops["Conv"], 1), 1)
         row["ok"] = all(row[n]["int_file"]["max_rel"] <= 1e-4 for n in ("w4a4", "w8a8"))
         if not row["ok"]:
             row["error"] = "the integer file does not rebuild the student"
         row["close"] = all(_within(row[n]["onnx"], row[n]["floor"]) for n in ("w4a4", "w8a8"))
-        if row.get("bn_layers") is None:
-            import timm
-            with torch.device("meta"):
-                row["bn_layers"] = len(find_bn_layers(timm.create_model(arch, num_classes=10)))
     except Exception as e:  # noqa: BLE001 - every failure is a row
         row["error"] = f"{stage}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         row["traceback"] = traceback.format_exc()[-2000:]
