@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import add_overrides, real_source, recipe_digest  # noqa: E402
 from train_zoo import CONFIRMATION, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
-from gzq.budget import fit_budget, measure_costs  # noqa: E402
+from gzq.budget import measure_costs, plan_run  # noqa: E402
 from gzq.config import FinetuneMethod, ModelSpec, override, student_specs  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.pipeline import run as run_pipeline  # noqa: E402
@@ -71,11 +71,12 @@ def fitted_budget(name: str, spec: ModelSpec, base: dict, seconds: float, device
     example = torch.zeros(2, *teacher.input_size, device=dev)
     students = {n: create_student(teacher.model, s, example, teacher.classifier) for n, s in student_specs(cfg)}
     costs = measure_costs(teacher, students, cfg, dev)
-    fitted, est = fit_budget(cfg, costs, len(students), seconds, cfg.eval.max_real_images or 0)
+    fitted, est = plan_run(cfg, costs, len(students), seconds, cfg.eval.max_real_images or 0)
     keep = ("num_images", "holdout_images", "batch_size", "steps", "warmup_steps")
     print(f"  {name}: {est.text}", flush=True)
+    cut = {"batch_size": fitted.train.batch_size} if fitted.train.batch_size != cfg.train.batch_size else {}
     return {**base, "synth": {**base["synth"], **{k: getattr(fitted.synth, k) for k in keep}},
-            "estimate_s": round(est.seconds, 1)}
+            "train": {**base["train"], **cut}, "estimate_s": round(est.seconds, 1)}
 
 
 def run(spec: ModelSpec, method: str, seed: int, budget: dict, device: str, bits: list[str]) -> dict:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
-from .config import RunConfig, SynthConfig, scaled_synth, student_specs
+from .config import RunConfig, SynthConfig, override, scaled_synth, student_specs
 from .images import SyntheticImages
 from .losses import total_variation
 from .optim import adam
@@ -28,21 +30,32 @@ log = logging.getLogger(__name__)
 MIN_IMAGES, MIN_STEPS = 32, 40
 #: per-student constant for ONNX and integer exports and their checks, seconds (small next to the stages)
 EXPORT_SECONDS = 3.0
+#: the batch a step is first timed at (its cost is then priced per image)
+TIMED_BATCH = 16
+#: the run's own batch is timed as well where the small batch predicts a step under this many seconds
+FULL_BATCH_TIMING_S = 10.0
+#: share of the free memory that the tensors a step's backward keeps may take (fit_memory), and the smallest
+#: batch that cut goes to
+MEMORY_SHARE, MIN_BATCH = 0.25, 8
 
 
 @dataclass
 class StepCosts:
-    """Measured seconds on one device."""
-    synth_step: float      # one synthesis step at the synthesis batch: teacher forward+backward, BN losses,
-                           # and each student's forward+backward
-    kd_step: float         # one fine-tuning step at the fine-tuning batch: teacher forward, every student
-                           # forward+backward
+    """Measured seconds (and bytes) on one device, per image of a batch: a stage's step costs its batch times
+    these, so a budget fitted to fewer images (a smaller batch) is priced at the batch it will run."""
+    synth_image: float     # one synthesis step, per image of its batch: teacher forward+backward, BN losses,
+                           # each student's forward+backward, the images' update
+    kd_image: float        # one fine-tuning step, per image: teacher forward, every student forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
     student_forward_image: float = 0.0   # one image through every student (no grad)
     recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
                            # gzq.reconstruct.find_units)
-    warmup_step: float | None = None   # one warm-up step: the teacher alone, at the coarse size where synthesis
-                                       # uses one (SynthConfig.coarse_scale); None = as synth_step
+    warmup_image: float | None = None   # one warm-up step per image: the teacher alone, at the coarse size where
+                                        # synthesis uses one (SynthConfig.coarse_scale); None = as synth_image
+    synth_image_bytes: int = 0   # memory one image adds to a synthesis step: what its backward keeps
+    kd_image_bytes: int = 0      # the same for a fine-tuning step
+    timed_batch: dict = field(default_factory=dict)   # stage -> the batch the costs were timed at
+    memory: int = 0              # bytes free on the device when measured (0 = unknown: batches are not cut)
 
 
 @dataclass
@@ -70,57 +83,164 @@ def _timed(fn, repeats: int = 2, long_s: float = 1.0) -> float:
     return min(times)
 
 
-def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device) -> StepCosts:
+def _kept_bytes(fn, batch: int) -> int:
+    """Bytes of the batch-sized tensors that autograd saves for the backward of what `fn` computes (each
+    storage once): the activation memory of a training step, which grows with the batch. Runs `fn` once,
+    holding every saved tensor until it returns so that no freed storage's address is counted twice."""
+    held: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        if t.ndim and t.shape[0] == batch:
+            held.setdefault(t.untyped_storage().data_ptr(), t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(t.untyped_storage().nbytes() for t in held.values())
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a run can still allocate on `device`: free GPU memory (plus what torch's cache holds unused), or
+    on the CPU the system's available memory, capped by a container's (cgroup) limit where one is set."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_f).read_text().strip(), Path(usage_f).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            avail = min(avail, int(limit) - int(usage))
+        break
+    return max(int(avail), 0)
+
+
+def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
+                  memory: int | None = None) -> StepCosts:
     """Time one synthesis step, one fine-tuning step and one evaluation forward of this teacher and these
-    (uncalibrated) students on `device`. Costs a few steps; leaves no gradients or hooks behind."""
+    (uncalibrated) students on `device`, and what one image adds to each step's memory. Leaves no gradients
+    or hooks behind.
+
+    Each step is first timed at a batch of at most TIMED_BATCH images and priced per image, so measuring a
+    large model is quick and never holds a full batch in memory. Where that predicts a step under
+    FULL_BATCH_TIMING_S at the batch the run will use (the configured one, or what `memory` bytes hold,
+    default available_memory: see fit_memory), that batch is timed too and its cost kept: a small batch
+    costs more per image (fixed overheads; a GPU it leaves idle).
+    """
+    memory = available_memory(device) if memory is None else memory
     gen = torch.Generator().manual_seed(0)
     sc = cfg.synth
-    b = min(sc.batch_size, sc.num_images)
+    full_b = min(sc.batch_size, sc.num_images)
     # the images as synthesis holds them (their parameterisation and per-step clamp are part of a step's cost)
     images = SyntheticImages(torch.zeros(sc.num_images, dtype=torch.long), teacher.input_size, teacher.pixel_bounds,
                              sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay,
                              1.0 if sc.band == "auto" else sc.band).to(device)
-    idx = torch.arange(b, device=device)
-    y = torch.randint(teacher.num_classes, (b,), generator=gen).to(device)
+    y_all = torch.randint(teacher.num_classes, (full_b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
     active = students if sc.adversarial else {}
     coarse = coarse_size(teacher.input_size, sc.coarse_scale, sc.coarse_min_side)
     # the images' own update is part of a step: Adam over every image's parameters, whatever the batch
     opt = adam([p for p in images.parameters() if p.requires_grad], lr=1e-6)
+    timed: dict[str, int] = {}
+
+    def synth_loss(b, joined=active, size=None):
+        x = resize(images(torch.arange(b, device=device)), size)
+        logits = teacher.model(x)
+        loss = bn_losses(recorder, sc.bn_loss, sc.n_rule, normalize=sc.bn_normalize)[0]
+        loss = loss + F.cross_entropy(logits, y_all[:b]) + total_variation(x) + x.pow(2).mean()
+        for s in joined.values():
+            loss = loss + s(x).logsumexp(1).mean()
+        return loss
+
+    def synth_step(b, joined=active, size=None):
+        synth_loss(b, joined, size).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        images.clamp_()
+
+    def per_image(stage, step, image_bytes, full):
+        """Seconds per image of `step(b)`: at a small batch, then at the batch the run will use (the full one,
+        or what memory holds: fit_memory) where that is quick enough to time."""
+        run_b = memory_batch(full, image_bytes, memory)
+        b = min(run_b, TIMED_BATCH)
+        t = _timed(lambda: step(b)) / b
+        if b < run_b and t * run_b <= FULL_BATCH_TIMING_S:
+            b, t = run_b, _timed(lambda: step(run_b)) / run_b
+        timed[stage] = b
+        return t
+
     try:
-        def synth_step(joined=active, size=None):
-            x = resize(images(idx), size)
-            logits = teacher.model(x)
-            loss = bn_losses(recorder, sc.bn_loss, sc.n_rule, normalize=sc.bn_normalize)[0]
-            loss = loss + F.cross_entropy(logits, y) + total_variation(x) + x.pow(2).mean()
-            for s in joined.values():
-                loss = loss + s(x).logsumexp(1).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            images.clamp_()
-        synth_step_s = _timed(synth_step) if sc.steps else 0.0
+        small = min(full_b, TIMED_BATCH)
+        synth_bytes = _kept_bytes(lambda: synth_loss(small), small) // small if sc.steps else 0
+        synth_s = per_image("synthesis", synth_step, synth_bytes, full_b) if sc.steps else 0.0
         warmup_differs = sc.steps and min(sc.warmup_steps, sc.steps) and (active or coarse)
-        warmup_step_s = _timed(lambda: synth_step({}, coarse)) if warmup_differs else None
+        warmup_s = (per_image("warmup", lambda b: synth_step(b, {}, coarse), synth_bytes, full_b)
+                    if warmup_differs else None)
     finally:
         recorder.remove()
-    bk = min(cfg.train.batch_size, cfg.synth.num_images)
-    xk = torch.randn(bk, *teacher.input_size, generator=gen).to(device)
-
+    images = opt = None
+    kd_full = min(cfg.train.batch_size, cfg.synth.num_images)
+    xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
     distilled = [students[n] for n, spec in student_specs(cfg) if n in students and cfg.train.method_for(spec).kd]
 
-    def kd_step():
+    def kd_loss(b):
         with torch.no_grad():
-            teacher.model(xk)
-        for s in distilled:
-            s(xk).logsumexp(1).mean().backward()
-    kd_step_s = _timed(kd_step) if cfg.train.epochs and distilled else 0.0
+            teacher.model(xk[:b])
+        return sum(s(xk[:b]).logsumexp(1).mean() for s in distilled)
+
+    kd_s = kd_bytes = 0
+    if cfg.train.epochs and distilled:
+        small = min(kd_full, TIMED_BATCH)
+        kd_bytes = _kept_bytes(lambda: kd_loss(small), small) // small
+        kd_s = per_image("finetune", lambda b: kd_loss(b).backward(), kd_bytes, kd_full)
     for s in students.values():
         s.zero_grad(set_to_none=True)
+    b = min(kd_full, TIMED_BATCH)
     with torch.no_grad():
-        fwd = _timed(lambda: teacher.model(xk)) / bk
-        s_fwd = _timed(lambda: [s(xk) for s in students.values()]) / bk
-    return StepCosts(synth_step_s, kd_step_s, fwd, s_fwd, warmup_step=warmup_step_s)
+        fwd = _timed(lambda: teacher.model(xk[:b])) / b
+        s_fwd = _timed(lambda: [s(xk[:b]) for s in students.values()]) / b
+    return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, synth_image_bytes=synth_bytes,
+                     kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory)
+
+
+def memory_batch(batch: int, image_bytes: int, memory: int) -> int:
+    """The largest batch up to `batch` whose kept tensors (`image_bytes` per image) take at most MEMORY_SHARE
+    of `memory` bytes; never below MIN_BATCH (nor above `batch`)."""
+    if not image_bytes:
+        return batch
+    return min(batch, max(int(MEMORY_SHARE * memory // image_bytes), MIN_BATCH))
+
+
+def fit_memory(cfg: RunConfig, costs: StepCosts) -> tuple[RunConfig, str]:
+    """`cfg` with its synthesis and fine-tuning batches cut to what the free memory the costs were measured
+    with (costs.memory) holds (memory_batch): the
+    tensors a step's backward keeps may take MEMORY_SHARE of it; the step's peak is about twice those, and the
+    models, the images and the allocator's slack take the rest. Returns the config (the same object when
+    nothing changes) and a note for the estimate ("" when nothing changes), which also says when even a
+    batch of MIN_BATCH is more than memory holds."""
+    notes, d, memory = [], {}, costs.memory
+    if not memory:
+        return cfg, ""
+    for section, per_image, label in (("synth", costs.synth_image_bytes, "synthesis"),
+                                      ("train", costs.kd_image_bytes, "fine-tuning")):
+        batch = getattr(cfg, section).batch_size
+        capped = memory_batch(batch, per_image, memory)
+        if capped < batch:
+            d[f"{section}.batch_size"] = capped
+            short = per_image * capped > MEMORY_SHARE * memory
+            notes.append(f"{label} batch {batch} -> {capped}" + (", still more than memory holds" if short else ""))
+    if not d:
+        return cfg, ""
+    return override(cfg, d), f"batches cut to fit {memory / 2**30:.1f} GiB of free memory ({'; '.join(notes)})"
 
 
 def _shares(cfg: RunConfig) -> tuple[float, float]:
@@ -144,17 +264,19 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     """Seconds each stage of `cfg` will take at the measured costs."""
     s, t = cfg.synth, cfg.train
     train_images = s.num_images - s.holdout_images
-    kd_steps = t.epochs * max(train_images // min(t.batch_size, train_images), 1)
+    kd_batch = min(t.batch_size, train_images)
+    kd_steps = t.epochs * max(train_images // kd_batch, 1)
     fresh = s.holdout_images * cfg.eval.fresh_draws
     warm = min(s.warmup_steps, s.steps)
-    warm_step = costs.synth_step if costs.warmup_step is None else costs.warmup_step
+    batch = min(s.batch_size, s.num_images)
+    warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
     # synth.band=auto first forms a few images in each candidate band (priced as if every band were probed)
-    probe = s.band_probe_image_steps() * warm_step / min(s.batch_size, s.num_images)
+    probe = s.band_probe_image_steps() * warm_image
     stages = {
-        "synthesis": probe + warm * warm_step + (s.steps - warm) * costs.synth_step,
+        "synthesis": probe + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image),
         "calibration": 2 * train_images * costs.forward_image * num_students,
         "reconstruct": recon_seconds(cfg, costs),
-        "finetune": kd_steps * costs.kd_step,
+        "finetune": kd_steps * kd_batch * costs.kd_image,
         "evaluate": (fresh + real_images) * costs.forward_image * (1 + num_students),
         "save": EXPORT_SECONDS * num_students if cfg.export.formats else 0.5,
     }
@@ -200,6 +322,20 @@ def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: flo
     est.scale = g
     est.text += f"; fitted to the {_fmt(seconds)} budget from {cfg.synth.num_images} images x {cfg.synth.steps} steps"
     return fitted, est
+
+
+def plan_run(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: float | None = None,
+             real_images: int = 0) -> tuple[RunConfig, RunEstimate]:
+    """What `cfg` becomes on the measured device and what it will take: batches cut to the free memory
+    (fit_memory), then, when `seconds` is given, the budget fitted to it (fit_budget)."""
+    cfg, note = fit_memory(cfg, costs)
+    if seconds is None:
+        est = estimate(cfg, costs, num_students, real_images)
+    else:
+        cfg, est = fit_budget(cfg, costs, num_students, seconds, real_images)
+    if note:
+        est.text += f"; {note}"
+    return cfg, est
 
 
 def _fmt(seconds: float) -> str:

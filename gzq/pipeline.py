@@ -27,7 +27,7 @@ import torch
 from . import dist
 from .accel import channels_last_
 from .augment import augment, jitter_pixels
-from .budget import estimate, fit_budget, measure_costs
+from .budget import measure_costs, plan_run
 from .checkpoint import save_student
 from .config import FlipMode, RunConfig, student_specs
 from .distill import iter_distill
@@ -71,10 +71,7 @@ def estimate_run(cfg: RunConfig):
     costs = measure_costs(teacher, students, cfg, device)
     costs.recon_units = _recon_units(cfg, students, example)
     n_real = len(labelled.labels) if labelled else 0
-    if cfg.time_budget_s is not None:
-        _, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
-    else:
-        est = estimate(cfg, costs, len(students), n_real)
+    _, est = plan_run(cfg, costs, len(students), cfg.time_budget_s, n_real)
     est.per_stage = {"load": load_s, **est.per_stage}
     est.seconds += load_s
     return est
@@ -197,11 +194,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         costs = measure_costs(teacher, students, cfg, device)
         costs.recon_units = _recon_units(cfg, students, example)
         n_real = len(labelled.labels) if labelled else 0
-        if cfg.time_budget_s is not None and synth_source is None:
-            fitted, est = fit_budget(cfg, costs, len(students), cfg.time_budget_s, n_real)
-            cfg = dataclasses.replace(fitted, time_budget_s=None)   # the saved config reproduces this budget
-        else:
-            est = estimate(cfg, costs, len(students), n_real)
+        seconds = cfg.time_budget_s if synth_source is None else None
+        fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
+        cfg = dataclasses.replace(fitted, time_budget_s=None)   # the saved config reproduces this budget
         timings["estimate"] = time.perf_counter() - t
         budget = dict(estimate_s=round(est.seconds, 1), per_stage_s={k: round(v, 1) for k, v in est.per_stage.items()},
                       scale=round(est.scale, 3), **est.budget)

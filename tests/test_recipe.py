@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gzq.bn import BNStatsRecorder, bn_losses
-from gzq.budget import StepCosts, estimate, fit_budget
+from gzq.budget import MIN_BATCH, StepCosts, estimate, fit_budget, fit_memory, plan_run
 from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig, override, scaled_synth
 from gzq.events import Message, drain
 from gzq.models import Teacher
@@ -166,15 +166,18 @@ def test_flip_mode_accepts_booleans_and_validates():
 
 def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     cfg = override(make_config("cpu"), "synth.band=1")
-    costs = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3)
+    b, kb = cfg.synth.batch_size, cfg.train.batch_size
+    costs = StepCosts(synth_image=1.0 / b, kd_image=0.2 / kb, forward_image=1e-3)
     full = estimate(cfg, costs, num_students=2)
     assert full.per_stage["synthesis"] == pytest.approx(300.0) and full.seconds > 300
+    # 224 train images in batches of 64 (3 full ones) for 40 epochs
+    assert full.per_stage["finetune"] == pytest.approx(40 * 3 * 0.2)
     # warm-up steps (the teacher alone, at the coarse size where there is one) priced at their own cost
-    cheap_warmup = StepCosts(synth_step=1.0, kd_step=0.2, forward_image=1e-3, warmup_step=0.25)
+    cheap_warmup = StepCosts(synth_image=1.0 / b, kd_image=0.2 / kb, forward_image=1e-3, warmup_image=0.25 / b)
     assert estimate(cfg, cheap_warmup, 2).per_stage["synthesis"] == pytest.approx(100 * 0.25 + 200 * 1.0)
     # synth.band=auto first probes up to 4 bands with 32 images x 40 teacher-only steps each
     assert override(cfg, "synth.band=auto").synth.band_probe_images() == 32
-    probe = 4 * 40 * 0.25 * 32 / cfg.synth.batch_size
+    probe = 4 * 40 * 32 * 0.25 / b
     assert (estimate(override(cfg, "synth.band=auto"), cheap_warmup, 2).per_stage["synthesis"]
             == pytest.approx(probe + 100 * 0.25 + 200 * 1.0))
     fitted, est = fit_budget(cfg, costs, 2, seconds=full.seconds / 3)
@@ -184,12 +187,66 @@ def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     assert fitted.synth.batch_size <= fitted.synth.num_images
     same, est_same = fit_budget(cfg, costs, 2, seconds=full.seconds * 2)
     assert same is cfg and est_same.scale == 1.0
-    tiny, _ = fit_budget(cfg, costs, 2, seconds=1.0)   # never below the floors
+    tiny, tiny_est = fit_budget(cfg, costs, 2, seconds=1.0)   # never below the floors
     assert tiny.synth.steps == 40 and tiny.synth.num_images == 32
+    # ... where a step holds 32 images, not the preset's 96: it is priced at the batch it runs
+    assert tiny_est.per_stage["synthesis"] == pytest.approx(40 * 32 / b)
+    assert tiny_est.per_stage["finetune"] == pytest.approx(40 * 28 * 0.2 / kb)
     assert scaled_synth(cfg.synth, 64, 90) == dict(num_images=64, holdout_images=8, batch_size=64, steps=90,
                                                       warmup_steps=30)
     with pytest.raises(ValueError, match="time_budget_s"):
         RunConfig(time_budget_s=-1)
+
+
+def test_batches_are_cut_to_the_free_memory():
+    cfg = override(make_config("cpu"), "synth.band=1")
+    gib = 2**30
+    costs = StepCosts(synth_image=0.01, kd_image=0.01, forward_image=1e-3, synth_image_bytes=gib // 4,
+                      kd_image_bytes=gib // 16, memory=16 * gib)
+    # a quarter of 16 GiB for what a step keeps: 16 images at 1/4 GiB each, 64 at 1/16 GiB
+    cut, note = fit_memory(cfg, costs)
+    assert cut.synth.batch_size == 16 and cut.train.batch_size == 64 and cfg.synth.batch_size == 96
+    assert "16.0 GiB" in note and "synthesis batch 96 -> 16" in note and "fine-tuning" not in note
+    # the time fit then prices the smaller batch: a cut batch runs the same steps in less time
+    fitted, est = plan_run(cfg, costs, 2, seconds=1e9)
+    assert fitted.synth.batch_size == 16 and note in est.text
+    assert est.per_stage["synthesis"] == pytest.approx(300 * 16 * 0.01)
+    # plenty of memory, or none measured: nothing changes
+    roomy = StepCosts(0.01, 0.01, 1e-3, synth_image_bytes=gib // 4, kd_image_bytes=gib // 16, memory=1024 * gib)
+    assert fit_memory(cfg, roomy) == (cfg, "")
+    assert fit_memory(cfg, StepCosts(0.01, 0.01, 1e-3, synth_image_bytes=gib)) == (cfg, "")
+    # never below MIN_BATCH, and the note says memory is still short
+    short = StepCosts(0.01, 0.01, 1e-3, synth_image_bytes=gib, kd_image_bytes=gib, memory=gib)
+    cut, note = fit_memory(cfg, short)
+    assert cut.synth.batch_size == cut.train.batch_size == MIN_BATCH and "still more than memory holds" in note
+
+
+def test_measured_costs_count_each_images_memory_and_time_the_batch_that_fits():
+    from gzq.budget import available_memory, measure_costs
+    from gzq.config import student_specs
+    from gzq.models import load_teacher
+    from gzq.quant.convert import create_student
+    assert available_memory(torch.device("cpu")) > 2**28
+    per_image = {}
+    for side in (32, 64):
+        cfg = make_config("cpu", "cpu", model={"name": "resnet10t", "num_classes": 10, "input_size": (3, side, side)},
+                          students=["w4a4"], export={"formats": []}, train={"epochs": 2, "batch_size": 32},
+                          synth={"num_images": 64, "holdout_images": 8, "batch_size": 32, "steps": 20, "warmup_steps": 5})
+        teacher = load_teacher(cfg.model, torch.device("cpu"))
+        ex = torch.zeros(2, *teacher.input_size)
+        students = {n: create_student(teacher.model, s, ex, teacher.classifier) for n, s in student_specs(cfg)}
+        costs = measure_costs(teacher, students, cfg, torch.device("cpu"))
+        assert costs.synth_image > 0 and costs.kd_image > 0 and costs.synth_image_bytes > costs.kd_image_bytes > 0
+        assert costs.timed_batch == {"synthesis": 32, "warmup": 32, "finetune": 32}   # small and quick: timed as run
+        per_image[side] = costs.synth_image_bytes
+        # memory for a batch of 12 only: the steps are timed at 12, and the run's batches cut to it
+        memory = int(12.5 * costs.synth_image_bytes / 0.25)
+        tight = measure_costs(teacher, students, cfg, torch.device("cpu"), memory=memory)
+        assert tight.timed_batch["synthesis"] == 12 and tight.memory == memory
+        assert fit_memory(cfg, tight)[0].synth.batch_size == 12
+        assert not any(p.grad is not None for s in students.values() for p in s.parameters())
+    # activations grow with the pixels: 4x the pixels, about 4x the memory per image
+    assert 3.0 < per_image[64] / per_image[32] < 4.5
 
 
 def test_health_warning_only_when_images_lose_their_class():
@@ -208,11 +265,12 @@ def test_estimate_run_measures_the_bundled_model():
     est = estimate_run(cfg)
     assert set(est.per_stage) >= {"load", "synthesis", "reconstruct", "finetune", "evaluate"}
     assert est.seconds == pytest.approx(sum(est.per_stage.values()))
-    assert est.costs.synth_step > 0 and est.costs.kd_step > 0 and est.per_stage["finetune"] > 0
-    assert 0 < est.costs.warmup_step < est.costs.synth_step   # the warm-up runs the teacher without students
+    assert est.costs.synth_image > 0 and est.costs.kd_image > 0 and est.per_stage["finetune"] > 0
+    assert 0 < est.costs.warmup_image < est.costs.synth_image   # the warm-up runs the teacher without students
+    assert est.costs.synth_image_bytes > 0 and est.costs.memory > 0
     assert "64 images, 20 synthesis steps, 2 fine-tuning epochs" in est.text
     assert est.costs.recon_units == 0 and est.per_stage["reconstruct"] == 0 and "block reconstruction" not in est.text
     # block reconstruction asked for: its units are counted and timed, and no KD stage is
     est = estimate_run(override(cfg, "train.method=recon"))
-    assert est.costs.kd_step == 0 and est.per_stage["finetune"] == 0 and "fine-tuning epochs" not in est.text
+    assert est.costs.kd_image == 0 and est.per_stage["finetune"] == 0 and "fine-tuning epochs" not in est.text
     assert est.costs.recon_units == 10 and est.per_stage["reconstruct"] > 0 and "block reconstruction" in est.text
