@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 MIN_IMAGES, MIN_STEPS = 32, 40
 #: per-student constant for ONNX and integer exports and their checks, seconds (small next to the stages)
 EXPORT_SECONDS = 3.0
-#: the batch a step is first timed at (its cost is then priced per image)
-TIMED_BATCH = 16
+#: the batch a step is first timed at (its cost is then priced per image), and the one its memory is counted at
+TIMED_BATCH, MEMORY_PROBE_BATCH = 16, 4
 #: the run's own batch is timed as well where the small batch predicts a step under this many seconds
 FULL_BATCH_TIMING_S = 10.0
 #: share of the free memory that the tensors a step's backward keeps may take (fit_memory), and the smallest
 #: batch that cut goes to
-MEMORY_SHARE, MIN_BATCH = 0.25, 8
+MEMORY_SHARE, MIN_BATCH = 0.2, 8
 
 
 @dataclass
@@ -179,7 +179,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
         return t
 
     try:
-        small = min(full_b, TIMED_BATCH)
+        small = min(full_b, MEMORY_PROBE_BATCH)
         synth_bytes = _kept_bytes(lambda: synth_loss(small), small) // small if sc.steps else 0
         synth_s = per_image("synthesis", synth_step, synth_bytes, full_b) if sc.steps else 0.0
         warmup_differs = sc.steps and min(sc.warmup_steps, sc.steps) and (active or coarse)
@@ -199,7 +199,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
 
     kd_s = kd_bytes = 0
     if cfg.train.epochs and distilled:
-        small = min(kd_full, TIMED_BATCH)
+        small = min(kd_full, MEMORY_PROBE_BATCH)
         kd_bytes = _kept_bytes(lambda: kd_loss(small), small) // small
         kd_s = per_image("finetune", lambda b: kd_loss(b).backward(), kd_bytes, kd_full)
     for s in students.values():
@@ -214,30 +214,36 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
 
 def memory_batch(batch: int, image_bytes: int, memory: int) -> int:
     """The largest batch up to `batch` whose kept tensors (`image_bytes` per image) take at most MEMORY_SHARE
-    of `memory` bytes; never below MIN_BATCH (nor above `batch`)."""
-    if not image_bytes:
+    of `memory` bytes; never below MIN_BATCH (nor above `batch`). `memory` 0 = unknown: `batch` as it is."""
+    if not image_bytes or not memory:
         return batch
     return min(batch, max(int(MEMORY_SHARE * memory // image_bytes), MIN_BATCH))
 
 
 def fit_memory(cfg: RunConfig, costs: StepCosts) -> tuple[RunConfig, str]:
     """`cfg` with its synthesis and fine-tuning batches cut to what the free memory the costs were measured
-    with (costs.memory) holds (memory_batch): the
-    tensors a step's backward keeps may take MEMORY_SHARE of it; the step's peak is about twice those, and the
-    models, the images and the allocator's slack take the rest. Returns the config (the same object when
-    nothing changes) and a note for the estimate ("" when nothing changes), which also says when even a
-    batch of MIN_BATCH is more than memory holds."""
+    with (costs.memory) holds (memory_batch): the tensors a step's backward keeps may take MEMORY_SHARE of it;
+    the step's peak is about twice those, and the models, the images and the allocator's slack take the rest.
+
+    A cut synthesis batch runs proportionally more steps, so that each image gets as many updates as the
+    budget meant (about the same time: each step is cheaper); fine-tuning keeps its epochs. Returns the config
+    (the same object when nothing changes) and a note for the estimate ("" when nothing changes), which also
+    says when even a batch of MIN_BATCH is more than memory holds."""
     notes, d, memory = [], {}, costs.memory
     if not memory:
         return cfg, ""
     for section, per_image, label in (("synth", costs.synth_image_bytes, "synthesis"),
                                       ("train", costs.kd_image_bytes, "fine-tuning")):
         batch = getattr(cfg, section).batch_size
+        if section == "synth":
+            batch = min(batch, cfg.synth.num_images)
         capped = memory_batch(batch, per_image, memory)
         if capped < batch:
             d[f"{section}.batch_size"] = capped
             short = per_image * capped > MEMORY_SHARE * memory
             notes.append(f"{label} batch {batch} -> {capped}" + (", still more than memory holds" if short else ""))
+            if section == "synth":
+                d["synth.steps"] = math.ceil(cfg.synth.steps * batch / capped)
     if not d:
         return cfg, ""
     return override(cfg, d), f"batches cut to fit {memory / 2**30:.1f} GiB of free memory ({'; '.join(notes)})"
@@ -301,23 +307,27 @@ def fit_budget(cfg: RunConfig, costs: StepCosts, num_students: int, seconds: flo
     """The largest budget of the form (images x g^0.5, steps x g) with g <= 1 whose estimate fits `seconds`.
 
     Steps shrink faster than images: the budget curve shows a few more images at fewer steps each loses less
-    than the reverse. Never below MIN_IMAGES / MIN_STEPS (such a run then takes longer than asked, and the
-    estimate says so).
+    than the reverse. Never below MIN_IMAGES images with MIN_STEPS updates each (a batch cut by memory,
+    fit_memory, runs more steps for as many updates); such a run then takes longer than asked, and the
+    estimate says so.
     """
     base = estimate(cfg, costs, num_students, real_images)
     if base.seconds <= seconds:
         return cfg, base
+    # the floor: MIN_IMAGES images with MIN_STEPS updates each (more steps where the batch holds fewer images)
+    min_images = min(MIN_IMAGES, cfg.synth.num_images)
+    min_steps = min(math.ceil(MIN_STEPS * min_images / min(cfg.synth.batch_size, min_images)), cfg.synth.steps)
     g, fitted, est = 1.0, cfg, base
     while est.seconds > seconds and g > 1e-3:
         g *= 0.9
-        images = max(int(cfg.synth.num_images * math.sqrt(g)), min(MIN_IMAGES, cfg.synth.num_images))
-        steps = max(int(cfg.synth.steps * g), min(MIN_STEPS, cfg.synth.steps))
+        images = max(int(cfg.synth.num_images * math.sqrt(g)), min_images)
+        steps = max(int(cfg.synth.steps * g), min_steps)
         fitted = copy.deepcopy(cfg)
         d = fitted.synth.to_dict()
         d.update(scaled_synth(cfg.synth, images, steps))
         fitted.synth = SynthConfig.from_dict(d)
         est = estimate(fitted, costs, num_students, real_images)
-        if images == min(MIN_IMAGES, cfg.synth.num_images) and steps == min(MIN_STEPS, cfg.synth.steps):
+        if images == min_images and steps == min_steps:
             break
     est.scale = g
     est.text += f"; fitted to the {_fmt(seconds)} budget from {cfg.synth.num_images} images x {cfg.synth.steps} steps"

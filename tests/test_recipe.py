@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gzq.bn import BNStatsRecorder, bn_losses
-from gzq.budget import MIN_BATCH, StepCosts, estimate, fit_budget, fit_memory, plan_run
+from gzq.budget import MEMORY_SHARE, MIN_BATCH, StepCosts, estimate, fit_budget, fit_memory, plan_run
 from gzq.config import BNLoss, FlipMode, ImageParam, NRule, RunConfig, SynthConfig, override, scaled_synth
 from gzq.events import Message, drain
 from gzq.models import Teacher
@@ -202,15 +202,23 @@ def test_batches_are_cut_to_the_free_memory():
     cfg = override(make_config("cpu"), "synth.band=1")
     gib = 2**30
     costs = StepCosts(synth_image=0.01, kd_image=0.01, forward_image=1e-3, synth_image_bytes=gib // 4,
-                      kd_image_bytes=gib // 16, memory=16 * gib)
-    # a quarter of 16 GiB for what a step keeps: 16 images at 1/4 GiB each, 64 at 1/16 GiB
+                      kd_image_bytes=gib // 16, memory=20 * gib)
+    # a fifth of 20 GiB (MEMORY_SHARE) for what a step keeps: 16 images at 1/4 GiB each, 64 at 1/16 GiB
+    assert MEMORY_SHARE == 0.2
     cut, note = fit_memory(cfg, costs)
     assert cut.synth.batch_size == 16 and cut.train.batch_size == 64 and cfg.synth.batch_size == 96
-    assert "16.0 GiB" in note and "synthesis batch 96 -> 16" in note and "fine-tuning" not in note
-    # the time fit then prices the smaller batch: a cut batch runs the same steps in less time
+    assert "20.0 GiB" in note and "synthesis batch 96 -> 16" in note and "fine-tuning" not in note
+    # a sixth of the batch, six times the steps (the warm-up keeps its share): each image as many updates
+    assert cut.synth.steps == 6 * 300 and cut.synth.warmup_steps == 600 and cut.synth.num_images == 256
+    # ... in the same time; the time fit then works on the cut config
     fitted, est = plan_run(cfg, costs, 2, seconds=1e9)
     assert fitted.synth.batch_size == 16 and note in est.text
-    assert est.per_stage["synthesis"] == pytest.approx(300 * 16 * 0.01)
+    assert est.per_stage["synthesis"] == pytest.approx(300 * 96 * 0.01)
+    fitted, est = plan_run(cfg, costs, 2, seconds=60)
+    assert fitted.synth.batch_size == 16 and fitted.synth.steps < 1800 and est.seconds <= 60
+    # the floor is 32 images with 40 updates each: 80 steps of 16
+    floor, _ = plan_run(cfg, costs, 2, seconds=1)
+    assert (floor.synth.num_images, floor.synth.batch_size, floor.synth.steps) == (32, 16, 80)
     # plenty of memory, or none measured: nothing changes
     roomy = StepCosts(0.01, 0.01, 1e-3, synth_image_bytes=gib // 4, kd_image_bytes=gib // 16, memory=1024 * gib)
     assert fit_memory(cfg, roomy) == (cfg, "")
@@ -240,7 +248,7 @@ def test_measured_costs_count_each_images_memory_and_time_the_batch_that_fits():
         assert costs.timed_batch == {"synthesis": 32, "warmup": 32, "finetune": 32}   # small and quick: timed as run
         per_image[side] = costs.synth_image_bytes
         # memory for a batch of 12 only: the steps are timed at 12, and the run's batches cut to it
-        memory = int(12.5 * costs.synth_image_bytes / 0.25)
+        memory = int(12.5 * costs.synth_image_bytes / MEMORY_SHARE)
         tight = measure_costs(teacher, students, cfg, torch.device("cpu"), memory=memory)
         assert tight.timed_batch["synthesis"] == 12 and tight.memory == memory
         assert fit_memory(cfg, tight)[0].synth.batch_size == 12
