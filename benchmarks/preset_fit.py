@@ -1,8 +1,8 @@
 """How the CPU preset fits 224-px hub architectures: what measuring the model costs (seconds, peak memory),
 the budget and batches it fits, and, with --run, how long the run then takes against its estimate.
 
-    python benchmarks/preset_fit.py                          # measurement only, both rules, ~6 min on 2 cores
-    python benchmarks/preset_fit.py --archs resnet18 --run   # and a full run per architecture (~10 min each)
+    python benchmarks/preset_fit.py --memory-gib 16                    # measuring only, ~8 min on 2 cores
+    python benchmarks/preset_fit.py --memory-gib 16 --run              # and a run each (~10 min more each)
 
 Each architecture (random weights, 10 classes; only costs matter) runs in a process of its own, so its peak
 memory (ru_maxrss) is its own; a process whose resident memory passes --max-gib is stopped (as the OOM
@@ -11,8 +11,10 @@ killer would stop it on a machine with that much memory) and its row says so. Tw
   image, the run's batch timed too where that is quick, batches cut to the free memory (fit_memory);
 - "full batch": every step timed at the preset's full batch, no memory cut (how the budget was measured before).
 Columns: seconds spent measuring, the process's peak memory, the fitted images x steps and batches, and the
-estimate. --run then runs the preset ("per image") end to end with gzq.pipeline.run and prints the stages'
-actual time (after loading and measuring) against the estimate. Writes benchmarks/results/preset_fit.json.
+estimate. --run adds a row "run": a fresh process runs the preset end to end with gzq.pipeline.run (which
+measures with the "per image" rule and fits as above), and the row gives its own measuring time, estimate
+and peak memory, and the stages' actual time (after loading and measuring) against that estimate.
+Writes benchmarks/results/preset_fit.json after every row.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def child(arch: str, size: int, seconds: float, rule: str, run: bool, memory_gib: float | None) -> dict:
+def child(arch: str, size: int, seconds: float, rule: str, memory_gib: float | None) -> dict:
     import torch
 
     import gzq.budget as budget
@@ -48,6 +50,17 @@ def child(arch: str, size: int, seconds: float, rule: str, run: bool, memory_gib
 
     cfg = make_config("cpu", "cpu", model={"name": arch, "num_classes": 10, "input_size": (3, size, size)},
                       students=["w4a4", "w8a8"], time_budget_s=seconds)
+    if memory_gib is not None:   # the machine this stands for
+        budget.available_memory = lambda device: int(memory_gib * 2**30)
+    if rule == "run":
+        from gzq.pipeline import run as run_pipeline
+        report = run_pipeline(cfg)
+        tm, synth = report["timings"], report["config"]["synth"]
+        stages = {k: v for k, v in tm.items() if k not in ("load", "estimate", "total")}
+        return dict(arch=arch, rule=rule, estimate_s=report["budget"]["estimate_s"], measure_s=round(tm["estimate"], 1),
+                    run_s=round(sum(stages.values()), 1), stages_s={k: round(v, 1) for k, v in stages.items()},
+                    images=synth["num_images"], steps=synth["steps"], synth_batch=min(synth["batch_size"],
+                    synth["num_images"]), kd_batch=report["config"]["train"]["batch_size"], peak_gib=round(_peak_gib(), 2))
     dev = torch.device("cpu")
     teacher = load_teacher(cfg.model, dev)
     example = torch.zeros(2, *teacher.input_size)
@@ -57,29 +70,14 @@ def child(arch: str, size: int, seconds: float, rule: str, run: bool, memory_gib
         budget.TIMED_BATCH = 1 << 30
         costs = budget.measure_costs(teacher, students, cfg, dev, memory=0)
     else:
-        memory = None if memory_gib is None else int(memory_gib * 2**30)
-        costs = budget.measure_costs(teacher, students, cfg, dev, memory=memory)
+        costs = budget.measure_costs(teacher, students, cfg, dev)
     measure_s = time.perf_counter() - t
     fitted, est = budget.plan_run(cfg, costs, len(students), seconds)
-    out = dict(arch=arch, rule=rule, measure_s=round(measure_s, 1), measure_peak_gib=round(_peak_gib(), 2),
-               images=fitted.synth.num_images, steps=fitted.synth.steps, synth_batch=min(fitted.synth.batch_size,
-               fitted.synth.num_images), kd_batch=fitted.train.batch_size, estimate_s=round(est.seconds, 1),
-               free_gib=round(costs.memory / 2**30, 1), synth_image_mib=round(costs.synth_image_bytes / 2**20, 1),
-               timed_batch=costs.timed_batch, text=est.text)
-    if run:
-        from gzq.pipeline import run as run_pipeline
-        del teacher, students
-        if memory_gib is not None:   # the run measures the same machine
-            budget.available_memory = lambda device: int(memory_gib * 2**30)
-        report = run_pipeline(cfg)
-        tm = report["timings"]
-        stages = {k: v for k, v in tm.items() if k not in ("load", "estimate", "total")}
-        out.update(run_estimate_s=report["budget"]["estimate_s"], run_s=round(sum(stages.values()), 1),
-                   run_stages_s={k: round(v, 1) for k, v in stages.items()},
-                   run_budget=dict(images=report["config"]["synth"]["num_images"],
-                                   steps=report["config"]["synth"]["steps"]),
-                   run_peak_gib=round(_peak_gib(), 2))
-    return out
+    return dict(arch=arch, rule=rule, measure_s=round(measure_s, 1), peak_gib=round(_peak_gib(), 2),
+                images=fitted.synth.num_images, steps=fitted.synth.steps, synth_batch=min(fitted.synth.batch_size,
+                fitted.synth.num_images), kd_batch=fitted.train.batch_size, estimate_s=round(est.seconds, 1),
+                free_gib=round(costs.memory / 2**30, 1), synth_image_mib=round(costs.synth_image_bytes / 2**20, 1),
+                timed_batch=costs.timed_batch, text=est.text)
 
 
 def _watched(cmd: list[str], max_gib: float) -> tuple[subprocess.CompletedProcess, float]:
@@ -108,7 +106,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--budget-s", type=float, default=600.0, help="the CPU preset's budget")
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of: {', '.join(RULES)}")
-    p.add_argument("--run", action="store_true", help="also run the preset end to end (rule 'per image')")
+    p.add_argument("--run", action="store_true", help="also run the preset end to end in a fresh process")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preset_fit.json")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="the machine's free memory, GiB (default: what is free here at the start): the per-image "
@@ -116,7 +114,7 @@ def main(argv=None):
     p.add_argument("--child", nargs=2, metavar=("ARCH", "RULE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], args.size, args.budget_s, args.child[1], args.run, args.memory_gib)))
+        print(json.dumps(child(args.child[0], args.size, args.budget_s, args.child[1], args.memory_gib)))
         return
     import torch
 
@@ -127,30 +125,27 @@ def main(argv=None):
         p.error(f"unknown rule(s) {bad}; choose from {list(RULES)}")
     rows = []
     print(f"{'architecture':<24}{'rule':<12}{'measure s':>10}{'peak GiB':>9}{'images x steps':>16}{'batches':>9}"
-          f"{'estimate s':>11}{'run s':>7}{'run/est':>8}{'run GiB':>8}", flush=True)
+          f"{'estimate s':>11}{'run s':>7}{'run/est':>8}", flush=True)
     for arch in args.archs.split(","):
-        for rule in rules:
+        for rule in rules + (["run"] if args.run else []):
             cmd = [sys.executable, __file__, "--child", arch, rule, "--size", str(args.size),
-                   "--budget-s", str(args.budget_s),
-] + (["--run"] if args.run and rule == "per image" else [])
+                   "--budget-s", str(args.budget_s), "--memory-gib", f"{max_gib:.3f}"]
             res, peak = _watched(cmd, max_gib)
             if res.returncode:
                 why = (f"stopped at {peak:.1f} GiB, over the {max_gib:.1f} GiB cap" if peak > max_gib else
                        f"exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1][:200]}")
                 r = dict(arch=arch, rule=rule, error=why)
                 print(f"{arch:<24}{rule:<12}  failed ({why})", flush=True)
-                rows.append(r)
-                continue
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+            else:
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                run = (f"{r['run_s']:>7.0f}{r['run_s'] / r['estimate_s']:>8.2f}" if "run_s" in r
+                       else f"{'-':>7}{'-':>8}")
+                print(f"{arch:<24}{rule:<12}{r['measure_s']:>10.1f}{r['peak_gib']:>9.1f}{r['images']:>9} x "
+                      f"{r['steps']:<4}{r['synth_batch']:>4}/{r['kd_batch']:<4}{r['estimate_s']:>11.0f}" + run, flush=True)
             rows.append(r)
-            run = (f"{r['run_s']:>7.0f}{r['run_s'] / r['run_estimate_s']:>8.2f}{r['run_peak_gib']:>8.1f}"
-                   if "run_s" in r else f"{'-':>7}{'-':>8}{'-':>8}")
-            print(f"{arch:<24}{rule:<12}{r['measure_s']:>10.1f}{r['measure_peak_gib']:>9.1f}"
-                  f"{r['images']:>9} x {r['steps']:<4}{r['synth_batch']:>4}/{r['kd_batch']:<4}{r['estimate_s']:>11.0f}"
-                  + run, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(size=args.size, budget_s=args.budget_s, memory_gib=round(max_gib, 1), threads=os.environ.get(
-        "OMP_NUM_THREADS"), rows=rows), indent=1) + "\n")
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(size=args.size, budget_s=args.budget_s, memory_gib=round(max_gib, 1),
+                                                threads=os.environ.get("OMP_NUM_THREADS"), rows=rows), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ EXPORT_SECONDS = 3.0
 TIMED_BATCH, MEMORY_PROBE_BATCH = 16, 4
 #: the run's own batch is timed as well where the small batch predicts a step under this many seconds
 FULL_BATCH_TIMING_S = 10.0
-#: share of the free memory that the tensors a step's backward keeps may take (fit_memory), and the smallest
-#: batch that cut goes to
-MEMORY_SHARE, MIN_BATCH = 0.2, 8
+#: share of the free memory that the tensors a step's backward keeps may take (fit_memory), per device type: on
+#: the CPU a step's resident peak was about twice those plus the models (benchmarks/preset_fit.py); CUDA's
+#: caching allocator keeps less slack (a GPU share not yet measured on a GPU). And the smallest batch the cut
+#: goes to.
+MEMORY_SHARE, MIN_BATCH = {"cpu": 0.2, "cuda": 0.35}, 8
 
 
 @dataclass
@@ -44,7 +46,7 @@ class StepCosts:
     """Measured seconds (and bytes) on one device, per image of a batch: a stage's step costs its batch times
     these, so a budget fitted to fewer images (a smaller batch) is priced at the batch it will run."""
     synth_image: float     # one synthesis step, per image of its batch: teacher forward+backward, BN losses,
-                           # each student's forward+backward, the images' update
+                           # each student's forward+backward
     kd_image: float        # one fine-tuning step, per image: teacher forward, every student forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
     student_forward_image: float = 0.0   # one image through every student (no grad)
@@ -52,10 +54,13 @@ class StepCosts:
                            # gzq.reconstruct.find_units)
     warmup_image: float | None = None   # one warm-up step per image: the teacher alone, at the coarse size where
                                         # synthesis uses one (SynthConfig.coarse_scale); None = as synth_image
+    update_image: float = 0.0    # the images' own update in a synthesis step (Adam and clamp over every image,
+                                 # whatever the batch), per image held
     synth_image_bytes: int = 0   # memory one image adds to a synthesis step: what its backward keeps
     kd_image_bytes: int = 0      # the same for a fine-tuning step
     timed_batch: dict = field(default_factory=dict)   # stage -> the batch the costs were timed at
     memory: int = 0              # bytes free on the device when measured (0 = unknown: batches are not cut)
+    memory_share: float = MEMORY_SHARE["cpu"]   # the share of them a step may keep (MEMORY_SHARE of the device)
 
 
 @dataclass
@@ -137,6 +142,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     costs more per image (fixed overheads; a GPU it leaves idle).
     """
     memory = available_memory(device) if memory is None else memory
+    share = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"])
     gen = torch.Generator().manual_seed(0)
     sc = cfg.synth
     full_b = min(sc.batch_size, sc.num_images)
@@ -161,29 +167,38 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
             loss = loss + s(x).logsumexp(1).mean()
         return loss
 
-    def synth_step(b, joined=active, size=None):
-        synth_loss(b, joined, size).backward()
+    def update():
         opt.step()
-        opt.zero_grad(set_to_none=True)
         images.clamp_()
 
-    def per_image(stage, step, image_bytes, full):
-        """Seconds per image of `step(b)`: at a small batch, then at the batch the run will use (the full one,
-        or what memory holds: fit_memory) where that is quick enough to time."""
-        run_b = memory_batch(full, image_bytes, memory)
+    def synth_step(b, joined=active, size=None):
+        synth_loss(b, joined, size).backward()
+        update()
+        opt.zero_grad(set_to_none=True)
+
+    def per_image(stage, step, image_bytes, full, fixed=0.0):
+        """Seconds per image of `step(b)` less its `fixed` seconds: at a small batch, then at the batch the run
+        will use (the full one, or what memory holds: fit_memory) where that is quick enough to time."""
+        run_b = memory_batch(full, image_bytes, memory, share)
         b = min(run_b, TIMED_BATCH)
-        t = _timed(lambda: step(b)) / b
+        t = max(_timed(lambda: step(b)) - fixed, 0.0) / b
         if b < run_b and t * run_b <= FULL_BATCH_TIMING_S:
-            b, t = run_b, _timed(lambda: step(run_b)) / run_b
+            b, t = run_b, max(_timed(lambda: step(run_b)) - fixed, 0.0) / run_b
         timed[stage] = b
         return t
 
     try:
         small = min(full_b, MEMORY_PROBE_BATCH)
-        synth_bytes = _kept_bytes(lambda: synth_loss(small), small) // small if sc.steps else 0
-        synth_s = per_image("synthesis", synth_step, synth_bytes, full_b) if sc.steps else 0.0
+        synth_bytes = update_s = 0
+        if sc.steps:
+            synth_bytes = _kept_bytes(lambda: synth_loss(small), small) // small
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                p.grad = torch.zeros_like(p)
+            update_s = _timed(update)     # the step's share that follows the images held, not the batch
+            opt.zero_grad(set_to_none=True)
+        synth_s = per_image("synthesis", synth_step, synth_bytes, full_b, update_s) if sc.steps else 0.0
         warmup_differs = sc.steps and min(sc.warmup_steps, sc.steps) and (active or coarse)
-        warmup_s = (per_image("warmup", lambda b: synth_step(b, {}, coarse), synth_bytes, full_b)
+        warmup_s = (per_image("warmup", lambda b: synth_step(b, {}, coarse), synth_bytes, full_b, update_s)
                     if warmup_differs else None)
     finally:
         recorder.remove()
@@ -208,22 +223,24 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk[:b])) / b
         s_fwd = _timed(lambda: [s(xk[:b]) for s in students.values()]) / b
-    return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, synth_image_bytes=synth_bytes,
-                     kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory)
+    return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, update_image=update_s / sc.num_images,
+                     synth_image_bytes=synth_bytes,
+                     kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory, memory_share=share)
 
 
-def memory_batch(batch: int, image_bytes: int, memory: int) -> int:
-    """The largest batch up to `batch` whose kept tensors (`image_bytes` per image) take at most MEMORY_SHARE
-    of `memory` bytes; never below MIN_BATCH (nor above `batch`). `memory` 0 = unknown: `batch` as it is."""
+def memory_batch(batch: int, image_bytes: int, memory: int, share: float) -> int:
+    """The largest batch up to `batch` whose kept tensors (`image_bytes` per image) take at most `share` of
+    `memory` bytes; never below MIN_BATCH (nor above `batch`). `memory` 0 = unknown: `batch` as it is."""
     if not image_bytes or not memory:
         return batch
-    return min(batch, max(int(MEMORY_SHARE * memory // image_bytes), MIN_BATCH))
+    return min(batch, max(int(share * memory // image_bytes), MIN_BATCH))
 
 
 def fit_memory(cfg: RunConfig, costs: StepCosts) -> tuple[RunConfig, str]:
     """`cfg` with its synthesis and fine-tuning batches cut to what the free memory the costs were measured
-    with (costs.memory) holds (memory_batch): the tensors a step's backward keeps may take MEMORY_SHARE of it;
-    the step's peak is about twice those, and the models, the images and the allocator's slack take the rest.
+    with (costs.memory) holds (memory_batch): the tensors a step's backward keeps may take costs.memory_share
+    of it (MEMORY_SHARE); the step's peak is above them, and the models, the images and the allocator's slack
+    take the rest.
 
     A cut synthesis batch runs proportionally more steps, so that each image gets as many updates as the
     budget meant (about the same time: each step is cheaper); fine-tuning keeps its epochs. Returns the config
@@ -237,10 +254,10 @@ def fit_memory(cfg: RunConfig, costs: StepCosts) -> tuple[RunConfig, str]:
         batch = getattr(cfg, section).batch_size
         if section == "synth":
             batch = min(batch, cfg.synth.num_images)
-        capped = memory_batch(batch, per_image, memory)
+        capped = memory_batch(batch, per_image, memory, costs.memory_share)
         if capped < batch:
             d[f"{section}.batch_size"] = capped
-            short = per_image * capped > MEMORY_SHARE * memory
+            short = per_image * capped > costs.memory_share * memory
             notes.append(f"{label} batch {batch} -> {capped}" + (", still more than memory holds" if short else ""))
             if section == "synth":
                 d["synth.steps"] = math.ceil(cfg.synth.steps * batch / capped)
@@ -277,9 +294,10 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     batch = min(s.batch_size, s.num_images)
     warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
     # synth.band=auto first forms a few images in each candidate band (priced as if every band were probed)
-    probe = s.band_probe_image_steps() * warm_image
+    probe = s.band_probe_image_steps() * (warm_image + costs.update_image)
     stages = {
-        "synthesis": probe + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image),
+        "synthesis": probe + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
+        + s.steps * s.num_images * costs.update_image,
         "calibration": 2 * train_images * costs.forward_image * num_students,
         "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * kd_batch * costs.kd_image,

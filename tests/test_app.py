@@ -286,6 +286,13 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
     large = estimate.estimate(form.build_config("default", preset="standard", device="cpu"))
     assert 0 < small.seconds < large.seconds
     assert set(small.per_stage) >= {"load", "synthesis", "finetune"} and "measured" in small.text
+    # a preset whose full budget would pass its time cap on this device: the run will fit the cap, and so
+    # does the estimate, saying why
+    from dataclasses import replace
+    capped = estimate.estimate(replace(form.build_config("default", preset="standard", device="cpu"),
+                                       time_budget_s=large.seconds / 4))
+    assert capped.seconds == pytest.approx(large.per_stage["load"] + large.seconds / 4)
+    assert "fewer images and steps" in capped.text and "full budget would take" in capped.text
     probe = next(iter(estimate._PROBES.values()))
     assert probe.teacher_step > 0 and probe.student_step > 0 and probe.real_images == 10_000
     # synth.band=auto (the default) adds its band probe: up to 4 bands x 40 teacher-only steps of the probe's images

@@ -191,6 +191,10 @@ def test_budget_fits_the_time_and_keeps_the_derived_fields_in_proportion():
     assert tiny.synth.steps == 40 and tiny.synth.num_images == 32
     # ... where a step holds 32 images, not the preset's 96: it is priced at the batch it runs
     assert tiny_est.per_stage["synthesis"] == pytest.approx(40 * 32 / b)
+    # the images' own update (Adam over every image held, whatever the batch) follows the images, not the batch
+    with_update = StepCosts(synth_image=1.0 / b, kd_image=0.2 / kb, forward_image=1e-3, update_image=1e-3)
+    assert (estimate(tiny, with_update, 2).per_stage["synthesis"] - tiny_est.per_stage["synthesis"]
+            == pytest.approx(40 * 32 * 1e-3))
     assert tiny_est.per_stage["finetune"] == pytest.approx(40 * 28 * 0.2 / kb)
     assert scaled_synth(cfg.synth, 64, 90) == dict(num_images=64, holdout_images=8, batch_size=64, steps=90,
                                                       warmup_steps=30)
@@ -203,8 +207,8 @@ def test_batches_are_cut_to_the_free_memory():
     gib = 2**30
     costs = StepCosts(synth_image=0.01, kd_image=0.01, forward_image=1e-3, synth_image_bytes=gib // 4,
                       kd_image_bytes=gib // 16, memory=20 * gib)
-    # a fifth of 20 GiB (MEMORY_SHARE) for what a step keeps: 16 images at 1/4 GiB each, 64 at 1/16 GiB
-    assert MEMORY_SHARE == 0.2
+    # a fifth of 20 GiB (MEMORY_SHARE on the CPU) for what a step keeps: 16 images at 1/4 GiB each, 64 at 1/16
+    assert MEMORY_SHARE["cpu"] == costs.memory_share == 0.2
     cut, note = fit_memory(cfg, costs)
     assert cut.synth.batch_size == 16 and cut.train.batch_size == 64 and cfg.synth.batch_size == 96
     assert "20.0 GiB" in note and "synthesis batch 96 -> 16" in note and "fine-tuning" not in note
@@ -229,8 +233,10 @@ def test_batches_are_cut_to_the_free_memory():
     assert cut.synth.batch_size == cut.train.batch_size == MIN_BATCH and "still more than memory holds" in note
 
 
-def test_measured_costs_count_each_images_memory_and_time_the_batch_that_fits():
+def test_measured_costs_count_each_images_memory_and_time_the_batch_that_fits(monkeypatch):
+    import gzq.budget
     from gzq.budget import available_memory, measure_costs
+    monkeypatch.setattr(gzq.budget, "FULL_BATCH_TIMING_S", 1e9)   # whatever the load: the run's batch is timed
     from gzq.config import student_specs
     from gzq.models import load_teacher
     from gzq.quant.convert import create_student
@@ -245,13 +251,18 @@ def test_measured_costs_count_each_images_memory_and_time_the_batch_that_fits():
         students = {n: create_student(teacher.model, s, ex, teacher.classifier) for n, s in student_specs(cfg)}
         costs = measure_costs(teacher, students, cfg, torch.device("cpu"))
         assert costs.synth_image > 0 and costs.kd_image > 0 and costs.synth_image_bytes > costs.kd_image_bytes > 0
-        assert costs.timed_batch == {"synthesis": 32, "warmup": 32, "finetune": 32}   # small and quick: timed as run
+        assert costs.update_image > 0
+        assert costs.timed_batch == {"synthesis": 32, "warmup": 32, "finetune": 32}
         per_image[side] = costs.synth_image_bytes
         # memory for a batch of 12 only: the steps are timed at 12, and the run's batches cut to it
-        memory = int(12.5 * costs.synth_image_bytes / MEMORY_SHARE)
+        memory = int(12.5 * costs.synth_image_bytes / MEMORY_SHARE["cpu"])
         tight = measure_costs(teacher, students, cfg, torch.device("cpu"), memory=memory)
         assert tight.timed_batch["synthesis"] == 12 and tight.memory == memory
         assert fit_memory(cfg, tight)[0].synth.batch_size == 12
+        if side == 32:   # a step too slow to time at the run's batch is priced from the small batch alone
+            monkeypatch.setattr(gzq.budget, "FULL_BATCH_TIMING_S", 0.0)
+            assert measure_costs(teacher, students, cfg, torch.device("cpu")).timed_batch["synthesis"] == 16
+            monkeypatch.setattr(gzq.budget, "FULL_BATCH_TIMING_S", 1e9)
         assert not any(p.grad is not None for s in students.values() for p in s.parameters())
     # activations grow with the pixels: 4x the pixels, about 4x the memory per image
     assert 3.0 < per_image[64] / per_image[32] < 4.5

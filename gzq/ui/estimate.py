@@ -116,6 +116,14 @@ def estimate(cfg: RunConfig) -> Estimate:
     from .view import format_seconds
     per_stage = estimate_seconds(cfg)
     total = sum(per_stage.values())
+    cap = cfg.time_budget_s
+    if cap is not None and total > per_stage["load"] + cap:
+        # the run fits the budget to the preset's time cap (gzq.budget): fewer images and steps, same cap
+        fitted = per_stage["load"] + cap
+        text = (f"about {format_seconds(fitted)}: this preset's full budget would take {format_seconds(total)} "
+                f"on this device, so the run makes fewer images and steps to fit {format_seconds(cap)} (it "
+                f"prints its own measured estimate when it starts)")
+        return Estimate(fitted, per_stage, text)
     text = (f"about {format_seconds(total)} (measured on this device: loading {format_seconds(per_stage['load'])}, "
             f"making images {format_seconds(per_stage['synthesis'])}, training "
             f"{format_seconds(per_stage['finetune'])})")
