@@ -91,16 +91,22 @@ def _timed(fn, repeats: int = 2, long_s: float = 1.0) -> float:
 def _kept_bytes(fn, batch: int) -> int:
     """Bytes of the batch-sized tensors that autograd saves for the backward of what `fn` computes (each
     storage once): the activation memory of a training step, which grows with the batch. Runs `fn` once,
-    holding every saved tensor until it returns so that no freed storage's address is counted twice."""
+    holding every saved tensor until it returns so that no freed storage's address is counted twice.
+
+    Two reference cycles through autograd's C++ side, which Python's collector cannot see, would keep the
+    whole graph's memory alive after the call: saved variables keep the hooks and so `held` (emptied before
+    returning), and an op's own output saved as itself keeps the op (the hook hands back a detached alias)."""
     held: dict[int, torch.Tensor] = {}
 
     def pack(t):
         if t.ndim and t.shape[0] == batch:
             held.setdefault(t.untyped_storage().data_ptr(), t)
-        return t
+        return t.detach()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(t.untyped_storage().nbytes() for t in held.values())
+    kept = sum(t.untyped_storage().nbytes() for t in held.values())
+    held.clear()
+    return kept
 
 
 def available_memory(device: torch.device) -> int:

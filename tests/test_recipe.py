@@ -1,6 +1,8 @@
 """The synthesis recipe's balance does not depend on resolution, batch or class count; flips are used only where
 the teacher tolerates them; budgets follow the model's measured cost; unhealthy images are reported."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -293,3 +295,37 @@ def test_estimate_run_measures_the_bundled_model():
     est = estimate_run(override(cfg, "train.method=recon"))
     assert est.costs.kd_image == 0 and est.per_stage["finetune"] == 0 and "fine-tuning epochs" not in est.text
     assert est.costs.recon_units == 10 and est.per_stage["reconstruct"] > 0 and "block reconstruction" in est.text
+
+
+def test_a_run_on_a_machine_short_of_memory_cuts_its_batches_and_says_so(monkeypatch, tmp_path):
+    import gzq.budget
+    from gzq.pipeline import iter_run
+    monkeypatch.setattr(gzq.budget, "available_memory", lambda device: 1)   # not even MIN_BATCH images fit
+    cfg = make_config("cpu", "cpu", students=["w4a4"], time_budget_s=None, export={"formats": []},
+                      synth={"num_images": 32, "holdout_images": 4, "batch_size": 32, "steps": 10,
+                             "warmup_steps": 3, "band": 1},
+                      train={"epochs": 1, "batch_size": 16}, eval={"max_real_images": 100})
+    events = list(iter_run(cfg, tmp_path / "run"))
+    (note,) = [e.text for e in events if isinstance(e, Message) and e.text.startswith("estimated time")]
+    assert "synthesis batch 32 -> 8, still more than memory holds" in note
+    assert "fine-tuning batch 16 -> 8" in note
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    synth = report["config"]["synth"]
+    # a quarter of the batch, four times the steps (the warm-up keeps its share): what ran, and what was saved
+    assert (synth["batch_size"], synth["steps"], synth["warmup_steps"]) == (8, 40, 12)
+    assert report["config"]["train"]["batch_size"] == 8 and report["budget"]["steps"] == 40
+
+
+def test_counting_the_kept_bytes_leaves_no_graph_alive():
+    import weakref
+
+    from gzq.budget import _kept_bytes
+    refs = []
+
+    def fn():
+        x = torch.randn(4, 8, requires_grad=True)
+        y = torch.relu(x * 2)            # relu saves its own output for the backward
+        refs.append(weakref.ref(y))
+        return (y * y).sum()
+    assert _kept_bytes(fn, 4) >= 4 * 8 * 4
+    assert refs[0]() is None, "a reference cycle kept the measured graph alive"
