@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import gzq.config  # noqa: E402
-from gzq.budget import measure_costs, plan_run  # noqa: E402
+from gzq.budget import measure_costs, plan_run, probe_seconds  # noqa: E402
 from gzq.config import student_specs  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.presets import make_config  # noqa: E402
@@ -53,8 +53,7 @@ def fits(arch: str, size: int, seconds: float) -> dict:
                 setattr(gzq.config, k, v)
             fitted, est = plan_run(cfg, costs, len(students), seconds, cfg.eval.max_real_images or 0)
             s = fitted.synth
-            warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
-            probe_s = s.band_probe_image_steps() * warm_image
+            probe_s = probe_seconds(s, costs)
             out[rule] = dict(images=s.num_images, steps=s.steps, probe_images=s.band_probe_images(),
                              probe_s=round(probe_s, 1), total_s=round(est.seconds, 1),
                              probe_share=round(probe_s / est.seconds, 3))

@@ -289,6 +289,13 @@ def recon_seconds(cfg: RunConfig, costs: StepCosts) -> float:
     return capture + train if share else 0.0
 
 
+def probe_seconds(s: SynthConfig, costs: StepCosts) -> float:
+    """synth.band=auto first forms a few images in each candidate band: teacher-only steps of the probe's
+    images, priced as if every band were probed."""
+    warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
+    return s.band_probe_image_steps() * (warm_image + costs.update_image)
+
+
 def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: int = 0) -> RunEstimate:
     """Seconds each stage of `cfg` will take at the measured costs."""
     s, t = cfg.synth, cfg.train
@@ -299,10 +306,8 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     warm = min(s.warmup_steps, s.steps)
     batch = min(s.batch_size, s.num_images)
     warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
-    # synth.band=auto first forms a few images in each candidate band (priced as if every band were probed)
-    probe = s.band_probe_image_steps() * (warm_image + costs.update_image)
     stages = {
-        "synthesis": probe + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
+        "synthesis": probe_seconds(s, costs) + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
         + s.steps * s.num_images * costs.update_image,
         "calibration": 2 * train_images * costs.forward_image * num_students,
         "reconstruct": recon_seconds(cfg, costs),
