@@ -94,10 +94,16 @@ def digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+#: training fields added after runs were cached, at the values that leave those runs as they were
+TRAIN_NEUTRAL = {"crop_scale": 1.0}
+
+
 def recipe_digest() -> str:
     """A digest of the library's default synthesis, quantizer and training recipe, part of every cached run's
-    key: a run cached before a default changed is never reported as a run of the new recipe."""
-    return digest([SynthConfig().to_dict(), TrainConfig().to_dict(), {str(k): v.value for k, v in
+    key: a run cached before a default changed is never reported as a run of the new recipe (a field added
+    later counts only away from its TRAIN_NEUTRAL value)."""
+    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in TRAIN_NEUTRAL or v != TRAIN_NEUTRAL[k]}
+    return digest([SynthConfig().to_dict(), train, {str(k): v.value for k, v in
                    AUTO_METHODS.items()}, QuantSpec().to_dict(), AUTO_PERCENTILE_BITS])
 
 

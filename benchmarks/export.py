@@ -3,12 +3,13 @@ kernels, accuracy; with onnxruntime's own `quantize_static` as the peer.
 
     python benchmarks/export.py                      # default model (about 2 min)
     python benchmarks/export.py --resnet18           # + timm resnet18 at 224 px, random weights (about 6 min)
+    python benchmarks/export.py --no-default --timm mobilenetv3_large_100,efficientnet_b0 --students w8a8
     python benchmarks/export.py --threads 1,2 --json benchmarks/results/export.json
 
 Everything is measured side by side in one run, on the same machine: each thread count gets its own
 sessions, and the variants are timed in turn, `rounds` times over, each taking the median of its pooled
 samples, so that load from other processes falls on all of them alike. Latency is given as a ratio to
-the FP32 file (0.5x: twice as fast). Students are calibrated on 256 real training images (resnet18: 32
+the FP32 file (0.5x: twice as fast). Students are calibrated on 256 real training images (timm models: 32
 Gaussian images); size and speed do not depend on how the students were trained.
 
 Variants:
@@ -159,12 +160,27 @@ def _students(teacher: torch.nn.Module, specs: list[QuantSpec], input_size, cali
     return out
 
 
+def _random_timm(arch: str, size=(3, 224, 224)) -> tuple[torch.nn.Module, tuple]:
+    """timm `arch` with random weights (1000 classes) and BN running statistics from Gaussian images."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model(arch, num_classes=1000)
+    with torch.no_grad():             # no zero-initialised BN (equal weights would be de-duplicated)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+        m.train()(torch.randn(8, *size))  # BN running statistics
+    return m.eval(), size
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--students", default="w8a8,w4a4,w3a5")
     p.add_argument("--protocols", default="all_layers,deployable")
     p.add_argument("--threads", default="1,2", help="onnxruntime intra-op thread counts, e.g. 1,2")
     p.add_argument("--resnet18", action="store_true", help="also timm resnet18 at 224 px (random weights)")
+    p.add_argument("--timm", default="", help="also these timm architectures at 224 px (random weights), "
+                                              "comma-separated, e.g. mobilenetv3_large_100,efficientnet_b0")
     p.add_argument("--no-default", action="store_true", help="skip the bundled default model")
     p.add_argument("--fold", action="store_true", help="also each student with the QDQ fusions off")
     p.add_argument("--seconds", type=float, default=1.0, help="minimum timing per measurement")
@@ -188,20 +204,12 @@ def main(argv=None) -> int:
             real = (to_model_input(test, t.mean, t.std, t.input_size), labels)
             rows += bench_model("default (28 px)", t.model, students, t.input_size, calib, threads, work, real,
                                 args.seconds, args.fold)
-        if args.resnet18:
-            import timm
-            torch.manual_seed(0)
-            m = timm.create_model("resnet18", num_classes=1000)
-            size = (3, 224, 224)
-            with torch.no_grad():             # no zero-initialised BN (equal weights would be de-duplicated)
-                for mod in m.modules():
-                    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                        mod.weight.uniform_(0.5, 1.5)
-                m.train()(torch.randn(8, *size))  # BN running statistics
-            m.eval()
+        archs = [a for a in args.timm.split(",") if a] + (["resnet18"] if args.resnet18 else [])
+        for arch in dict.fromkeys(archs):
+            m, size = _random_timm(arch)
             calib = torch.randn(32, *size)
-            students = _students(m, specs, size, calib, "fc")
-            rows += bench_model("resnet18 (224 px)", m, students, size, calib, threads, work, None,
+            students = _students(m, specs, size, calib, m.pretrained_cfg["classifier"])
+            rows += bench_model(f"{arch} (224 px)", m, students, size, calib, threads, work, None,
                                 args.seconds / 4, args.fold, min_runs=3, rounds=3)
     print(format_table(rows, threads))
     if args.json:

@@ -1,6 +1,8 @@
 """The augmentations that synthesis and fine-tuning share: a random roll (jitter) and horizontal flips,
-as in DeepInversion (docs/design.md 2.4), and the mixing of image pairs that KD may add."""
+as in DeepInversion (docs/design.md 2.4), and the random crops and mixing of image pairs that KD may add."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -38,6 +40,28 @@ def augment(x: torch.Tensor, jitter: int, flip: bool, generator: torch.Generator
         mask = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(mask, x.flip(3), x)
     return x
+
+
+def random_crops(x: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image replaced by a random crop of it, resized back to the full size: the crop covers a fraction
+    U(scale, 1) of the image's area, with an aspect ratio between 3/4 and 4/3 (torchvision's
+    RandomResizedCrop, per image, in one batched resampling). scale >= 1 returns x unchanged.
+
+    For distillation only, where the teacher labels each crop itself (the other half of "function matching"
+    beside the pair mixing below): the students see the images' parts at other scales and positions.
+    """
+    if scale >= 1:
+        return x
+    n = len(x)
+    area = scale + (1 - scale) * torch.rand(n, generator=generator)
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=generator))
+    sw = (area * ratio).sqrt().clamp(max=1)
+    sh = (area / sw).clamp(max=1)      # sw x sh = area exactly
+    tx, ty = (2 * torch.rand(n, generator=generator) - 1) * (1 - sw), (2 * torch.rand(n, generator=generator) - 1) * (1 - sh)
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([sw, zero, tx], 1), torch.stack([zero, sh, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def mix_pairs(x: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -371,6 +371,8 @@ class TrainConfig(_Serialisable):
                               # image means"); block reconstruction always draws fresh z
     mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs);
                               # 0 = off; 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
+    crop_scale: float = 1.0   # KD on random crops covering U(crop_scale, 1) of each image's area, resized back
+                              # (gzq.augment.random_crops); 1 = off
     feature_kd: float = 0.0   # weight of the unit-output term of KD (gzq.distill): each unit block reconstruction
                               # finds, ||s - t||^2 / ||t||^2 against the BN-folded teacher; 0 = logits alone
     method: FinetuneMethod = FinetuneMethod.AUTO
@@ -389,6 +391,9 @@ class TrainConfig(_Serialisable):
         _check_positive("epochs", self.epochs, allow_zero=True)
         _check_positive("mixup", self.mixup, allow_zero=True)
         _check_positive("feature_kd", self.feature_kd, allow_zero=True)
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError("train.crop_scale is the smallest fraction of an image's area a KD crop keeps: above 0 "
+                             f"and at most 1 (1 = no crops), got {self.crop_scale}")
         _check_positive("batch_size", self.batch_size)
         for nm in ("lr", "lr_quant", "temperature", "recon_batch_size", "recon_pool", "recon_lr_round", "recon_lr_act"):
             _check_positive(nm, getattr(self, nm))

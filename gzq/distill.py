@@ -28,7 +28,7 @@ from torch import nn
 
 from . import dist
 from .accel import autocast, compiled
-from .augment import augment, mix_pairs
+from .augment import augment, mix_pairs, random_crops
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
 from .losses import feature_loss, kd_loss
@@ -122,7 +122,7 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
                 idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
                 with torch.no_grad():
                     x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
-                    x = mix_pairs(x, cfg.mixup, aug_gen)
+                    x = mix_pairs(random_crops(x, cfg.crop_scale, aug_gen), cfg.mixup, aug_gen)
                     with autocast(device, amp):
                         t_logits = t_fwd(x).float()
                 kls = {}

@@ -370,6 +370,34 @@ def test_deployable_w8a8_is_all_integer_kernels(arch, dep_files, tmp_path):
     assert all(t == {"weight": "int8", "input": "uint8"} for t in info["layers"].values())
 
 
+@pytest.mark.parametrize("arch,gates", [("tinynet_e", "QLinearSigmoid"), ("mobilenetv3_small_050", "HardSigmoid")])
+def test_deployable_w8a8_of_silu_and_hard_swish_nets_runs_every_conv_as_an_integer_kernel(arch, gates, tmp_path):
+    """EfficientNet's SiLU and squeeze-excite gates, MobileNetV3's hard-swish and timm's own Linear classifier:
+    the convs before those activations write quantized outputs, so onnxruntime fuses every conv into a
+    QLinearConv, the SiLUs and gates into QLinearSigmoid / QLinearMul (onnxruntime has no integer hard
+    sigmoid: it stays float between the integer ops), the classifier into a QGemm; and the file still
+    computes what the student does."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10)
+    x = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        model.train()(x)                     # BN running statistics of these inputs
+    model.eval()
+    s = create_student(model, QuantSpec(8, 8, Protocol.DEPLOYABLE), x[:2], model.pretrained_cfg["classifier"])
+    calibrate_(s, [x])
+    info = export_onnx(s, tmp_path / "dep.onnx", (3, 64, 64))
+    ops = _optimised_ops(info["path"], tmp_path)
+    convs = sum(isinstance(w.module, torch.nn.Conv2d) for _, w in quant_wrappers(s))
+    assert ops["QLinearConv"] == convs and ops["QGemm"] == 1 and ops["QLinearMul"] >= 1 and ops[gates] >= 1, ops
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul", "Sigmoid"} & set(ops), ops
+    with torch.no_grad():
+        ref = s(x)
+    out = run_onnx(_session(info["path"]), x)
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [s.name for s in DEP_SPECS])
 def test_deployable_real_accuracy_on_10k(name, dep_files, fmnist):

@@ -106,6 +106,26 @@ def test_mix_pairs_blends_within_the_batch_and_stays_in_range():
         TrainConfig(mixup=-0.1)
 
 
+def test_random_crops_zoom_each_image_by_its_own_crop_of_the_stated_area():
+    from gzq.augment import random_crops
+    side = 64
+    ramp = torch.arange(side, dtype=torch.float32)
+    x = torch.stack([ramp.view(1, side).expand(side, side), ramp.view(side, 1).expand(side, side)]).unsqueeze(0)
+    x = x.repeat(32, 1, 1, 1)              # channel 0 counts columns, channel 1 rows
+    assert random_crops(x, 1.0) is x
+    g = torch.Generator().manual_seed(0)
+    y = random_crops(x, 0.5, g)
+    assert y.shape == x.shape and (y >= 0).all() and (y <= side - 1).all()
+    width = (y[:, 0, 0, -1] - y[:, 0, 0, 0]) / (side - 1)      # the fraction of each side the crop kept
+    height = (y[:, 1, -1, 0] - y[:, 1, 0, 0]) / (side - 1)
+    area = width * height
+    assert (area > 0.5 - 0.05).all() and (area < 1 + 1e-4).all() and area.std() > 0.05   # one crop per image
+    assert (width / height).min() > 0.7 and (width / height).max() < 1.45
+    assert torch.equal(y, random_crops(x, 0.5, torch.Generator().manual_seed(0)))        # reproducible
+    with pytest.raises(ValueError, match="crop_scale"):
+        TrainConfig(crop_scale=0.0)
+
+
 def test_pixel_option_and_clamping(default_teacher):
     cfg = SynthConfig(num_images=8, holdout_images=0, batch_size=8, steps=2, warmup_steps=2,
                       image_param=ImageParam.PIXEL, lr=5.0)

@@ -11,8 +11,12 @@ modules and functions stay leaves), and one `ActQuantizer` is inserted per tenso
 operator reads:
 
     reads   input of every quantized conv / linear, both inputs of a residual add (`x + shortcut`,
-            `x += shortcut`), every input of a concatenation, the input of average pooling
-    writes  the output of every add, concatenation and average pooling
+            `x += shortcut`) and of a product of two tensors (a squeeze-excite gate, a SiLU written as
+            x * sigmoid(x)), every input of a concatenation, the input of average pooling and of a sigmoid
+    writes  the output of every add, product, concatenation, average pooling and sigmoid, and of every
+            quantized conv whose output is not quantized anyway (a conv before a SiLU, hard-swish or GELU:
+            the runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into an integer conv, and only a
+            ReLU, which the QuantizeLinear's clamp absorbs, may sit between)
 
 A tensor read by several operators (a block input feeding conv1 and the shortcut) gets one quantizer,
 shared, as in `quantize_static`. Placement looks through operators that commute with quantization
@@ -21,7 +25,10 @@ monotonic), so a quantizer sits right after the conv / add that computes the ten
 whose only consumer is a ReLU that is then quantized counts as written: with the zero point at 0 the
 quantizer's clamp is the ReLU (onnxruntime removes such a ReLU, `ReluQuantFusion`); the zero point of a
 quantizer on a ReLU's output is therefore fixed (not trained) at its calibrated 0. The network input is
-quantized at 8 bit whatever the activation width (images are 8-bit data). An 8-bit conv reading an
+quantized at 8 bit whatever the activation width (images are 8-bit data). So are, at 8 bit at least, the
+tensors that only the gating ops read or write (a conv's output before its SiLU or hard-swish, a gate, a
+SiLU's sigmoid): they are there for the runtime's 8-bit kernels, and narrower codes on them would cost
+accuracy for nothing, while the tensors the layers read keep the activation width. An 8-bit conv reading an
 8-bit tensor adds its bias as int32 codes with step input_scale * weight_scale, as QLinearConv does
 (`QuantWrapper.set_int_bias_input`; `gzq.quant.convert.create_student` does the same for the other
 protocols); other layers keep a float bias (the exporter adds it in float).
@@ -39,9 +46,13 @@ from torch import fx, nn
 from .modules import ActQuantizer, QuantWrapper
 
 INPUT_BITS = 8
+GATING_BITS = 8             # least width of a tensor that only gating ops and activations read (see above)
 CONTAINER = "act_quant"     # the GraphModule's ModuleDict of tensor quantizers, keyed by fx node name
 
 _ADD = (operator.add, operator.iadd, torch.add)
+_MUL = (operator.mul, operator.imul, torch.mul)
+_SIGMOID_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_SIGMOID_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
 _CAT = (torch.cat, torch.concat)
 _AVG_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 _AVG_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.avg_pool2d)
@@ -62,7 +73,10 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=funcs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantWrapper, ActQuantizer) + self._leaves) or super().is_leaf_module(m, qualname)
+        # convs and linears stay modules even where a library subclasses them (timm's Linear), so that each
+        # becomes a quantized layer
+        return isinstance(m, (QuantWrapper, ActQuantizer, nn.Conv2d, nn.Linear) + self._leaves) \
+            or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -103,19 +117,42 @@ def _integer_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The tensors `node` reads that an integer kernel needs quantized (empty for a float operator)."""
     if _is(gm, node, modules=(QuantWrapper,)):
         return [node.args[0]]
-    if node.op == "call_function" and node.target in _ADD:
+    if node.op == "call_function" and node.target in _ADD + _MUL:
         args = _tensor_args(node)
-        return args if len(args) == 2 else []              # x + 1.0 is not a residual add
+        return args if len(args) == 2 else []              # x + 1.0 is not a residual add, x * 0.5 no gating
     if node.op == "call_function" and node.target in _CAT:
         return _tensor_args(node)
-    if _is(gm, node, modules=_AVG_POOL_MODULES, functions=_AVG_POOL_FUNCTIONS):
+    if _is(gm, node, modules=_AVG_POOL_MODULES + _SIGMOID_MODULES, functions=_AVG_POOL_FUNCTIONS + _SIGMOID_FUNCTIONS,
+           methods=("sigmoid",)):
         return [node.args[0]]
     return []
 
 
+def _gating(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A sigmoid, or a product of two tensors (a squeeze-excite gate, a SiLU written as x * sigmoid(x))."""
+    return (node.op == "call_function" and node.target in _MUL and len(_tensor_args(node)) == 2) \
+        or _is(gm, node, _SIGMOID_MODULES, _SIGMOID_FUNCTIONS, ("sigmoid",))
+
+
 def _writes_integer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD + _CAT and len(_integer_inputs(gm, node)) >= 2) \
-        or _is(gm, node, modules=_AVG_POOL_MODULES, functions=_AVG_POOL_FUNCTIONS)
+    return (node.op == "call_function" and node.target in _ADD + _MUL + _CAT and len(_integer_inputs(gm, node)) >= 2) \
+        or _is(gm, node, modules=_AVG_POOL_MODULES + _SIGMOID_MODULES,
+               functions=_AVG_POOL_FUNCTIONS + _SIGMOID_FUNCTIONS, methods=("sigmoid",)) \
+        or (_is(gm, node, modules=(QuantWrapper,)) and isinstance(_module(gm, node).module, nn.Conv2d))
+
+
+def _clamp_user(gm: fx.GraphModule, node: fx.Node, relu6: bool) -> fx.Node | None:
+    """The ReLU (or ReLU6, with `relu6`) that alone reads `node`'s value, looking forward through single-use
+    quantization-commuting ops (a folded BN's Identity); None where there is none."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _is(gm, user, (nn.ReLU,) + ((nn.ReLU6,) if relu6 else ()),
+               (F.relu, torch.relu) + ((F.relu6,) if relu6 else ())):
+            return user
+        if not _is(gm, user, _TRANSPARENT_MODULES, _TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS):
+            return None
+        node = user
+    return None
 
 
 def _source(gm: fx.GraphModule, node: fx.Node, single_use: bool = False) -> fx.Node:
@@ -132,30 +169,58 @@ def _anchor(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return _source(gm, node, single_use=True)
 
 
+def split_silu_(gm: fx.GraphModule) -> int:
+    """Write every SiLU of `gm` (module or function) as x * sigmoid(x), in place, so that its sigmoid and its
+    product each get quantized tensors and run as integer operators (onnxruntime's QLinearSigmoid and
+    QLinearMul) as in onnxruntime's own quantize_static, instead of in float between a DequantizeLinear and a
+    QuantizeLinear. Returns how many were split."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if not _is(gm, node, (nn.SiLU,), (F.silu,)):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            gate = gm.graph.call_function(torch.sigmoid, (x,))
+        with gm.graph.inserting_after(gate):
+            prod = gm.graph.call_function(operator.mul, (x, gate))
+        node.replace_all_uses_with(prod)
+        gm.graph.erase_node(node)
+        n += 1
+    if n:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return n
+
+
 def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int = INPUT_BITS) -> list[str]:
     """Insert one ActQuantizer per tensor an integer runtime reads or writes (in place). Returns their names.
 
-    Quantized layers (QuantWrapper) must already be in `gm` and have no input quantizer of their own.
+    Quantized layers (QuantWrapper) must already be in `gm` and have no input quantizer of their own. SiLUs
+    are written as x * sigmoid(x) first (split_silu_).
     """
+    split_silu_(gm)
     graph = gm.graph
-    anchors: dict[fx.Node, None] = {}                                 # ordered set
-    for node in list(graph.nodes):
+    anchors: dict[fx.Node, bool] = {}           # ordered; True: a layer, add, concatenation or pooling reads or
+    for node in list(graph.nodes):              # writes it (a_bits), False: only gating ops do (at least 8 bits)
         for t in _integer_inputs(gm, node):
-            anchors[_anchor(gm, t)] = None
+            a = _anchor(gm, t)
+            anchors[a] = anchors.get(a, False) or not _gating(gm, node)
     for node in list(graph.nodes):
         if not _writes_integer(gm, node):
             continue
-        users = list(node.users)
-        relu = users[0] if len(users) == 1 and _is(gm, users[0], (nn.ReLU,), (F.relu, torch.relu)) else None
+        conv = node.op == "call_module"
+        if conv and node in anchors:
+            continue
+        relu = _clamp_user(gm, node, relu6=conv)       # a clamp the runtime folds into the QuantizeLinear
         if relu is None or _anchor(gm, relu) not in anchors:
-            anchors[node] = None
+            anchors[node] = anchors.get(node, False) or not (conv or _gating(gm, node))
     if CONTAINER not in gm._modules:
         gm.add_submodule(CONTAINER, nn.ModuleDict())
     container: nn.ModuleDict = gm.get_submodule(CONTAINER)
     names = []
     order = {n: i for i, n in enumerate(graph.nodes)}
     for anchor in sorted(anchors, key=order.__getitem__):
-        bits = input_bits if anchor.op == "placeholder" else a_bits
+        bits = input_bits if anchor.op == "placeholder" else a_bits if anchors[anchor] else max(a_bits, GATING_BITS)
         container[anchor.name] = ActQuantizer(bits)
         if _is(gm, anchor, (nn.ReLU, nn.ReLU6), (F.relu, F.relu6, torch.relu)):
             container[anchor.name].freeze_zero_point_()
