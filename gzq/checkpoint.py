@@ -66,8 +66,21 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     dc = meta["teacher"]
     student = rebuild_student(dc, spec)
     _keep_int_biases(student, meta.get("int_bias_layers"), spec)
-    student.load_state_dict(load_file(str(path)))
+    sd = load_file(str(path))
+    _check_same_tensors(path, dc, sd, student.state_dict())
+    student.load_state_dict(sd)
     return student.to(device).eval().requires_grad_(False), spec, dc
+
+
+def _check_same_tensors(path: Path, dc: dict, saved, rebuilt) -> None:
+    """A clear error where the saved tensors are not the ones the rebuilt student has."""
+    diff = sorted(set(saved) ^ set(rebuilt))
+    if diff:
+        raise ValueError(
+            f"{path.name} does not fit the {dc['architecture']} student this version of gzq builds: {len(diff)} "
+            f"tensors differ ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''}). Deployable-protocol "
+            "files of networks with SiLU, hard-swish or squeeze-excite gates written before those tensors were "
+            "quantized are such files; quantize the model again to get a file for this version.")
 
 
 def _keep_int_biases(student: nn.Module, names, spec: QuantSpec) -> None:
@@ -148,6 +161,7 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
     if set(wrappers) != set(meta["layers"]):
         raise ValueError(f"{path.name} does not fit {dc['architecture']}: quantized layers differ "
                          f"({sorted(set(wrappers) ^ set(meta['layers']))[:3]}...)")
+    _check_same_tensors(path, dc, meta.get("tensors", {}), dict(tensor_quantizers(student)))
     sd = {}
     prefixes = tuple(f"{n}." for n in wrappers)
     for k, v in tensors.items():

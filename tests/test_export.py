@@ -465,6 +465,26 @@ def test_deployable_int_safetensors_round_trip_is_exact(dep_files, default_teach
         assert spec.name == "w4a4_dep" and torch.equal(rebuilt(x), s(x))
 
 
+def test_a_deployable_file_with_other_tensor_quantizers_is_refused_clearly(dep_files, default_teacher, tmp_path):
+    """A file whose tensor quantizers are not the ones this version places (a deployable file of a SiLU net
+    written before conv outputs and gates were quantized) is refused with what to do, for both formats."""
+    from safetensors.torch import load_file, save_file
+
+    from gzq.checkpoint import load_student, save_student
+    s, _ = dep_files["default", "w4a4_dep"]
+    spec, dc = QuantSpec(4, 4, Protocol.DEPLOYABLE), default_teacher.data_config()
+    save_student(tmp_path / "f.safetensors", s, spec, dc)
+    save_int_weights(s, tmp_path / "i.safetensors", spec, dc)
+    sd = load_file(str(tmp_path / "f.safetensors"))
+    save_file({k: v for k, v in sd.items() if not k.startswith("act_quant.x.")}, str(tmp_path / "f.safetensors"))
+    meta = json.loads((tmp_path / "i.json").read_text())
+    meta["tensors"]["act_quant.extra"] = meta["tensors"]["act_quant.x"]
+    (tmp_path / "i.json").write_text(json.dumps(meta))
+    for load, name in ((load_student, "f.safetensors"), (load_int_weights, "i.safetensors")):
+        with pytest.raises(ValueError, match=r"does not fit .* tensors differ \(act_quant\..*quantize the model again"):
+            load(tmp_path / name)
+
+
 # ---------------------------------------------------------------- integer safetensors
 
 def test_effective_scale_is_what_the_forward_uses(default_students, fmnist):
