@@ -208,7 +208,7 @@ def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int =
     for node in list(graph.nodes):
         if not _writes_integer(gm, node):
             continue
-        conv = node.op == "call_module"
+        conv = _is(gm, node, modules=(QuantWrapper,))
         if conv and node in anchors:
             continue
         relu = _clamp_user(gm, node, relu6=conv)       # a clamp the runtime folds into the QuantizeLinear
