@@ -137,7 +137,7 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
         student = graph.trace(student.eval())
     quantize_(student, spec, example, classifier)
     if spec.protocol == Protocol.DEPLOYABLE:
-        graph.insert_tensor_quantizers_(student, spec.a_bits)
+        graph.insert_tensor_quantizers_(student, spec.a_bits, example)
     else:   # an 8-bit conv of 8-bit input adds its bias as int32 codes, as onnxruntime's QLinearConv will
         for _, w in quant_wrappers(student):
             if isinstance(w.module, nn.Conv2d) and w.w_quant.bits == 8 and w.a_quant is not None \

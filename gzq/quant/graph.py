@@ -59,6 +59,14 @@ _AVG_POOL_FUNCTIONS = (F.adaptive_avg_pool2d, F.avg_pool2d)
 _TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d)
 _TRANSPARENT_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout)
 _TRANSPARENT_METHODS = ("flatten", "view", "reshape")
+# ops that move or clamp values without computing new ones: a conv output reaching a quantized tensor only
+# through these needs no quantizer of its own
+_LAYOUT_MODULES = _TRANSPARENT_MODULES + (nn.ReLU, nn.ReLU6, nn.Upsample)
+_LAYOUT_FUNCTIONS = _TRANSPARENT_FUNCTIONS + (F.relu, F.relu6, torch.relu, operator.getitem, torch.split, torch.chunk,
+                                              torch.reshape, F.interpolate, F.pad, torch.narrow)
+_LAYOUT_METHODS = _TRANSPARENT_METHODS + ("split", "chunk", "permute", "contiguous", "transpose", "narrow",
+                                          "squeeze", "unsqueeze", "expand", "repeat")
+_ACTIVATION = "gzq_activation"   # node.meta key: the node's value is a tensor computed from the input
 
 
 class _Tracer(fx.Tracer):
@@ -117,9 +125,11 @@ def _integer_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The tensors `node` reads that an integer kernel needs quantized (empty for a float operator)."""
     if _is(gm, node, modules=(QuantWrapper,)):
         return [node.args[0]]
-    if node.op == "call_function" and node.target in _ADD + _MUL:
+    if node.op == "call_function" and node.target in _ADD:
         args = _tensor_args(node)
-        return args if len(args) == 2 else []              # x + 1.0 is not a residual add, x * 0.5 no gating
+        return args if len(args) == 2 else []              # x + 1.0 is not a residual add
+    if node.op == "call_function" and node.target in _MUL:
+        return _tensor_args(node) if _gating(gm, node) else []
     if node.op == "call_function" and node.target in _CAT:
         return _tensor_args(node)
     if _is(gm, node, modules=_AVG_POOL_MODULES + _SIGMOID_MODULES, functions=_AVG_POOL_FUNCTIONS + _SIGMOID_FUNCTIONS,
@@ -129,9 +139,40 @@ def _integer_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
 
 
 def _gating(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A sigmoid, or a product of two tensors (a squeeze-excite gate, a SiLU written as x * sigmoid(x))."""
-    return (node.op == "call_function" and node.target in _MUL and len(_tensor_args(node)) == 2) \
-        or _is(gm, node, _SIGMOID_MODULES, _SIGMOID_FUNCTIONS, ("sigmoid",))
+    """A sigmoid, or a product of two activation tensors (a squeeze-excite gate, a SiLU written as
+    x * sigmoid(x)); not a product with a parameter (a layer scale) or of shape numbers (H * W)."""
+    if node.op == "call_function" and node.target in _MUL:
+        args = _tensor_args(node)
+        return len(args) == 2 and all(a.meta.get(_ACTIVATION, False) for a in args)
+    return _is(gm, node, _SIGMOID_MODULES, _SIGMOID_FUNCTIONS, ("sigmoid",))
+
+
+def _mark_activations(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Run `example` through `gm` once and mark each node whose value is a tensor computed from the input
+    (node.meta[_ACTIVATION]): not a parameter or buffer, not a shape number."""
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta[_ACTIVATION] = isinstance(out, torch.Tensor) and n.op not in ("get_attr", "output")
+            return out
+    with torch.no_grad():
+        _Recorder(gm).run(example)
+
+
+def _reaches_float_op(gm: fx.GraphModule, node: fx.Node, anchors: dict) -> bool:
+    """Whether `node`'s value, followed through layout ops and ReLU / ReLU6 (which commute with
+    quantization or fold into it) and not quantized on the way, is read by an operator that computes in
+    float (an activation such as hard-swish or GELU, a mean): then the op that computes it, to run as an
+    integer kernel, must write a quantized tensor. Integer operators and the network output do not count."""
+    for user in node.users:
+        if user.op == "output" or _integer_inputs(gm, user):
+            continue
+        if _is(gm, user, _LAYOUT_MODULES, _LAYOUT_FUNCTIONS, _LAYOUT_METHODS):
+            if user not in anchors and _reaches_float_op(gm, user, anchors):
+                return True
+            continue
+        return True
+    return False
 
 
 def _writes_integer(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -141,13 +182,12 @@ def _writes_integer(gm: fx.GraphModule, node: fx.Node) -> bool:
         or (_is(gm, node, modules=(QuantWrapper,)) and isinstance(_module(gm, node).module, nn.Conv2d))
 
 
-def _clamp_user(gm: fx.GraphModule, node: fx.Node, relu6: bool) -> fx.Node | None:
-    """The ReLU (or ReLU6, with `relu6`) that alone reads `node`'s value, looking forward through single-use
-    quantization-commuting ops (a folded BN's Identity); None where there is none."""
+def _clamp_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ReLU that alone reads `node`'s value, looking forward through single-use quantization-commuting
+    ops (a folded BN's Identity); None where there is none."""
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if _is(gm, user, (nn.ReLU,) + ((nn.ReLU6,) if relu6 else ()),
-               (F.relu, torch.relu) + ((F.relu6,) if relu6 else ())):
+        if _is(gm, user, (nn.ReLU,), (F.relu, torch.relu)):
             return user
         if not _is(gm, user, _TRANSPARENT_MODULES, _TRANSPARENT_FUNCTIONS, _TRANSPARENT_METHODS):
             return None
@@ -192,13 +232,16 @@ def split_silu_(gm: fx.GraphModule) -> int:
     return n
 
 
-def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int = INPUT_BITS) -> list[str]:
+def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, example: torch.Tensor,
+                              input_bits: int = INPUT_BITS) -> list[str]:
     """Insert one ActQuantizer per tensor an integer runtime reads or writes (in place). Returns their names.
 
     Quantized layers (QuantWrapper) must already be in `gm` and have no input quantizer of their own. SiLUs
-    are written as x * sigmoid(x) first (split_silu_).
+    are written as x * sigmoid(x) first (split_silu_); `example` (an input batch) is run once to tell
+    activation tensors from parameters and shape numbers.
     """
     split_silu_(gm)
+    _mark_activations(gm, example)
     graph = gm.graph
     anchors: dict[fx.Node, bool] = {}           # ordered; True: a layer, add, concatenation or pooling reads or
     for node in list(graph.nodes):              # writes it (a_bits), False: only gating ops do (at least 8 bits)
@@ -208,12 +251,13 @@ def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, input_bits: int =
     for node in list(graph.nodes):
         if not _writes_integer(gm, node):
             continue
-        conv = _is(gm, node, modules=(QuantWrapper,))
-        if conv and node in anchors:
+        if _is(gm, node, modules=(QuantWrapper,)) or _gating(gm, node):
+            if node not in anchors and _reaches_float_op(gm, node, anchors):
+                anchors[node] = False
             continue
-        relu = _clamp_user(gm, node, relu6=conv)       # a clamp the runtime folds into the QuantizeLinear
+        relu = _clamp_user(gm, node)                   # a clamp the runtime folds into the QuantizeLinear
         if relu is None or _anchor(gm, relu) not in anchors:
-            anchors[node] = anchors.get(node, False) or not (conv or _gating(gm, node))
+            anchors[node] = True
     if CONTAINER not in gm._modules:
         gm.add_submodule(CONTAINER, nn.ModuleDict())
     container: nn.ModuleDict = gm.get_submodule(CONTAINER)
