@@ -176,10 +176,14 @@ def _reaches_float_op(gm: fx.GraphModule, node: fx.Node, anchors: dict) -> bool:
 
 
 def _writes_integer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD + _MUL + _CAT and len(_integer_inputs(gm, node)) >= 2) \
-        or _is(gm, node, modules=_AVG_POOL_MODULES + _SIGMOID_MODULES,
-               functions=_AVG_POOL_FUNCTIONS + _SIGMOID_FUNCTIONS, methods=("sigmoid",)) \
-        or (_is(gm, node, modules=(QuantWrapper,)) and isinstance(_module(gm, node).module, nn.Conv2d))
+    return (node.op == "call_function" and node.target in _ADD + _CAT and len(_integer_inputs(gm, node)) >= 2) \
+        or _is(gm, node, modules=_AVG_POOL_MODULES, functions=_AVG_POOL_FUNCTIONS)
+
+
+def _conv_or_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A quantized conv or a gating op: it writes a quantized tensor only where a float op reads its value."""
+    return (_is(gm, node, modules=(QuantWrapper,)) and isinstance(_module(gm, node).module, nn.Conv2d)) \
+        or _gating(gm, node)
 
 
 def _clamp_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -249,11 +253,11 @@ def insert_tensor_quantizers_(gm: fx.GraphModule, a_bits: int, example: torch.Te
             a = _anchor(gm, t)
             anchors[a] = anchors.get(a, False) or not _gating(gm, node)
     for node in list(graph.nodes):
-        if not _writes_integer(gm, node):
-            continue
-        if _is(gm, node, modules=(QuantWrapper,)) or _gating(gm, node):
+        if _conv_or_gate(gm, node):
             if node not in anchors and _reaches_float_op(gm, node, anchors):
                 anchors[node] = False
+            continue
+        if not _writes_integer(gm, node):
             continue
         relu = _clamp_user(gm, node)                   # a clamp the runtime folds into the QuantizeLinear
         if relu is None or _anchor(gm, relu) not in anchors:
