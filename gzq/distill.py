@@ -10,6 +10,11 @@ with its own noise and augmentation; gradients are averaged over ranks after eve
 DistributedDataParallel does, so the students stay identical on every rank (checked at the end). Pair
 mixing (TrainConfig.mixup) blends images within each rank's slice of the batch.
 
+With TrainConfig.stats_kd > 0 KD also matches, at every conv whose BN was folded into it, the students'
+per-channel batch mean and variance to the folded teacher's on the same batch (gzq.losses.moment_loss, in units
+of that BN's real-data variance), with that weight: only the statistics that the BN layers summarise, not each
+image's features.
+
 With TrainConfig.feature_kd > 0 the students also match the teacher inside the network: at the output of
 every unit that block reconstruction finds (gzq.reconstruct.find_units: the stem, each block, the head), the
 normalised squared error ||s - t||^2 / ||t||^2 is averaged over units and added to the KL with that weight.
@@ -31,10 +36,11 @@ from .accel import autocast, compiled
 from .augment import augment, mix_pairs, random_crops
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
-from .losses import feature_loss, kd_loss
+from .bn import channel_moments
+from .losses import feature_loss, kd_loss, moment_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer
-from .quant.convert import fold_bn_
+from .quant.convert import fold_bn_, trace_layers
 from .reconstruct import find_units
 
 
@@ -59,14 +65,60 @@ def unit_outputs(model: nn.Module, names: list[str]):
             h.remove()
 
 
+@contextmanager
+def output_moments(model: nn.Module, names: list[str]):
+    """Collects the per-channel (mean, biased variance) of each named submodule's output over the batch and
+    space into the yielded dict while the block is open (differentiable; float32 under autocast). As in
+    unit_outputs, the forward goes on with a copy, which a later in-place op may change."""
+    box: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(name):
+        def fn(m, args, out):
+            box[name] = channel_moments(out.float())
+            return out.clone()
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def folded_conv_scales(teacher: nn.Module, students: dict[str, nn.Module], example: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+    """{conv name: (C,) real-data variance of its BN-folded output} for every conv of `teacher` whose BN the
+    students fold (gzq.quant.convert.fold_bn_) and that every student calls under that name: the BN's gamma^2
+    var / (var + eps), floored at 1e-2 of its layer's mean so that a channel a BN switched off does not dominate."""
+    scales = {}
+    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
+        bn = teacher.get_submodule(bn_name)
+        g = bn.weight.float().pow(2) * bn.running_var / (bn.running_var + bn.eps) if bn.affine \
+            else bn.running_var / (bn.running_var + bn.eps)
+        scales[conv] = g.clamp_min(1e-2 * g.mean().item()).clamp_min(1e-12)
+    names = set(scales)
+    for s in students.values():
+        names &= {n for n, _ in s.named_modules()}
+    if not names:
+        raise ValueError("train.stats_kd: the model has no conv followed by a BatchNorm that the students keep; "
+                         "set train.stats_kd=0 for this model")
+    return {n: g for n, g in scales.items() if n in names}
+
+
+def folded_copy(teacher: Teacher, example: torch.Tensor) -> nn.Module:
+    """A frozen copy of the teacher with every BN that follows a conv folded into it, as in the students."""
+    ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
+    fold_bn_(ref, example)
+    return ref
+
+
 def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: torch.Tensor,
                      reference: nn.Module | None = None):
     """(BN-folded copy of the teacher, names of the units both it and every student call) for feature KD.
     `reference`: such a copy made already (the pipeline makes it before it hooks the models for stopping)."""
-    ref = reference
-    if ref is None:
-        ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
-        fold_bn_(ref, example)
+    ref = reference if reference is not None else folded_copy(teacher, example)
     names = find_units(ref, example)
     for s in students.values():
         names = [n for n in names if n in set(find_units(s, example))]
@@ -83,7 +135,8 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
     """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run.
 
     amp: bf16 autocast of the forwards; compile: torch.compile the teacher's and students' forwards (gzq.accel).
-    reference: the BN-folded teacher that feature KD (cfg.feature_kd) matches; made here when not given.
+    reference: the BN-folded teacher that feature and moment KD (cfg.feature_kd, cfg.stats_kd) match; made here when
+    not given.
     """
     gen = torch.Generator().manual_seed(seed + 7)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 8)
@@ -100,11 +153,16 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
         opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
         scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
-    t_model, units = teacher.model, []
-    if cfg.feature_kd > 0:
+    t_model, units, scales = teacher.model, [], {}
+    if cfg.feature_kd > 0 or cfg.stats_kd > 0:
         with torch.no_grad():
             example = images(train_idx[:2].to(device), noise=False)
-        t_model, units = folded_reference(teacher, students, example, reference)
+        if cfg.stats_kd > 0:
+            scales = folded_conv_scales(teacher.model, students, example)
+        if cfg.feature_kd > 0:
+            t_model, units = folded_reference(teacher, students, example, reference)
+        else:
+            t_model = reference if reference is not None else folded_copy(teacher, example)
     t_fwd = compiled(t_model, compile)
     fwd = {name: compiled(s, compile) for name, s in students.items()}
     yield StageStarted("finetune", total, f"{cfg.epochs} epochs of KD on {n} images")
@@ -113,6 +171,8 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
     with ExitStack() as hooks:   # the unit outputs of each forward (nothing without feature KD)
         t_feats = hooks.enter_context(unit_outputs(t_model, units))
         feats = {name: hooks.enter_context(unit_outputs(s, units)) for name, s in students.items()}
+        t_moments = hooks.enter_context(output_moments(t_model, list(scales)))
+        moments = {name: hooks.enter_context(output_moments(s, list(scales))) for name, s in students.items()}
         for _ in range(cfg.epochs):
             perm = train_idx[torch.randperm(n, generator=gen)]
             for b in range(steps_per_epoch):
@@ -133,6 +193,8 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
                     kls[name] = loss.item() / cfg.temperature ** 2
                     if units:
                         loss = loss + cfg.feature_kd * feature_loss(feats[name], t_feats)
+                    if scales:
+                        loss = loss + cfg.stats_kd * moment_loss(moments[name], t_moments, scales)
                     opts[name].zero_grad(set_to_none=True)
                     loss.backward()
                     dist.average_gradients_(s.parameters())

@@ -40,3 +40,20 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
     terms = [(student[n].float() - teacher[n].float()).pow(2).sum() / teacher[n].float().pow(2).sum().clamp_min(1e-12)
              for n in names]
     return torch.stack(terms).mean()
+
+
+def moment_loss(student: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                teacher: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the named layers of the channel mean of (m_s - m_t)^2 / (2 g) + (v_s - v_t)^2 / (4 g^2): the
+    students' per-channel batch (mean, variance) against the teacher's on the same batch, in units of each
+    channel's real-data variance g (`scale`), so every layer counts alike whatever its width or scale. The form
+    is the normalised GZNQ likelihood of the synthesis's BN loss (gzq.bn), with the teacher's moments as the
+    centre."""
+    terms = []
+    for name, (m_t, v_t) in teacher.items():
+        m_s, v_s = student[name]
+        g = scale[name]
+        terms.append(((m_s - m_t).pow(2) / (2 * g) + (v_s - v_t).pow(2) / (4 * g * g)).mean())
+    if not terms:
+        raise ValueError("moment_loss: no layer to match")
+    return torch.stack(terms).mean()

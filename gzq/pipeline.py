@@ -176,8 +176,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         check_stop(stop_fn)
         methods = {n: cfg.train.method_for(specs[n]) for n in students}
         reference = None
-        if any(m.recon for m in methods.values()) or cfg.train.feature_kd > 0:   # the float network in the
-            # students' shape (BN folded): what block reconstruction and unit-output KD match
+        if any(m.recon for m in methods.values()) or cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0:
+            # the float network in the students' shape (BN folded): what block reconstruction and the
+            # unit-output and channel-moment terms of KD match
             reference = copy.deepcopy(teacher.model).requires_grad_(False)
             fold_bn_(reference, example)
         if cfg.channels_last:

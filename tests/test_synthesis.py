@@ -293,6 +293,46 @@ def test_feature_kd_fits_the_unit_outputs_of_the_folded_teacher(default_teacher,
         TrainConfig(feature_kd=-1)
 
 
+def test_stats_kd_moves_the_students_channel_moments_toward_the_teachers(default_teacher, new_student):
+    """train.stats_kd: the term is zero for the teacher's own moments, does not change when a channel and its
+    real-data variance are rescaled together, and KD with it leaves the student's per-channel batch moments at
+    the folded convs nearer the teacher's than KD on the logits alone."""
+    from gzq.distill import folded_conv_scales, folded_copy, output_moments
+    from gzq.losses import moment_loss
+    from gzq.quant import calibrate_
+    m, v = torch.randn(8), torch.rand(8) + 0.5
+    g = torch.rand(8) + 0.1
+    assert moment_loss({"a": (m, v)}, {"a": (m, v)}, {"a": g}).item() == 0
+    m2, v2 = m + 0.3, v * 1.5
+    k = 7.0   # a channel scaled by k: its moments by k and k^2, its real-data variance by k^2
+    assert moment_loss({"a": (k * m2, k * k * v2)}, {"a": (k * m, k * k * v)}, {"a": k * k * g}).item() == \
+        pytest.approx(moment_loss({"a": (m2, v2)}, {"a": (m, v)}, {"a": g}).item(), rel=1e-5)
+
+    cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
+    _, synth = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
+    x = synth.images(synth.train_idx, noise=False)
+    base = new_student("w3a3")
+    calibrate_(base, [x])
+    scales = folded_conv_scales(default_teacher.model, {"s": base}, x[:2])
+    assert len(scales) >= 5 and all(bool((g > 0).all()) for g in scales.values())
+    ref = folded_copy(default_teacher, x[:2])
+
+    def moment_error(student):
+        with torch.no_grad(), output_moments(ref, list(scales)) as t, output_moments(student, list(scales)) as s:
+            ref(x), student(x)
+            return moment_loss(s, t, scales).item()
+
+    errors = {}
+    for weight in (0.0, 10.0):
+        s = copy.deepcopy(base)
+        drain(iter_distill(default_teacher, {"s": s}, synth.images, synth.train_idx,
+                           TrainConfig(epochs=6, batch_size=16, lr=3e-4, stats_kd=weight), torch.device("cpu")))
+        errors[weight] = moment_error(s)
+    assert errors[10.0] < 0.8 * errors[0.0], errors
+    with pytest.raises(ValueError, match="stats_kd"):
+        TrainConfig(stats_kd=-1)
+
+
 def test_band_limited_images_hold_no_frequency_above_the_band(default_teacher):
     """synth.band: the images (means and their draws' means) carry no DCT power above the kept share."""
     from gzq.images import SyntheticImages, dct_matrix
