@@ -94,16 +94,22 @@ def digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-#: training fields added after runs were cached, at the values that leave those runs as they were
+#: training and synthesis fields added after runs were cached, at the values that leave those runs as they were
 TRAIN_NEUTRAL = {"crop_scale": 1.0, "stats_kd": 0.0}
+SYNTH_NEUTRAL = {"decorrelate_colour": False}
+
+
+def _away_from(neutral: dict, cfg) -> dict:
+    """cfg's fields as a dict, less those added later that still hold their neutral value."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in neutral or v != neutral[k]}
 
 
 def recipe_digest() -> str:
     """A digest of the library's default synthesis, quantizer and training recipe, part of every cached run's
     key: a run cached before a default changed is never reported as a run of the new recipe (a field added
-    later counts only away from its TRAIN_NEUTRAL value)."""
-    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in TRAIN_NEUTRAL or v != TRAIN_NEUTRAL[k]}
-    return digest([SynthConfig().to_dict(), train, {str(k): v.value for k, v in
+    later counts only away from its TRAIN_NEUTRAL or SYNTH_NEUTRAL value)."""
+    return digest([_away_from(SYNTH_NEUTRAL, SynthConfig()), _away_from(TRAIN_NEUTRAL, TrainConfig()),
+                   {str(k): v.value for k, v in
                    AUTO_METHODS.items()}, QuantSpec().to_dict(), AUTO_PERCENTILE_BITS])
 
 

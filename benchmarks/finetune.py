@@ -59,15 +59,17 @@ def model_spec(name: str, quick: bool, folder: Path) -> ModelSpec:
 
 
 #: synthesis fields added after images were first cached, at the values that leave the images as they were
-NEUTRAL = {"label_smoothing": 0.0, "band": 1.0}
+NEUTRAL = {"label_smoothing": 0.0, "band": 1.0, "decorrelate_colour": False}
 
 
 def synth_key(cfg: SynthConfig, input_size) -> dict:
     """The synthesis settings that can change this model's images, so that images cached before a field
     existed (at its neutral value, NEUTRAL) or made with a setting that cannot affect this model are reused:
     the coarse warm-up's fields count only where the input is large enough for a coarse size
-    (gzq.augment.coarse_size)."""
+    (gzq.augment.coarse_size), the colour basis only for 3-channel inputs."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in NEUTRAL or v != NEUTRAL[k]}
+    if input_size[0] != 3:
+        d.pop("decorrelate_colour", None)
     if coarse_size(input_size, cfg.coarse_scale, cfg.coarse_min_side) is None:
         d.pop("coarse_scale"), d.pop("coarse_min_side")
     return d

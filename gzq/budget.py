@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, override, scaled_synth, student_specs
 from .images import SyntheticImages
-from .losses import total_variation
+from .distill import folded_conv_scales, output_moments
+from .losses import moment_loss, total_variation
 from .optim import adam
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     # the images as synthesis holds them (their parameterisation and per-step clamp are part of a step's cost)
     images = SyntheticImages(torch.zeros(sc.num_images, dtype=torch.long), teacher.input_size, teacher.pixel_bounds,
                              sc.image_param, sc.init_log_scale, gen, sc.image_basis, sc.spectral_decay,
-                             1.0 if sc.band == "auto" else sc.band).to(device)
+                             1.0 if sc.band == "auto" else sc.band, sc.decorrelate_colour).to(device)
     y_all = torch.randint(teacher.num_classes, (full_b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
     active = students if sc.adversarial else {}
@@ -213,10 +215,17 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
     distilled = [students[n] for n, spec in student_specs(cfg) if n in students and cfg.train.method_for(spec).kd]
 
-    def kd_loss(b):
-        with torch.no_grad():
-            teacher.model(xk[:b])
-        return sum(s(xk[:b]).logsumexp(1).mean() for s in distilled)
+    scales = (folded_conv_scales(teacher.model, dict(enumerate(distilled)), xk[:2])
+              if cfg.train.stats_kd > 0 and distilled else {})
+
+    def kd_loss(b):   # with the channel-moment term's hooks where it is on (gzq.distill)
+        with ExitStack() as hooks:
+            t_moments = hooks.enter_context(output_moments(teacher.model, list(scales)))
+            moments = [hooks.enter_context(output_moments(s, list(scales))) for s in distilled]
+            with torch.no_grad():
+                teacher.model(xk[:b])
+            loss = sum(s(xk[:b]).logsumexp(1).mean() for s in distilled)
+            return loss + sum(moment_loss(m, t_moments, scales) for m in moments) if scales else loss
 
     kd_s = kd_bytes = 0
     if cfg.train.epochs and distilled:

@@ -258,6 +258,9 @@ class SynthConfig(_Serialisable):
                                    # basis; 1 = all): 0.125 at 224 px holds what a 28-px image upsampled holds;
                                    # "auto": the band whose images best match the teacher's BN statistics in a
                                    # short probe (gzq.synthesis.choose_band; README "The images' frequency band")
+    decorrelate_colour: bool = False  # 3-channel inputs, spectral basis: the parameters hold a decorrelated colour
+                                   # basis (gzq.images.colour_matrix, natural images' colour correlation), so a
+                                   # step moves luminance more than hue; False = one parameter per RGB channel
     init_log_scale: float = -2.5   # s_0: initial per-pixel log std of f_I(z) noise (exp(-2.5) = 0.08)
     bn_loss: BNLoss = BNLoss.LIKELIHOOD
     v_rule: VRule = VRule.GAUSSIAN
@@ -307,6 +310,9 @@ class SynthConfig(_Serialisable):
                 raise ValueError(f"synth.band must be in (0, 1] (the share of the frequencies the images may hold) "
                                  f"or auto, got {self.band}")
         if ImageBasis(self.image_basis) != ImageBasis.SPECTRAL:
+            if self.decorrelate_colour:
+                raise ValueError("synth.decorrelate_colour needs synth.image_basis=spectral (the colour basis lives "
+                                 "in its coefficients)")
             if self.band not in ("auto", 1):   # auto: the pixel basis has no band to limit, so it keeps all
                 raise ValueError("synth.band other than 1 needs synth.image_basis=spectral (it limits the DCT "
                                  "coefficients)")

@@ -262,7 +262,8 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     k, hold = cfg.num_images, cfg.holdout_images
     labels = balanced_labels(k, teacher.num_classes, gen)
     images = SyntheticImages(labels, teacher.input_size, teacher.pixel_bounds, cfg.image_param,   # all k on every
-                             cfg.init_log_scale, gen, cfg.image_basis, cfg.spectral_decay, cfg.band)  # rank: the 1-process start
+                             cfg.init_log_scale, gen, cfg.image_basis, cfg.spectral_decay, cfg.band,  # rank: the
+                             cfg.decorrelate_colour)                                                 # 1-process start
     holdout_mask = torch.zeros(k, dtype=torch.bool)
     holdout_mask[k - hold:] = True
     batch = min(cfg.batch_size, k)

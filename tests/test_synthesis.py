@@ -357,6 +357,35 @@ def test_band_limited_images_hold_no_frequency_above_the_band(default_teacher):
         SynthConfig(band=0)
 
 
+def test_decorrelated_colour_images_vary_in_luminance_more_than_in_hue():
+    """synth.decorrelate_colour: for 3-channel inputs the image parameters are decorrelated colour components
+    (luminance first), so images of random parameters have strongly correlated RGB channels where one parameter
+    per channel gives independent ones; the transform inverts exactly, holds the images' mean square, and leaves
+    1-channel inputs as they were."""
+    from gzq.images import SyntheticImages
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])   # timm's ImageNet
+    bounds = ((-mean / std).view(1, 3, 1, 1), ((1 - mean) / std).view(1, 3, 1, 1))
+
+    def images(channels, colour):
+        b = bounds if channels == 3 else (bounds[0][:, :1], bounds[1][:, :1])
+        return SyntheticImages(torch.zeros(16, dtype=torch.long), (channels, 32, 32), b, "reparam", -2.5,
+                               torch.Generator().manual_seed(0), "spectral", 1.0, decorrelate_colour=colour)
+
+    def rgb_correlation(im):   # mean over images of the correlation of R and G pixel values
+        px = im.pixels(im.mean.detach()) * std.view(1, 3, 1, 1)
+        return torch.stack([torch.corrcoef(p.flatten(1))[0, 1] for p in px]).mean().item()
+
+    plain, colour = images(3, False), images(3, True)
+    assert abs(rgb_correlation(plain)) < 0.1 and rgb_correlation(colour) > 0.8
+    x = colour.pixels(colour.mean.detach())
+    assert torch.allclose(colour.pixels(colour._coefficients(x)), x, atol=1e-5)
+    assert x.pow(2).mean().item() == pytest.approx(plain.pixels(plain.mean.detach()).pow(2).mean().item(), rel=0.3)
+    grey, grey_colour = images(1, False), images(1, True)
+    assert grey_colour.colour is None and torch.equal(grey.pixels(grey.mean), grey_colour.pixels(grey_colour.mean))
+    with pytest.raises(ValueError, match="decorrelate_colour"):
+        SynthConfig(decorrelate_colour=True, image_basis="pixel", band=1)
+
+
 @pytest.mark.slow
 def test_band_auto_keeps_the_full_band_natively_and_narrows_it_for_an_upsampled_teacher(default_teacher,
                                                                                          monkeypatch):
