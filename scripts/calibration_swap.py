@@ -1,0 +1,81 @@
+"""Where a W4A4 gap lies: calibrate the activation ranges on one image set, fine-tune by KD on another.
+
+    python scripts/calibration_swap.py --model mobilenetv3_224 --seeds 0,1,2 --pairs synth:synth,real:synth,synth:real
+
+For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
+at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
+teacher's data set. Each pair CAL:KD builds a fresh W4A4 student, calibrates it on CAL's training images,
+then runs the default KD on KD's training images; real top-1 on the first 5,000 test images after
+calibration and after KD, one JSON line per run. synth:synth is the harness's own KD column.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
+from accuracy import real_source  # noqa: E402
+from finetune import model_spec, synthetic_source  # noqa: E402
+
+from gzq.augment import jitter_pixels  # noqa: E402
+from gzq.config import student_specs  # noqa: E402
+from gzq.distill import iter_distill  # noqa: E402
+from gzq.evaluate import load_labelled_data, predict_logits, top1  # noqa: E402
+from gzq.events import drain  # noqa: E402
+from gzq.models import load_teacher  # noqa: E402
+from gzq.presets import make_config  # noqa: E402
+from gzq.quant import calibrate_, create_student  # noqa: E402
+
+
+def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
+    images, steps, epochs = (196, 177, 20) if model == "mobilenetv3_224" else (128, 150, 30)
+    spec, dev = model_spec(model, False, ROOT / "benchmarks" / "results" / "finetune_cache" / "zoo"), torch.device("cpu")
+    cfg = make_config("cpu", "auto", model=spec, students=[bits], seed=seed,
+                      synth=dict(num_images=images, holdout_images=images // 8), train=dict(method="kd", epochs=epochs),
+                      eval=dict(max_real_images=5000))
+    teacher = load_teacher(spec, dev)
+    sources = dict(synth=synthetic_source(spec, images, steps, seed, ROOT / "benchmarks" / "results" / "finetune_cache",
+                                          model)(teacher, dev),
+                   real=real_source(images, images // 8, seed)(teacher, dev))
+    labelled = load_labelled_data(teacher, cfg.eval)
+    qspec = dict(student_specs(cfg))[bits]
+    jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)
+    rows = []
+    for cal, kd in pairs:
+        student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
+        with torch.no_grad():
+            x = sources[cal].images(sources[cal].train_idx, noise=False)
+            calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
+            calibrated = top1(predict_logits(student, labelled.images, dev), labelled.labels)
+        k = sources[kd]
+        drain(iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed),
+              keep=False)
+        with torch.no_grad():
+            acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
+        rows.append(dict(model=model, seed=seed, calibrate=cal, kd=kd, calibrated=round(calibrated, 2),
+                         accuracy=round(acc, 2)))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mobilenetv3_224")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
+    args = p.parse_args(argv)
+    pairs = [tuple(pr.split(":")) for pr in args.pairs.split(",")]
+    bad = [pr for pr in pairs if len(pr) != 2 or not set(pr) <= {"synth", "real"}]
+    if bad:
+        p.error(f"--pairs takes CAL:KD items with CAL and KD each synth or real, got {bad}")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        swap_runs(args.model, seed, pairs)
+
+
+if __name__ == "__main__":
+    main()
