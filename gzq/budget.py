@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from .augment import coarse_size, resize
 from .bn import BNStatsRecorder, bn_losses
 from .config import RunConfig, SynthConfig, override, scaled_synth, student_specs
-from .images import SyntheticImages
 from .distill import folded_conv_scales, output_moments
+from .images import SyntheticImages
 from .losses import moment_loss, total_variation
 from .optim import adam
 

@@ -34,9 +34,9 @@ from torch import nn
 from . import dist
 from .accel import autocast, compiled
 from .augment import augment, mix_pairs, random_crops
+from .bn import channel_moments
 from .config import TrainConfig
 from .events import Progress, StageStarted, Stopped
-from .bn import channel_moments
 from .losses import feature_loss, kd_loss, moment_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer

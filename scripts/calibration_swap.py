@@ -19,29 +19,29 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
-from accuracy import real_source  # noqa: E402
-from finetune import model_spec, synthetic_source  # noqa: E402
+from accuracy import real_source
+from finetune import model_spec, synthetic_source
 
-from gzq.augment import jitter_pixels  # noqa: E402
-from gzq.config import student_specs  # noqa: E402
-from gzq.distill import iter_distill  # noqa: E402
-from gzq.evaluate import load_labelled_data, predict_logits, top1  # noqa: E402
-from gzq.events import drain  # noqa: E402
-from gzq.models import load_teacher  # noqa: E402
-from gzq.presets import make_config  # noqa: E402
-from gzq.quant import calibrate_, create_student  # noqa: E402
+from gzq.augment import jitter_pixels
+from gzq.config import student_specs
+from gzq.distill import iter_distill
+from gzq.evaluate import load_labelled_data, predict_logits, top1
+from gzq.events import drain
+from gzq.models import load_teacher
+from gzq.presets import make_config
+from gzq.quant import calibrate_, create_student
 
 
 def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
     images, steps, epochs = (196, 177, 20) if model == "mobilenetv3_224" else (128, 150, 30)
-    spec, dev = model_spec(model, False, ROOT / "benchmarks" / "results" / "finetune_cache" / "zoo"), torch.device("cpu")
+    cache, dev = ROOT / "benchmarks" / "results" / "finetune_cache", torch.device("cpu")
+    spec = model_spec(model, False, cache / "zoo")
     cfg = make_config("cpu", "auto", model=spec, students=[bits], seed=seed,
-                      synth=dict(num_images=images, holdout_images=images // 8), train=dict(method="kd", epochs=epochs),
-                      eval=dict(max_real_images=5000))
+                      synth={"num_images": images, "holdout_images": images // 8},
+                      train={"method": "kd", "epochs": epochs}, eval={"max_real_images": 5000})
     teacher = load_teacher(spec, dev)
-    sources = dict(synth=synthetic_source(spec, images, steps, seed, ROOT / "benchmarks" / "results" / "finetune_cache",
-                                          model)(teacher, dev),
-                   real=real_source(images, images // 8, seed)(teacher, dev))
+    sources = {"synth": synthetic_source(spec, images, steps, seed, cache, model)(teacher, dev),
+               "real": real_source(images, images // 8, seed)(teacher, dev)}
     labelled = load_labelled_data(teacher, cfg.eval)
     qspec = dict(student_specs(cfg))[bits]
     jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)
@@ -57,8 +57,8 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
               keep=False)
         with torch.no_grad():
             acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
-        rows.append(dict(model=model, seed=seed, calibrate=cal, kd=kd, calibrated=round(calibrated, 2),
-                         accuracy=round(acc, 2)))
+        rows.append({"model": model, "seed": seed, "calibrate": cal, "kd": kd, "calibrated": round(calibrated, 2),
+                     "accuracy": round(acc, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
