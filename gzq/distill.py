@@ -45,19 +45,12 @@ from .reconstruct import find_units
 
 
 @contextmanager
-def unit_outputs(model: nn.Module, names: list[str]):
-    """Collects the output of each named submodule of `model` into the yielded dict while the block is
-    open. The forward goes on with a copy, so a later in-place op cannot change what was collected."""
-    box: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(m, args, out):
-            if isinstance(out, torch.Tensor):
-                box[name] = out
-                return out.clone()
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+def _output_hooks(model: nn.Module, names: list[str], record: Callable):
+    """Forward hooks on the named submodules of `model` while the block is open: record(box, name, output)
+    fills the yielded dict and returns what the forward goes on with."""
+    box: dict = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: record(box, n, out))
+               for n in names]
     try:
         yield box
     finally:
@@ -65,25 +58,24 @@ def unit_outputs(model: nn.Module, names: list[str]):
             h.remove()
 
 
-@contextmanager
+def unit_outputs(model: nn.Module, names: list[str]):
+    """Collects the output of each named submodule of `model` into the yielded dict while the block is
+    open. The forward goes on with a copy, so a later in-place op cannot change what was collected."""
+    def keep(box, name, out):
+        if isinstance(out, torch.Tensor):
+            box[name] = out
+            return out.clone()
+    return _output_hooks(model, names, keep)
+
+
 def output_moments(model: nn.Module, names: list[str]):
     """Collects the per-channel (mean, biased variance) of each named submodule's output over the batch and
     space into the yielded dict while the block is open (differentiable; float32 under autocast). As in
     unit_outputs, the forward goes on with a copy, which a later in-place op may change."""
-    box: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(name):
-        def fn(m, args, out):
-            box[name] = channel_moments(out.float())
-            return out.clone()
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        yield box
-    finally:
-        for h in handles:
-            h.remove()
+    def moments(box, name, out):
+        box[name] = channel_moments(out.float())
+        return out.clone()
+    return _output_hooks(model, names, moments)
 
 
 @torch.no_grad()

@@ -261,17 +261,31 @@ def test_label_smoothing_keeps_the_class_without_saturating_the_teacher(default_
         SynthConfig(label_smoothing=1.0)
 
 
+def _images_and_calibrated_student(teacher, new_student):
+    """(48 synthetic images of the bundled model, their means, a W3A3 student calibrated on them)."""
+    from gzq.quant import calibrate_
+    cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
+    _, synth = drain(iter_synthesize(teacher, {}, cfg, torch.device("cpu")))
+    x = synth.images(synth.train_idx, noise=False)
+    base = new_student("w3a3")
+    calibrate_(base, [x])
+    return synth, x, base
+
+
+def _error_after_kd(teacher, base, synth, error, **train) -> float:
+    """error(student) after a short KD of a copy of `base` on the images, with TrainConfig fields `train`."""
+    s = copy.deepcopy(base)
+    drain(iter_distill(teacher, {"s": s}, synth.images, synth.train_idx,
+                       TrainConfig(epochs=6, batch_size=16, lr=3e-4, **train), torch.device("cpu")))
+    return error(s)
+
+
 def test_feature_kd_fits_the_unit_outputs_of_the_folded_teacher(default_teacher, new_student):
     """train.feature_kd: the folded reference computes the teacher's function, its units are the students',
     and KD with the unit term leaves the student nearer the teacher inside the network than KD on logits."""
     from gzq.distill import folded_reference, unit_outputs
     from gzq.losses import feature_loss
-    from gzq.quant import calibrate_
-    cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
-    _, synth = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
-    x = synth.images(synth.train_idx, noise=False)
-    base = new_student("w3a3")
-    calibrate_(base, [x])
+    synth, x, base = _images_and_calibrated_student(default_teacher, new_student)
     ref, units = folded_reference(default_teacher, {"s": base}, x[:2])
     assert len(units) >= 5
     with torch.no_grad():
@@ -282,12 +296,7 @@ def test_feature_kd_fits_the_unit_outputs_of_the_folded_teacher(default_teacher,
             ref(x), student(x)
             return feature_loss(s, t).item()
 
-    errors = {}
-    for weight in (0.0, 5.0):
-        s = copy.deepcopy(base)
-        drain(iter_distill(default_teacher, {"s": s}, synth.images, synth.train_idx,
-                           TrainConfig(epochs=6, batch_size=16, lr=3e-4, feature_kd=weight), torch.device("cpu")))
-        errors[weight] = unit_error(s)
+    errors = {w: _error_after_kd(default_teacher, base, synth, unit_error, feature_kd=w) for w in (0.0, 5.0)}
     assert errors[5.0] < 0.8 * errors[0.0], errors
     with pytest.raises(ValueError, match="feature_kd"):
         TrainConfig(feature_kd=-1)
@@ -299,7 +308,6 @@ def test_stats_kd_moves_the_students_channel_moments_toward_the_teachers(default
     the folded convs nearer the teacher's than KD on the logits alone."""
     from gzq.distill import folded_conv_scales, folded_copy, output_moments
     from gzq.losses import moment_loss
-    from gzq.quant import calibrate_
     m, v = torch.randn(8), torch.rand(8) + 0.5
     g = torch.rand(8) + 0.1
     assert moment_loss({"a": (m, v)}, {"a": (m, v)}, {"a": g}).item() == 0
@@ -308,11 +316,7 @@ def test_stats_kd_moves_the_students_channel_moments_toward_the_teachers(default
     assert moment_loss({"a": (k * m2, k * k * v2)}, {"a": (k * m, k * k * v)}, {"a": k * k * g}).item() == \
         pytest.approx(moment_loss({"a": (m2, v2)}, {"a": (m, v)}, {"a": g}).item(), rel=1e-5)
 
-    cfg = SynthConfig(num_images=48, holdout_images=0, batch_size=48, steps=15, warmup_steps=15)
-    _, synth = drain(iter_synthesize(default_teacher, {}, cfg, torch.device("cpu")))
-    x = synth.images(synth.train_idx, noise=False)
-    base = new_student("w3a3")
-    calibrate_(base, [x])
+    synth, x, base = _images_and_calibrated_student(default_teacher, new_student)
     scales = folded_conv_scales(default_teacher.model, {"s": base}, x[:2])
     assert len(scales) >= 5 and all(bool((g > 0).all()) for g in scales.values())
     ref = folded_copy(default_teacher, x[:2])
@@ -322,12 +326,7 @@ def test_stats_kd_moves_the_students_channel_moments_toward_the_teachers(default
             ref(x), student(x)
             return moment_loss(s, t, scales).item()
 
-    errors = {}
-    for weight in (0.0, 10.0):
-        s = copy.deepcopy(base)
-        drain(iter_distill(default_teacher, {"s": s}, synth.images, synth.train_idx,
-                           TrainConfig(epochs=6, batch_size=16, lr=3e-4, stats_kd=weight), torch.device("cpu")))
-        errors[weight] = moment_error(s)
+    errors = {w: _error_after_kd(default_teacher, base, synth, moment_error, stats_kd=w) for w in (0.0, 10.0)}
     assert errors[10.0] < 0.8 * errors[0.0], errors
     with pytest.raises(ValueError, match="stats_kd"):
         TrainConfig(stats_kd=-1)
