@@ -381,9 +381,9 @@ class TrainConfig(_Serialisable):
                               # (gzq.augment.random_crops); 1 = off
     feature_kd: float = 0.0   # weight of the unit-output term of KD (gzq.distill): each unit block reconstruction
                               # finds, ||s - t||^2 / ||t||^2 against the BN-folded teacher; 0 = logits alone
-    stats_kd: float = 0.0     # weight of the channel-moment term of KD (gzq.distill): at each BN-folded conv output, the
-                              # students' per-channel batch mean and variance against the folded teacher's, in units
-                              # of the BN's real-data variance (gzq.losses.moment_loss); 0 = off
+    stats_kd: float = 0.0     # weight of the channel-moment term of KD (gzq.distill): at each BN-folded conv output,
+                              # the students' per-channel batch mean and variance against the folded teacher's, in
+                              # units of the BN's real-data variance (gzq.losses.moment_loss); 0 = off
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
