@@ -1,18 +1,25 @@
 """Where a W4A4 gap lies: calibrate the activation ranges on one image set, fine-tune by KD on another.
 
     python scripts/calibration_swap.py --model mobilenetv3_224 --seeds 0,1,2 --pairs synth:synth,real:synth,synth:real
+    python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0,1,2 --pairs bn:synth
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
 teacher's data set. Each pair CAL:KD builds a fresh W4A4 student, calibrates it on CAL's training images,
 then runs the default KD on KD's training images; real top-1 on the first 5,000 test images after
 calibration and after KD, one JSON line per run. synth:synth is the harness's own KD column.
+
+CAL = bn calibrates on the synthetic images with their statistics corrected to the teacher's BN layers: in
+one forward of all of them, each BN-folded conv output of the student is shifted and scaled, channel by
+channel, to the mean and standard deviation that the BN's running statistics give for real data (beta and
+|gamma| sqrt(var / (var + eps))), so every quantizer downstream sees activations of real-data statistics.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,10 +37,33 @@ from gzq.events import drain
 from gzq.models import load_teacher
 from gzq.presets import make_config
 from gzq.quant import calibrate_, create_student
+from gzq.quant.convert import trace_layers
+
+
+@contextmanager
+def bn_corrected(student, teacher, example):
+    """While open, each BN-folded conv output of `student` gets, per channel over the batch, the mean and
+    standard deviation the teacher's BN running statistics give for real data."""
+    handles = []
+    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
+        bn = teacher.get_submodule(bn_name)
+        beta = bn.bias.detach().view(1, -1, 1, 1)
+        sd = (bn.weight.detach().pow(2) * bn.running_var / (bn.running_var + bn.eps)).sqrt().view(1, -1, 1, 1)
+
+        def fn(m, args, out, beta=beta, sd=sd):
+            mean, std = out.mean((0, 2, 3), keepdim=True), out.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+            return (out - mean) / std * sd + beta
+        handles.append(student.get_submodule(conv).register_forward_hook(fn))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
-    images, steps, epochs = (196, 177, 20) if model == "mobilenetv3_224" else (128, 150, 30)
+    budgets = {"mobilenetv3_224": (196, 177, 20), "mobilenetv2": (256, 300, 40)}   # images, steps, KD epochs
+    images, steps, epochs = budgets.get(model, (128, 150, 30))
     cache, dev = ROOT / "benchmarks" / "results" / "finetune_cache", torch.device("cpu")
     spec = model_spec(model, False, cache / "zoo")
     cfg = make_config("cpu", "auto", model=spec, students=[bits], seed=seed,
@@ -49,8 +79,13 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
     for cal, kd in pairs:
         student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
         with torch.no_grad():
-            x = sources[cal].images(sources[cal].train_idx, noise=False)
-            calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
+            if cal == "bn":   # all the images in one batch: the correction uses the statistics of the whole set
+                x = sources["synth"].images(sources["synth"].train_idx, noise=False)
+                with bn_corrected(student, teacher.model, x[:2]):
+                    calibrate_(student, [x], qspec.act_init, qspec.act_percentile)
+            else:
+                x = sources[cal].images(sources[cal].train_idx, noise=False)
+                calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
             calibrated = top1(predict_logits(student, labelled.images, dev), labelled.labels)
         k = sources[kd]
         drain(iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed),
@@ -70,9 +105,9 @@ def main(argv=None):
     p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
     args = p.parse_args(argv)
     pairs = [tuple(pr.split(":")) for pr in args.pairs.split(",")]
-    bad = [pr for pr in pairs if len(pr) != 2 or not set(pr) <= {"synth", "real"}]
+    bad = [pr for pr in pairs if len(pr) != 2 or pr[0] not in {"synth", "real", "bn"} or pr[1] not in {"synth", "real"}]
     if bad:
-        p.error(f"--pairs takes CAL:KD items with CAL and KD each synth or real, got {bad}")
+        p.error(f"--pairs takes CAL:KD items, CAL synth, real or bn and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
         swap_runs(args.model, seed, pairs)
 
