@@ -13,6 +13,7 @@ CAL = bn calibrates on the synthetic images with their statistics corrected to t
 one forward of all of them, each BN-folded conv output of the student is shifted and scaled, channel by
 channel, to the mean and standard deviation that the BN's running statistics give for real data (beta and
 |gamma| sqrt(var / (var + eps))), so every quantizer downstream sees activations of real-data statistics.
+CAL = bnmean shifts each channel to the BN's real-data mean and leaves its spread.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ from gzq.quant.convert import trace_layers
 
 
 @contextmanager
-def bn_corrected(student, teacher, example):
+def bn_corrected(student, teacher, example, scale: bool = True):
     """While open, each BN-folded conv output of `student` gets, per channel over the batch, the mean and
-    standard deviation the teacher's BN running statistics give for real data."""
+    standard deviation the teacher's BN running statistics give for real data (the mean alone without
+    `scale`)."""
     handles = []
     for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
         bn = teacher.get_submodule(bn_name)
@@ -51,8 +53,10 @@ def bn_corrected(student, teacher, example):
         sd = (bn.weight.detach().pow(2) * bn.running_var / (bn.running_var + bn.eps)).sqrt().view(1, -1, 1, 1)
 
         def fn(m, args, out, beta=beta, sd=sd):
-            mean, std = out.mean((0, 2, 3), keepdim=True), out.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-            return (out - mean) / std * sd + beta
+            mean = out.mean((0, 2, 3), keepdim=True)
+            if not scale:
+                return out - mean + beta
+            return (out - mean) / out.std((0, 2, 3), keepdim=True).clamp_min(1e-6) * sd + beta
         handles.append(student.get_submodule(conv).register_forward_hook(fn))
     try:
         yield
@@ -79,9 +83,9 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
     for cal, kd in pairs:
         student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
         with torch.no_grad():
-            if cal == "bn":   # all the images in one batch: the correction uses the statistics of the whole set
+            if cal in ("bn", "bnmean"):   # all the images in one batch: the correction uses the whole set's statistics
                 x = sources["synth"].images(sources["synth"].train_idx, noise=False)
-                with bn_corrected(student, teacher.model, x[:2]):
+                with bn_corrected(student, teacher.model, x[:2], scale=cal == "bn"):
                     calibrate_(student, [x], qspec.act_init, qspec.act_percentile)
             else:
                 x = sources[cal].images(sources[cal].train_idx, noise=False)
@@ -105,9 +109,10 @@ def main(argv=None):
     p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
     args = p.parse_args(argv)
     pairs = [tuple(pr.split(":")) for pr in args.pairs.split(",")]
-    bad = [pr for pr in pairs if len(pr) != 2 or pr[0] not in {"synth", "real", "bn"} or pr[1] not in {"synth", "real"}]
+    bad = [pr for pr in pairs
+           if len(pr) != 2 or pr[0] not in {"synth", "real", "bn", "bnmean"} or pr[1] not in {"synth", "real"}]
     if bad:
-        p.error(f"--pairs takes CAL:KD items, CAL synth, real or bn and KD synth or real, got {bad}")
+        p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn or bnmean and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
         swap_runs(args.model, seed, pairs)
 
