@@ -79,17 +79,27 @@ def output_moments(model: nn.Module, names: list[str]):
 
 
 @torch.no_grad()
+def folded_bn_moments(teacher: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{conv name: (mean, variance)}, (C,) each, of the BN-folded output of every conv of `teacher` that a BN
+    reads directly, on the teacher's real data as the BN's running statistics give it: beta and
+    gamma^2 var / (var + eps)."""
+    out = {}
+    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
+        bn = teacher.get_submodule(bn_name)
+        var, denom = bn.running_var, bn.running_var + bn.eps
+        out[conv] = ((bn.bias.float(), bn.weight.float().pow(2) * var / denom) if bn.affine
+                     else (torch.zeros_like(var), var / denom))
+    return out
+
+
+@torch.no_grad()
 def folded_conv_scales(teacher: nn.Module, students: dict[str, nn.Module], example: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
     """{conv name: (C,) real-data variance of its BN-folded output} for every conv of `teacher` whose BN the
     students fold (gzq.quant.convert.fold_bn_) and that every student calls under that name: the BN's gamma^2
     var / (var + eps), floored at 1e-2 of its layer's mean so that a channel a BN switched off does not dominate."""
-    scales = {}
-    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
-        bn = teacher.get_submodule(bn_name)
-        g = bn.weight.float().pow(2) * bn.running_var / (bn.running_var + bn.eps) if bn.affine \
-            else bn.running_var / (bn.running_var + bn.eps)
-        scales[conv] = g.clamp_min(1e-2 * g.mean().item()).clamp_min(1e-12)
+    scales = {conv: g.clamp_min(1e-2 * g.mean().item()).clamp_min(1e-12)
+              for conv, (_, g) in folded_bn_moments(teacher, example).items()}
     names = set(scales)
     for s in students.values():
         names &= {n for n, _ in s.named_modules()}

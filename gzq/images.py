@@ -84,8 +84,9 @@ class SyntheticImages(nn.Module):
         self.register_buffer("freq_scale", spectral_scale(h, w, spectral_decay, band) if spectral else None,
                              persistent=False)
         colour = spectral and decorrelate_colour and input_size[0] == 3
-        self.register_buffer("colour", colour_matrix((lo.flatten(), hi.flatten())) if colour else None,
-                             persistent=False)
+        a = colour_matrix((lo.flatten(), hi.flatten())) if colour else None
+        self.register_buffer("colour", a, persistent=False)
+        self.register_buffer("colour_inv", torch.linalg.inv(a) if colour else None, persistent=False)
         self.mean = nn.Parameter(mean if spectral else self._in_range(mean))
         self.log_scale = (nn.Parameter(torch.full((k, *input_size), float(init_log_scale)))
                           if param == ImageParam.REPARAM else None)
@@ -106,7 +107,7 @@ class SyntheticImages(nn.Module):
     def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of pixels() (a coefficient outside the band, SynthConfig.band, becomes 0)."""
         if self.colour is not None:
-            x = torch.einsum("cd,kd...->kc...", torch.linalg.inv(self.colour), x)
+            x = torch.einsum("cd,kd...->kc...", self.colour_inv, x)
         c = self.dct_h @ x @ self.dct_w.T
         kept = self.freq_scale > 0
         return torch.where(kept, c / torch.where(kept, self.freq_scale, 1.0), 0.0)
@@ -129,7 +130,7 @@ class SyntheticImages(nn.Module):
         if self.spectral:
             x = self._in_range(self.pixels(self.mean.detach()))  # the transform's rounding error clamped off
             self.mean = nn.Parameter(x, requires_grad=self.mean.requires_grad)
-            self.dct_h = self.dct_w = self.freq_scale = self.colour = None
+            self.dct_h = self.dct_w = self.freq_scale = self.colour = self.colour_inv = None
         return self
 
     @torch.no_grad()

@@ -32,13 +32,12 @@ from finetune import model_spec, synthetic_source
 
 from gzq.augment import jitter_pixels
 from gzq.config import student_specs
-from gzq.distill import iter_distill
+from gzq.distill import folded_bn_moments, iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
 from gzq.events import drain
 from gzq.models import load_teacher
 from gzq.presets import make_config
 from gzq.quant import calibrate_, create_student
-from gzq.quant.convert import trace_layers
 
 
 @contextmanager
@@ -47,10 +46,8 @@ def bn_corrected(student, teacher, example, scale: bool = True):
     standard deviation the teacher's BN running statistics give for real data (the mean alone without
     `scale`)."""
     handles = []
-    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
-        bn = teacher.get_submodule(bn_name)
-        beta = bn.bias.detach().view(1, -1, 1, 1)
-        sd = (bn.weight.detach().pow(2) * bn.running_var / (bn.running_var + bn.eps)).sqrt().view(1, -1, 1, 1)
+    for conv, (mean, var) in folded_bn_moments(teacher, example).items():
+        beta, sd = mean.view(1, -1, 1, 1), var.sqrt().view(1, -1, 1, 1)
 
         def fn(m, args, out, beta=beta, sd=sd):
             mean = out.mean((0, 2, 3), keepdim=True)
