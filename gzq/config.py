@@ -384,6 +384,9 @@ class TrainConfig(_Serialisable):
     stats_kd: float = 0.0     # weight of the channel-moment term of KD (gzq.distill): at each BN-folded conv output,
                               # the students' per-channel batch mean and variance against the folded teacher's, in
                               # units of the BN's real-data variance (gzq.losses.moment_loss); 0 = off
+    anchor: float = 0.0       # after each KD step every quantized layer's weight w moves back toward the BN-folded
+                              # teacher's w0 by this share of w - w0 (times the step's learning rate over lr): a
+                              # decoupled L2-SP; 0 = off (gzq.distill)
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
@@ -401,6 +404,9 @@ class TrainConfig(_Serialisable):
         _check_positive("mixup", self.mixup, allow_zero=True)
         _check_positive("feature_kd", self.feature_kd, allow_zero=True)
         _check_positive("stats_kd", self.stats_kd, allow_zero=True)
+        if not 0 <= self.anchor <= 1:
+            raise ValueError("train.anchor is the share of each KD step's weight drift from the teacher's weights "
+                             f"taken back: from 0 (off) to 1, got {self.anchor}")
         if not 0 < self.crop_scale <= 1:
             raise ValueError("train.crop_scale is the smallest fraction of an image's area a KD crop keeps: above 0 "
                              f"and at most 1 (1 = no crops), got {self.crop_scale}")

@@ -15,6 +15,11 @@ per-channel batch mean and variance to the folded teacher's on the same batch (g
 of that BN's real-data variance), with that weight: only the statistics that the BN layers summarise, not each
 image's features.
 
+With TrainConfig.anchor = rho > 0, after each step every quantized layer's latent weight w is pulled toward
+the BN-folded teacher's w0 (its value when KD starts): w <- w - rho (lr_t / lr) (w - w0), a decoupled L2-SP
+(Li et al. 2018) that bounds how far KD on the synthetic images can move the weights from ones known to work
+on real data. Biases, step sizes and zero points stay free.
+
 With TrainConfig.feature_kd > 0 the students also match the teacher inside the network: at the output of
 every unit that block reconstruction finds (gzq.reconstruct.find_units: the stem, each block, the head), the
 normalised squared error ||s - t||^2 / ||t||^2 is averaged over units and added to the KL with that weight.
@@ -40,7 +45,7 @@ from .events import Progress, StageStarted, Stopped
 from .losses import feature_loss, kd_loss, moment_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer
-from .quant.convert import fold_bn_, trace_layers
+from .quant.convert import fold_bn_, folded_bn_moments, quant_wrappers
 from .reconstruct import find_units
 
 
@@ -76,20 +81,6 @@ def output_moments(model: nn.Module, names: list[str]):
         box[name] = channel_moments(out.float())
         return out.clone()
     return _output_hooks(model, names, moments)
-
-
-@torch.no_grad()
-def folded_bn_moments(teacher: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{conv name: (mean, variance)}, (C,) each, of the BN-folded output of every conv of `teacher` that a BN
-    reads directly, on the teacher's real data as the BN's running statistics give it: beta and
-    gamma^2 var / (var + eps)."""
-    out = {}
-    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
-        bn = teacher.get_submodule(bn_name)
-        var, denom = bn.running_var, bn.running_var + bn.eps
-        out[conv] = ((bn.bias.float(), bn.weight.float().pow(2) * var / denom) if bn.affine
-                     else (torch.zeros_like(var), var / denom))
-    return out
 
 
 @torch.no_grad()
@@ -150,11 +141,13 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
     total = cfg.epochs * steps_per_epoch
-    opts, scheds = {}, {}
+    opts, scheds, anchors = {}, {}, {}
     for name, s in students.items():
         opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
         scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
+        if cfg.anchor > 0:
+            anchors[name] = [(w.module.weight, w.module.weight.detach().clone()) for _, w in quant_wrappers(s)]
     t_model, units, scales = teacher.model, [], {}
     if cfg.feature_kd > 0 or cfg.stats_kd > 0:
         with torch.no_grad():
@@ -201,6 +194,11 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
                     loss.backward()
                     dist.average_gradients_(s.parameters())
                     opts[name].step()
+                    if name in anchors:   # the weights' group is the first (gzq.optim.student_optimizer)
+                        pull = cfg.anchor * opts[name].param_groups[0]["lr"] / cfg.lr
+                        with torch.no_grad():
+                            for w, w0 in anchors[name]:
+                                w.lerp_(w0, pull)
                     scheds[name].step()
                 step += 1
                 yield Progress("finetune", step, total, time.perf_counter() - t0, student_kl=kls)

@@ -14,6 +14,9 @@ one forward of all of them, each BN-folded conv output of the student is shifted
 channel, to the mean and standard deviation that the BN's running statistics give for real data (beta and
 |gamma| sqrt(var / (var + eps))), so every quantizer downstream sees activations of real-data statistics.
 CAL = bnmean shifts each channel to the BN's real-data mean and leaves its spread.
+CAL = gauss calibrates on the synthetic images, then sets the range of every quantizer that reads an activation
+of a BN-folded conv's output from the teacher's BN statistics alone (gzq.quant.convert.bn_ranges_: samples
+of act(N(mean, var)) per channel); the other quantizers keep their synthetic ranges.
 """
 from __future__ import annotations
 
@@ -32,12 +35,13 @@ from finetune import model_spec, synthetic_source
 
 from gzq.augment import jitter_pixels
 from gzq.config import student_specs
-from gzq.distill import folded_bn_moments, iter_distill
+from gzq.distill import iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
 from gzq.events import drain
 from gzq.models import load_teacher
 from gzq.presets import make_config
 from gzq.quant import calibrate_, create_student
+from gzq.quant.convert import bn_ranges_, folded_bn_moments
 
 
 @contextmanager
@@ -85,8 +89,11 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
                 with bn_corrected(student, teacher.model, x[:2], scale=cal == "bn"):
                     calibrate_(student, [x], qspec.act_init, qspec.act_percentile)
             else:
-                x = sources[cal].images(sources[cal].train_idx, noise=False)
+                src = sources["synth" if cal == "gauss" else cal]
+                x = src.images(src.train_idx, noise=False)
                 calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
+                if cal == "gauss":
+                    bn_ranges_(student, teacher.model, x[:8], qspec.act_init, qspec.act_percentile, seed=seed)
             calibrated = top1(predict_logits(student, labelled.images, dev), labelled.labels)
         k = sources[kd]
         drain(iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed),
@@ -107,9 +114,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     pairs = [tuple(pr.split(":")) for pr in args.pairs.split(",")]
     bad = [pr for pr in pairs
-           if len(pr) != 2 or pr[0] not in {"synth", "real", "bn", "bnmean"} or pr[1] not in {"synth", "real"}]
+           if len(pr) != 2 or pr[0] not in {"synth", "real", "bn", "bnmean", "gauss"} or pr[1] not in {"synth", "real"}]
     if bad:
-        p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn or bnmean and KD synth or real, got {bad}")
+        p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn, bnmean or gauss and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
         swap_runs(args.model, seed, pairs)
 

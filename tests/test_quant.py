@@ -255,3 +255,36 @@ def test_deployable_quantizes_every_tensor_an_integer_runtime_touches(arch, monk
     ref, out = model(x), gm(x)
     assert torch.isfinite(out).all() and (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.5
     assert set(gm.state_dict()) == set(create_student(model, QuantSpec(4, 4, Protocol.DEPLOYABLE), x[:2]).state_dict())
+
+
+@pytest.mark.parametrize("arch,first_act", [("resnet10t", "relu"), ("mobilenetv2_050", "relu6"),
+                                            ("mobilenetv3_small_050", "hardswish"), ("efficientnet_b0", "silu")])
+def test_bn_ranges_match_data_ranges_where_the_data_follow_the_bn_statistics(arch, first_act):
+    """gzq.quant.convert.bn_ranges_: on Gaussian inputs the stem conv's outputs are Gaussian per channel, so
+    after setting the BN statistics from those inputs, the range it derives for the quantizer that reads the
+    stem's activation (found through the right activation, ReLU6 told from ReLU) is the range calibration on
+    the inputs gives; quantizers it does not match keep their calibrated ranges."""
+    from gzq.quant.convert import bn_ranges_
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=5)
+    x = torch.randn(256, 3, 32, 32)
+    for m in model.modules():   # the BN running statistics of exactly these inputs
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum, m.running_mean, m.running_var = None, torch.zeros_like(m.running_mean), torch.ones_like(m.running_var)
+            m.num_batches_tracked.zero_()
+            nn.init.uniform_(m.weight, 0.5, 2.0), nn.init.uniform_(m.bias, -1.0, 1.0)
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    spec = QuantSpec(4, 4, act_init=ActInit.MSE)
+    student = create_student(model, spec, x[:2])
+    calibrate_(student, [x], spec.act_init)
+    data_steps = {n: q.effective_scale().item() for n, q in student.named_modules() if isinstance(q, ActQuantizer)}
+    found = bn_ranges_(student, model, x[:4], spec.act_init, samples=8192)
+    steps = {n: q.effective_scale().item() for n, q in student.named_modules() if isinstance(q, ActQuantizer)}
+    assert len(found) >= 3, found
+    first = min(found, key=list(steps).index)     # the stem's consumer: the first matched quantizer
+    assert found[first][1] == first_act, found
+    assert steps[first] == pytest.approx(data_steps[first], rel=0.1), (steps[first], data_steps[first])
+    assert all(steps[n] == data_steps[n] for n in steps if n not in found)
+    assert any(steps[n] != data_steps[n] for n in found)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..config import ActInit, Protocol, QuantSpec
@@ -83,6 +85,20 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
     its dropout and activation, a plain BatchNorm becomes Identity."""
     parts = [getattr(bn, a) for a in ("drop", "act") if isinstance(getattr(bn, a, None), nn.Module)]
     return nn.Sequential(*parts) if parts else nn.Identity()
+
+
+@torch.no_grad()
+def folded_bn_moments(teacher: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{conv name: (mean, variance)}, (C,) each, of the BN-folded output of every conv of `teacher` that a BN
+    reads directly, on the teacher's real data as the BN's running statistics give it: beta and
+    gamma^2 var / (var + eps)."""
+    out = {}
+    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
+        bn = teacher.get_submodule(bn_name)
+        var, denom = bn.running_var, bn.running_var + bn.eps
+        out[conv] = ((bn.bias.float(), bn.weight.float().pow(2) * var / denom) if bn.affine
+                     else (torch.zeros_like(var), var / denom))
+    return out
 
 
 @torch.no_grad()
@@ -178,6 +194,80 @@ def calibrate_(model: nn.Module, batches, method: ActInit | str = QuantSpec.act_
             a.calibrating = False
     for a in acts:
         a.init_from_calibration_(method, percentile)
+
+
+#: elementwise activations a quantizer may read a BN-folded conv's output through (bn_ranges_)
+ACTIVATIONS = {"identity": lambda y: y, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish,
+               "silu": F.silu, "gelu": F.gelu, "hardsigmoid": F.hardsigmoid, "sigmoid": torch.sigmoid}
+
+
+@torch.no_grad()
+def bn_fed_quantizers(student: nn.Module, convs: list[str], example: torch.Tensor,
+                      peak: float = 16.0) -> dict[str, tuple[str, str]]:
+    """{quantizer name: (conv name, activation name)} for each activation quantizer of `student` whose input
+    is an elementwise activation (ACTIVATIONS) of one of `convs`' outputs, found in one forward of `example`
+    rather than from the model's code: every conv output is rescaled to the largest magnitude `peak` (so that
+    ReLU and ReLU6, or the hard and smooth activations, differ on it, and no scale compounds with depth) and
+    each quantizer's input is compared with each activation of each conv output of its shape. Leaves the quantizers' calibration state as it was."""
+    outs, ins = {}, {}
+    quantizers = {n: m for n, m in student.named_modules() if isinstance(m, ActQuantizer)}
+    state = {n: (q.calibrating, q._range, q._hist) for n, q in quantizers.items()}
+
+    def scaled(name):
+        def hook(mod, args, out):
+            outs[name] = out * (peak / out.abs().max().clamp_min(1e-12))
+            return outs[name].clone()   # the forward goes on with a copy: an in-place activation leaves outs
+        return hook
+    with ExitStack() as stack:
+        for n in convs:
+            stack.callback(student.get_submodule(n).register_forward_hook(scaled(n)).remove)
+        for n, q in quantizers.items():
+            stack.callback(q.register_forward_pre_hook(lambda m, args, n=n: ins.__setitem__(n, args[0].clone())).remove)
+            q.calibrating, q._range, q._hist = True, None, None   # pass the input through unchanged
+        try:
+            eval_forward(student, example, [])
+        finally:
+            for n, q in quantizers.items():
+                q.calibrating, q._range, q._hist = state[n]
+    found = {}
+    for qn, x in ins.items():
+        for cn, y in outs.items():
+            if y.shape != x.shape:
+                continue
+            tol = 1e-4 * y.abs().max().item() + 1e-6
+            act = next((a for a, f in ACTIVATIONS.items() if torch.allclose(f(y), x, rtol=1e-4, atol=tol)), None)
+            if act is not None:
+                found[qn] = (cn, act)
+                break
+    return found
+
+
+@torch.no_grad()
+def bn_ranges_(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
+               method: ActInit | str = QuantSpec.act_init, percentile: float = QuantSpec.act_percentile,
+               samples: int = 4096, seed: int = 0) -> dict[str, tuple[str, str]]:
+    """Set the range of every activation quantizer that reads an activation of a BN-folded conv's output
+    (bn_fed_quantizers) from the teacher's BN statistics instead of from images: per channel, `samples`
+    draws of act(N(mean, var)) with the folded output's real-data moments (folded_bn_moments), through the
+    same range rule as calibrate_. Returns the quantizers it set; the others keep their ranges."""
+    moments = folded_bn_moments(teacher, example)
+    names = {n for n, _ in student.named_modules()}
+    found = bn_fed_quantizers(student, [c for c in moments if c in names], example)
+    gen = torch.Generator().manual_seed(seed)
+    for qn, (cn, act) in found.items():
+        q = student.get_submodule(qn)
+        mean, var = (t.float().cpu() for t in moments[cn])
+        z = torch.randn(1, mean.numel(), samples, generator=gen)
+        x = ACTIVATIONS[act](mean.view(1, -1, 1) + var.sqrt().view(1, -1, 1) * z).to(q.scale.device)
+        q.calibrating, q._range, q._hist = True, None, None
+        try:
+            q(x)
+            q.start_histogram_()
+            q(x)
+        finally:
+            q.calibrating = False
+        q.init_from_calibration_(method, percentile)
+    return found
 
 
 def model_size_bytes(model: nn.Module) -> int:
