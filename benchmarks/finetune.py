@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import sys
@@ -75,6 +76,16 @@ def synth_key(cfg: SynthConfig, input_size) -> dict:
     return d
 
 
+def weights_digest(model) -> str:
+    """A short digest of a model's weights and buffers, so that images cached for one teacher are never reused
+    for another of the same name (a zoo model rebuilt with another thread count differs in the last bits)."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
 def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_dir: Path, name: str,
                      synth_set: tuple[str, ...] = ()):
     """The images every method shares: synthesised once per (model, synthesis config, seed) and cached; the
@@ -92,7 +103,7 @@ def synthetic_source(spec: ModelSpec, images: int, steps: int, seed: int, cache_
     cfg = given
     dev = resolve_device("auto")
     teacher = load_teacher(spec, dev)
-    stem = f"{name}_{images}_{steps}_{seed}"
+    stem = f"{name}_{images}_{steps}_{seed}_{weights_digest(teacher.model)}"   # retrained teachers: new images
     probe = None
     if cfg.band == "auto":   # resolved first (and cached), so the images are those of the band it picks
         size = cfg.band_probe_images()   # named where it is not the full probe the cached files were made with

@@ -287,7 +287,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                                  "final_ce": synth.history["ce"][-1] if synth.history.get("ce") else None,
                                  "num_images": cfg.synth.num_images, "holdout_images": cfg.synth.holdout_images,
                                  "health": health},
-                      warnings=health_warnings(health))
+                      warnings=health_warnings(health, report["students"]))
         for w in report["warnings"]:
             yield Message(w, level="warning")
         stop_hooks.remove()  # export traces the students; saving is not interrupted half-way

@@ -2,6 +2,7 @@
 
     python scripts/calibration_swap.py --model mobilenetv3_224 --seeds 0,1,2 --pairs synth:synth,real:synth,synth:real
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0,1,2 --pairs bn:synth
+    python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0 --ranges
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
@@ -16,12 +17,14 @@ channel, to the mean and standard deviation that the BN's running statistics giv
 CAL = bnmean shifts each channel to the BN's real-data mean and leaves its spread.
 CAL = gauss calibrates on the synthetic images, then sets the range of every quantizer that reads an activation
 of a BN-folded conv's output from the teacher's BN statistics alone (gzq.quant.convert.bn_ranges_: samples
-of act(N(mean, var)) per channel); the other quantizers keep their synthetic ranges.
+of act(N(mean, var)) per channel); the other quantizers keep their synthetic ranges. --ranges compares, without
+KD, how far the synthetic and the gauss step sizes of those quantizers are from the ones real images give.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +43,7 @@ from gzq.evaluate import load_labelled_data, predict_logits, top1
 from gzq.events import drain
 from gzq.models import load_teacher
 from gzq.presets import make_config
-from gzq.quant import calibrate_, create_student
+from gzq.quant import ActQuantizer, calibrate_, create_student
 from gzq.quant.convert import bn_ranges_, folded_bn_moments
 
 
@@ -66,7 +69,8 @@ def bn_corrected(student, teacher, example, scale: bool = True):
             h.remove()
 
 
-def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
+def setup(model: str, seed: int, bits: str = "w4a4"):
+    """(config, teacher, {"synth", "real": image source}, quant spec) of one model and seed."""
     budgets = {"mobilenetv3_224": (196, 177, 20), "mobilenetv2": (256, 300, 40)}   # images, steps, KD epochs
     images, steps, epochs = budgets.get(model, (128, 150, 30))
     cache, dev = ROOT / "benchmarks" / "results" / "finetune_cache", torch.device("cpu")
@@ -77,33 +81,63 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
     teacher = load_teacher(spec, dev)
     sources = {"synth": synthetic_source(spec, images, steps, seed, cache, model)(teacher, dev),
                "real": real_source(images, images // 8, seed)(teacher, dev)}
+    return cfg, teacher, sources, dict(student_specs(cfg))[bits]
+
+
+@torch.no_grad()
+def calibrated(cal: str, teacher, sources, qspec, seed: int):
+    """A fresh student calibrated as CAL says, and the quantizers bn_ranges_ set (gauss only)."""
+    student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
+    found = {}
+    if cal in ("bn", "bnmean"):   # all the images in one batch: the correction uses the whole set's statistics
+        x = sources["synth"].images(sources["synth"].train_idx, noise=False)
+        with bn_corrected(student, teacher.model, x[:2], scale=cal == "bn"):
+            calibrate_(student, [x], qspec.act_init, qspec.act_percentile)
+    else:
+        src = sources["synth" if cal == "gauss" else cal]
+        x = src.images(src.train_idx, noise=False)
+        calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
+        if cal == "gauss":
+            found = bn_ranges_(student, teacher.model, x[:8], qspec.act_init, qspec.act_percentile, seed=seed)
+    return student, found
+
+
+def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
+    cfg, teacher, sources, qspec = setup(model, seed, bits)
+    dev = torch.device("cpu")
     labelled = load_labelled_data(teacher, cfg.eval)
-    qspec = dict(student_specs(cfg))[bits]
     jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)
     rows = []
     for cal, kd in pairs:
-        student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
+        student, _ = calibrated(cal, teacher, sources, qspec, seed)
         with torch.no_grad():
-            if cal in ("bn", "bnmean"):   # all the images in one batch: the correction uses the whole set's statistics
-                x = sources["synth"].images(sources["synth"].train_idx, noise=False)
-                with bn_corrected(student, teacher.model, x[:2], scale=cal == "bn"):
-                    calibrate_(student, [x], qspec.act_init, qspec.act_percentile)
-            else:
-                src = sources["synth" if cal == "gauss" else cal]
-                x = src.images(src.train_idx, noise=False)
-                calibrate_(student, torch.split(x, 64), qspec.act_init, qspec.act_percentile)
-                if cal == "gauss":
-                    bn_ranges_(student, teacher.model, x[:8], qspec.act_init, qspec.act_percentile, seed=seed)
-            calibrated = top1(predict_logits(student, labelled.images, dev), labelled.labels)
+            calibrated_acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
         k = sources[kd]
         drain(iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed),
               keep=False)
         with torch.no_grad():
             acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
-        rows.append({"model": model, "seed": seed, "calibrate": cal, "kd": kd, "calibrated": round(calibrated, 2),
+        rows.append({"model": model, "seed": seed, "calibrate": cal, "kd": kd, "calibrated": round(calibrated_acc, 2),
                      "accuracy": round(acc, 2)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def range_errors(model: str, seed: int, bits: str = "w4a4") -> dict:
+    """How far the synthetic images' and the BN statistics' (gauss) step sizes are from those real images give,
+    over the quantizers bn_ranges_ sets: the mean of |log(step / real step)|."""
+    _, teacher, sources, qspec = setup(model, seed, bits)
+    steps, names = {}, []
+    for cal in ("real", "synth", "gauss"):
+        student, found = calibrated(cal, teacher, sources, qspec, seed)
+        steps[cal] = {n: q.effective_scale().item() for n, q in student.named_modules() if isinstance(q, ActQuantizer)}
+        names = names or list(found)
+    err = {cal: sum(abs(math.log(steps[cal][n] / steps["real"][n])) for n in names) / len(names)
+           for cal in ("synth", "gauss")}
+    row = {"model": model, "seed": seed, "quantizers": len(steps["real"]), "from_bn": len(names),
+           "log_error_synth": round(err["synth"], 4), "log_error_gauss": round(err["gauss"], 4)}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv=None):
@@ -111,6 +145,8 @@ def main(argv=None):
     p.add_argument("--model", default="mobilenetv3_224")
     p.add_argument("--seeds", default="0")
     p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
+    p.add_argument("--ranges", action="store_true", help="compare the step sizes of synth and gauss with real's "
+                   "instead of running KD")
     args = p.parse_args(argv)
     pairs = [tuple(pr.split(":")) for pr in args.pairs.split(",")]
     bad = [pr for pr in pairs
@@ -118,7 +154,7 @@ def main(argv=None):
     if bad:
         p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn, bnmean or gauss and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
-        swap_runs(args.model, seed, pairs)
+        range_errors(args.model, seed) if args.ranges else swap_runs(args.model, seed, pairs)
 
 
 if __name__ == "__main__":

@@ -276,6 +276,33 @@ def test_health_warning_only_when_images_lose_their_class():
     assert "42 %" in w and "90 %" in w
 
 
+def test_health_warning_names_a_collapsed_student():
+    """A quantized model that gives the teacher's class on under half the held-out synthetic images is named."""
+    rows = [{"name": "w8a8", "agreement": 100.0}, {"name": "w4a4", "agreement": 29.69},
+            {"name": "w3a3", "agreement": None}]
+    (w,) = health_warnings({"label_agreement": 99.0}, rows)
+    assert w.startswith("the w4a4 model") and "30 %" in w and "50 %" in w
+    assert health_warnings({"label_agreement": 99.0}, rows[:1]) == []
+
+
+@pytest.mark.slow
+def test_a_run_warns_of_its_collapsed_student_and_of_no_other(tmp_path):
+    """End to end on the bundled model: a 2-bit student after one epoch of KD on a few images is far from the
+    teacher, and the run's report, events and summary say so by name; the 8-bit student is not named."""
+    from gzq.pipeline import iter_run
+    cfg = make_config("cpu", "cpu", students=["w2a2", "w8a8"], time_budget_s=None, export={"formats": []},
+                      synth={"num_images": 32, "holdout_images": 8, "batch_size": 32, "steps": 10,
+                             "warmup_steps": 3, "band": 1},
+                      train={"epochs": 1, "batch_size": 16}, eval={"max_real_images": 500})
+    events = list(iter_run(cfg, tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["students"]}
+    assert rows["w2a2"]["agreement"] < 50 <= rows["w8a8"]["agreement"]
+    (w,) = [w for w in report["warnings"] if "collapsed" in w]
+    assert w.startswith("the w2a2 model")
+    assert any(isinstance(e, Message) and e.level == "warning" and "w2a2" in e.text for e in events)
+
+
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run

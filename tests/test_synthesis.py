@@ -457,7 +457,7 @@ def test_anchor_keeps_the_kd_weights_near_the_teachers(default_teacher, new_stud
     """train.anchor: after KD with the weights pulled back toward their starting (BN-folded teacher) values,
     the quantized layers' weights have drifted far less than after KD without; biases stay free."""
     from gzq.quant.convert import quant_wrappers
-    synth, x, base = _images_and_calibrated_student(default_teacher, new_student)
+    synth, _, base = _images_and_calibrated_student(default_teacher, new_student)
     start = {n: (w.module.weight.detach().clone(), w.module.bias.detach().clone()) for n, w in quant_wrappers(base)}
 
     def drift(student):
