@@ -151,3 +151,12 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
     assert bands == {1.0}
     synthetic_source(spec, 16, 2, 0, tmp_path, "default", ("synth.band=1",))
     assert len(list(tmp_path.glob("default_16_2_0_*.pt"))) == 3
+    # the file names carry the teacher's weights: a teacher of the same name retrained to other last bits
+    # gets images of its own
+    from finetune import weights_digest
+    other = load_teacher(spec).model
+    assert weights_digest(other) == weights_digest(teacher.model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(other) != weights_digest(teacher.model)
+    assert all(weights_digest(teacher.model) in p.name for p in tmp_path.glob("default_16_2_0_*"))
