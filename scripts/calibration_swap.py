@@ -3,6 +3,7 @@
     python scripts/calibration_swap.py --model mobilenetv3_224 --seeds 0,1,2 --pairs synth:synth,real:synth,synth:real
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0,1,2 --pairs bn:synth
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0 --ranges
+    python scripts/calibration_swap.py --model mobilenetv2 --seeds 0 --pairs synth:synth --trace 1
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
@@ -40,7 +41,7 @@ from gzq.augment import jitter_pixels
 from gzq.config import student_specs
 from gzq.distill import iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
-from gzq.events import drain
+from gzq.events import Progress
 from gzq.models import load_teacher
 from gzq.presets import make_config
 from gzq.quant import ActQuantizer, calibrate_, create_student
@@ -102,7 +103,18 @@ def calibrated(cal: str, teacher, sources, qspec, seed: int):
     return student, found
 
 
-def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4") -> list[dict]:
+@torch.no_grad()
+def trace_point(student, teacher, source, labelled) -> dict:
+    """Real top-1 of the student, and its KL to the teacher on the source's held-out images (mean images)."""
+    dev = torch.device("cpu")
+    held = source.images(source.holdout_idx, noise=False)
+    kl = torch.nn.functional.kl_div(student(held).log_softmax(1), teacher.model(held).log_softmax(1),
+                                    log_target=True, reduction="batchmean").item()
+    return {"accuracy": round(top1(predict_logits(student, labelled.images, dev), labelled.labels), 2),
+            "heldout_kl": round(kl, 4)}
+
+
+def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4", trace: int = 0) -> list[dict]:
     cfg, teacher, sources, qspec = setup(model, seed, bits)
     dev = torch.device("cpu")
     labelled = load_labelled_data(teacher, cfg.eval)
@@ -113,8 +125,11 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
         with torch.no_grad():
             calibrated_acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
         k = sources[kd]
-        drain(iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed),
-              keep=False)
+        per_epoch = max(len(k.train_idx) // min(cfg.train.batch_size, len(k.train_idx)), 1)
+        for ev in iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed):
+            if trace and isinstance(ev, Progress) and ev.step % (trace * per_epoch) == 0:
+                print(json.dumps(dict(epoch=ev.step // per_epoch, **trace_point(student, teacher, k, labelled))),
+                      flush=True)
         with torch.no_grad():
             acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
         rows.append({"model": model, "seed": seed, "calibrate": cal, "kd": kd, "calibrated": round(calibrated_acc, 2),
@@ -145,6 +160,8 @@ def main(argv=None):
     p.add_argument("--model", default="mobilenetv3_224")
     p.add_argument("--seeds", default="0")
     p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="also print real top-1 and the held-out KL every N epochs of KD")
     p.add_argument("--ranges", action="store_true", help="compare the step sizes of synth and gauss with real's "
                    "instead of running KD")
     args = p.parse_args(argv)
@@ -154,7 +171,7 @@ def main(argv=None):
     if bad:
         p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn, bnmean or gauss and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
-        range_errors(args.model, seed) if args.ranges else swap_runs(args.model, seed, pairs)
+        range_errors(args.model, seed) if args.ranges else swap_runs(args.model, seed, pairs, trace=args.trace)
 
 
 if __name__ == "__main__":
