@@ -270,7 +270,8 @@ def test_bn_ranges_match_data_ranges_where_the_data_follow_the_bn_statistics(arc
     x = torch.randn(256, 3, 32, 32)
     for m in model.modules():   # the BN running statistics of exactly these inputs
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum, m.running_mean, m.running_var = None, torch.zeros_like(m.running_mean), torch.ones_like(m.running_var)
+            m.momentum = None
+            m.running_mean, m.running_var = torch.zeros_like(m.running_mean), torch.ones_like(m.running_var)
             m.num_batches_tracked.zero_()
             nn.init.uniform_(m.weight, 0.5, 2.0), nn.init.uniform_(m.bias, -1.0, 1.0)
     with torch.no_grad():

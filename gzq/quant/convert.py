@@ -208,7 +208,8 @@ def bn_fed_quantizers(student: nn.Module, convs: list[str], example: torch.Tenso
     is an elementwise activation (ACTIVATIONS) of one of `convs`' outputs, found in one forward of `example`
     rather than from the model's code: every conv output is rescaled to the largest magnitude `peak` (so that
     ReLU and ReLU6, or the hard and smooth activations, differ on it, and no scale compounds with depth) and
-    each quantizer's input is compared with each activation of each conv output of its shape. Leaves the quantizers' calibration state as it was."""
+    each quantizer's input is compared with each activation of each conv output of its shape. Leaves the
+    quantizers' calibration state as it was."""
     outs, ins = {}, {}
     quantizers = {n: m for n, m in student.named_modules() if isinstance(m, ActQuantizer)}
     state = {n: (q.calibrating, q._range, q._hist) for n, q in quantizers.items()}
