@@ -104,14 +104,15 @@ def calibrated(cal: str, teacher, sources, qspec, seed: int):
 
 
 @torch.no_grad()
-def trace_point(student, teacher, source, labelled) -> dict:
-    """Real top-1 of the student, and its KL to the teacher on the source's held-out images (mean images)."""
-    dev = torch.device("cpu")
-    held = source.images(source.holdout_idx, noise=False)
-    kl = torch.nn.functional.kl_div(student(held).log_softmax(1), teacher.model(held).log_softmax(1),
-                                    log_target=True, reduction="batchmean").item()
-    return {"accuracy": round(top1(predict_logits(student, labelled.images, dev), labelled.labels), 2),
-            "heldout_kl": round(kl, 4)}
+def real_top1(student, labelled) -> float:
+    return top1(predict_logits(student, labelled.images, torch.device("cpu")), labelled.labels)
+
+
+@torch.no_grad()
+def trace_point(student, held, t_logp, labelled) -> dict:
+    """Real top-1 of the student, and its KL to the teacher (log-probabilities t_logp) on the held-out images."""
+    kl = torch.nn.functional.kl_div(student(held).log_softmax(1), t_logp, log_target=True, reduction="batchmean")
+    return {"accuracy": round(real_top1(student, labelled), 2), "heldout_kl": round(kl.item(), 4)}
 
 
 def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "w4a4", trace: int = 0) -> list[dict]:
@@ -122,16 +123,17 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
     rows = []
     for cal, kd in pairs:
         student, _ = calibrated(cal, teacher, sources, qspec, seed)
-        with torch.no_grad():
-            calibrated_acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
+        calibrated_acc = real_top1(student, labelled)
         k = sources[kd]
+        with torch.no_grad():   # the held-out images and the teacher's view of them, once per run
+            held = k.images(k.holdout_idx, noise=False)
+            t_logp = teacher.model(held).log_softmax(1)
         per_epoch = max(len(k.train_idx) // min(cfg.train.batch_size, len(k.train_idx)), 1)
         for ev in iter_distill(teacher, {bits: student}, k.images, k.train_idx, cfg.train, dev, jitter, k.flip, seed):
             if trace and isinstance(ev, Progress) and ev.step % (trace * per_epoch) == 0:
-                print(json.dumps(dict(epoch=ev.step // per_epoch, **trace_point(student, teacher, k, labelled))),
+                print(json.dumps(dict(epoch=ev.step // per_epoch, **trace_point(student, held, t_logp, labelled))),
                       flush=True)
-        with torch.no_grad():
-            acc = top1(predict_logits(student, labelled.images, dev), labelled.labels)
+        acc = real_top1(student, labelled)
         rows.append({"model": model, "seed": seed, "calibrate": cal, "kd": kd, "calibrated": round(calibrated_acc, 2),
                      "accuracy": round(acc, 2)})
         print(json.dumps(rows[-1]), flush=True)
