@@ -184,7 +184,8 @@ def main(argv=None):
                         row = dict(model=name, source=source, seed=seed, bits=bits, finetune=ft,
                                    fp=rep["teacher"]["accuracy"], accuracy=rep["students"][0]["accuracy"],
                                    kl=rep["students"][0]["kl"], agreement=rep["students"][0]["agreement"],
-                                   finetune_s=round(secs, 1), band=rep["synthesis"]["health"]["band"])
+                                   finetune_s=round(secs, 1), band=rep["synthesis"]["health"]["band"],
+                                   kd_rounds=rep["students"][0].get("kd_rounds"))
                         rows.append(row)
                         print(f"  {name} {source} seed {seed} {bits} {ft}: {row['accuracy']} "
                               f"(fine-tuning {secs:.0f} s)", flush=True)

@@ -387,6 +387,13 @@ class TrainConfig(_Serialisable):
     anchor: float = 0.0       # after each KD step every quantized layer's weight w moves back toward the BN-folded
                               # teacher's w0 by this share of w - w0 (times the step's learning rate over lr): a
                               # decoupled L2-SP; 0 = off (gzq.distill)
+    act_warmup: float = 0.0   # share of the KD steps over which activation quantization phases in: each element of
+                              # a quantizer's output stays float with probability 0.5 (1 - t / (act_warmup T)),
+                              # QDrop-style (gzq.distill); 0 = quantized throughout
+    refit_rounds: int = 0     # KD runs up to this many more rounds (a fresh cosine schedule of `epochs` each) for a
+                              # student that gives the teacher's class on under refit_below % of the training images
+                              # at the end of a round: a slow one, not yet fit (gzq.distill); 0 = one round
+    refit_below: float = 50.0
     method: FinetuneMethod = FinetuneMethod.AUTO
     # block reconstruction (gzq/reconstruct.py), for method recon and recon+kd
     recon_steps: int = 0          # optimisation steps per unit (block); 0 = sized like the KD stage (epochs)
@@ -407,6 +414,14 @@ class TrainConfig(_Serialisable):
         if not 0 <= self.anchor <= 1:
             raise ValueError("train.anchor is the share of each KD step's weight drift from the teacher's weights "
                              f"taken back: from 0 (off) to 1, got {self.anchor}")
+        if not 0 <= self.act_warmup <= 1:
+            raise ValueError("train.act_warmup is the share of the KD steps over which activation quantization phases "
+                             f"in: from 0 (off) to 1, got {self.act_warmup}")
+        if isinstance(self.refit_rounds, bool) or int(self.refit_rounds) != self.refit_rounds or self.refit_rounds < 0:
+            raise ValueError("train.refit_rounds is how many more rounds of KD a student that has not fit its "
+                             f"training images may get: a whole number, 0 or more, got {self.refit_rounds!r}")
+        self.refit_rounds = int(self.refit_rounds)
+        _check_range("refit_below", self.refit_below, 0.0, 100.0)
         if not 0 < self.crop_scale <= 1:
             raise ValueError("train.crop_scale is the smallest fraction of an image's area a KD crop keeps: above 0 "
                              f"and at most 1 (1 = no crops), got {self.crop_scale}")

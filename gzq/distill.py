@@ -20,6 +20,13 @@ the BN-folded teacher's w0 (its value when KD starts): w <- w - rho (lr_t / lr) 
 (Li et al. 2018) that bounds how far KD on the synthetic images can move the weights from ones known to work
 on real data. Biases, step sizes and zero points stay free.
 
+With TrainConfig.act_warmup = f > 0, activation quantization phases in over the first f of the KD steps: each
+element of every activation quantizer's output is the float activation with probability 0.5 (1 - t / (f T)) at
+step t of T, else its quantized value (QDrop, Wei et al. 2022; Quant-Noise, Fan et al. 2021), drawn afresh each
+forward; afterwards every element is quantized. The students first fit the weights' and the activations' rounding
+with part of the activation error held off, instead of starting from a network that 4-bit activations may have
+wrecked.
+
 With TrainConfig.feature_kd > 0 the students also match the teacher inside the network: at the output of
 every unit that block reconstruction finds (gzq.reconstruct.find_units: the stem, each block, the head), the
 normalised squared error ||s - t||^2 / ||t||^2 is averaged over units and added to the KL with that weight.
@@ -41,10 +48,11 @@ from .accel import autocast, compiled
 from .augment import augment, mix_pairs, random_crops
 from .bn import channel_moments
 from .config import TrainConfig
-from .events import Progress, StageStarted, Stopped
+from .events import Message, Progress, StageStarted, Stopped
 from .losses import feature_loss, kd_loss, moment_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer
+from .quant import ActQuantizer
 from .quant.convert import fold_bn_, folded_bn_moments, quant_wrappers
 from .reconstruct import find_units
 
@@ -61,6 +69,40 @@ def _output_hooks(model: nn.Module, names: list[str], record: Callable):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def act_dropout(models: list[nn.Module], gen: torch.Generator):
+    """While open, each element of every activation quantizer's output in `models` is the quantizer's float input
+    with probability box["p"] (the yielded dict, 0 to start; the caller sets it before each forward), drawn from
+    `gen` (QDrop). With p 0 the quantizers run untouched."""
+    box = {"p": 0.0}
+
+    def mix(mod, args, out):
+        if box["p"] <= 0 or mod.calibrating:
+            return None
+        x = args[0].to(out.dtype)
+        keep = torch.rand(out.shape, generator=gen, device=gen.device) < box["p"]
+        return torch.where(keep.to(out.device), x, out)
+
+    handles = [m.register_forward_hook(mix) for model in models for m in model.modules()
+               if isinstance(m, ActQuantizer)]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def fit_agreement(t_fwd: Callable, s_fwd: Callable, images: nn.Module, idx: torch.Tensor, device: torch.device,
+                  chunk: int = 64) -> float:
+    """Top-1 agreement (percent) of a student with the teacher on the image means images[idx], unaugmented."""
+    same = 0
+    for part in torch.split(idx, chunk):
+        x = images(part.to(device), noise=False)
+        same += int((s_fwd(x).argmax(1) == t_fwd(x).argmax(1)).sum())
+    return 100.0 * same / max(len(idx), 1)
 
 
 def unit_outputs(model: nn.Module, names: list[str]):
@@ -124,15 +166,16 @@ def folded_reference(teacher: Teacher, students: dict[str, nn.Module], example: 
 def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Module, train_idx: torch.Tensor,
                  cfg: TrainConfig, device: torch.device, jitter: int = 0, flip: bool = False, seed: int = 0,
                  stop: Callable[[], bool] = lambda: False, amp: bool = False, compile: bool = False,
-                 reference: nn.Module | None = None) -> Iterator:
+                 reference: nn.Module | None = None, rounds: dict | None = None) -> Iterator:
     """Fine-tune every student in place on images[train_idx]. Yields events; returns the number of steps run.
 
     amp: bf16 autocast of the forwards; compile: torch.compile the teacher's and students' forwards (gzq.accel).
     reference: the BN-folded teacher that feature and moment KD (cfg.feature_kd, cfg.stats_kd) match; made here when
-    not given.
+    not given. rounds: filled with the number of KD rounds each student ran (cfg.refit_rounds).
     """
     gen = torch.Generator().manual_seed(seed + 7)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 8)
+    drop_gen = torch.Generator(device=device).manual_seed(seed + 9 + 7919 * dist.rank())   # act_warmup's masks
     aug_gen = gen                       # one stream in a single process; with many, the batches stay shared
     if dist.world_size() > 1:           # and each rank draws its own noise and augmentation
         aug_gen = torch.Generator().manual_seed(seed + 7 + 7919 * (dist.rank() + 1))
@@ -141,10 +184,8 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
     total = cfg.epochs * steps_per_epoch
-    opts, scheds, anchors = {}, {}, {}
+    anchors = {}
     for name, s in students.items():
-        opts[name] = student_optimizer(s, cfg.lr, cfg.lr_quant)
-        scheds[name] = cosine_schedule(opts[name], total)
         s.eval().requires_grad_(True)
         if cfg.anchor > 0:
             anchors[name] = [(w.module.weight, w.module.weight.detach().clone()) for _, w in quant_wrappers(s)]
@@ -168,40 +209,63 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
         feats = {name: hooks.enter_context(unit_outputs(s, units)) for name, s in students.items()}
         t_moments = hooks.enter_context(output_moments(t_model, list(scales)))
         moments = {name: hooks.enter_context(output_moments(s, list(scales))) for name, s in students.items()}
-        for _ in range(cfg.epochs):
-            perm = train_idx[torch.randperm(n, generator=gen)]
-            for b in range(steps_per_epoch):
-                if stop():
-                    yield Stopped("finetune", step)
-                    return step
-                idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
-                with torch.no_grad():
-                    x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
-                    x = mix_pairs(random_crops(x, cfg.crop_scale, aug_gen), cfg.mixup, aug_gen)
-                    with autocast(device, amp):
-                        t_logits = t_fwd(x).float()
-                kls = {}
-                for name, s in students.items():
-                    with autocast(device, amp):
-                        logits = fwd[name](x).float()
-                    loss = kd_loss(logits, t_logits, cfg.temperature)
-                    kls[name] = loss.item() / cfg.temperature ** 2
-                    if units:
-                        loss = loss + cfg.feature_kd * feature_loss(feats[name], t_feats)
-                    if scales:
-                        loss = loss + cfg.stats_kd * moment_loss(moments[name], t_moments, scales)
-                    opts[name].zero_grad(set_to_none=True)
-                    loss.backward()
-                    dist.average_gradients_(s.parameters())
-                    opts[name].step()
-                    if name in anchors:   # the weights' group is the first (gzq.optim.student_optimizer)
-                        pull = cfg.anchor * opts[name].param_groups[0]["lr"] / cfg.lr
-                        with torch.no_grad():
-                            for w, w0 in anchors[name]:
-                                w.lerp_(w0, pull)
-                    scheds[name].step()
-                step += 1
-                yield Progress("finetune", step, total, time.perf_counter() - t0, student_kl=kls)
+        drop = hooks.enter_context(act_dropout(list(students.values()) if cfg.act_warmup > 0 else [], drop_gen))
+        warmup = cfg.act_warmup * total
+        active = dict(students)
+        rounds = {} if rounds is None else rounds
+        rounds.update({name: 1 for name in students})
+        for rnd in range(cfg.refit_rounds + 1):   # a round: one cosine schedule of `epochs` over the active students
+            opts = {name: student_optimizer(s, cfg.lr, cfg.lr_quant) for name, s in active.items()}
+            scheds = {name: cosine_schedule(o, total) for name, o in opts.items()}
+            for _ in range(cfg.epochs):
+                perm = train_idx[torch.randperm(n, generator=gen)]
+                for b in range(steps_per_epoch):
+                    if stop():
+                        yield Stopped("finetune", step)
+                        return step
+                    idx = dist.local_slice(perm[b * batch:(b + 1) * batch]).to(device)
+                    drop["p"] = 0.5 * max(1 - step / warmup, 0.0) if warmup > 0 else 0.0
+                    with torch.no_grad():
+                        x = augment(images(idx, dev_gen, noise=cfg.resample), jitter, flip, aug_gen)
+                        x = mix_pairs(random_crops(x, cfg.crop_scale, aug_gen), cfg.mixup, aug_gen)
+                        with autocast(device, amp):
+                            t_logits = t_fwd(x).float()
+                    kls = {}
+                    for name, s in active.items():
+                        with autocast(device, amp):
+                            logits = fwd[name](x).float()
+                        loss = kd_loss(logits, t_logits, cfg.temperature)
+                        kls[name] = loss.item() / cfg.temperature ** 2
+                        if units:
+                            loss = loss + cfg.feature_kd * feature_loss(feats[name], t_feats)
+                        if scales:
+                            loss = loss + cfg.stats_kd * moment_loss(moments[name], t_moments, scales)
+                        opts[name].zero_grad(set_to_none=True)
+                        loss.backward()
+                        dist.average_gradients_(s.parameters())
+                        opts[name].step()
+                        if name in anchors:   # the weights' group is the first (gzq.optim.student_optimizer)
+                            pull = cfg.anchor * opts[name].param_groups[0]["lr"] / cfg.lr
+                            with torch.no_grad():
+                                for w, w0 in anchors[name]:
+                                    w.lerp_(w0, pull)
+                        scheds[name].step()
+                    step += 1
+                    yield Progress("finetune", step, total * (rnd + 1), time.perf_counter() - t0,
+                                   student_kl=kls)
+            if rnd == cfg.refit_rounds:
+                break
+            drop["p"] = 0.0
+            fits = {name: fit_agreement(t_fwd, fwd[name], images, train_idx, device) for name in active}
+            poor = {name: a for name, a in fits.items() if a < cfg.refit_below}
+            if not poor:
+                break
+            yield Message(f"KD runs another {cfg.epochs} epochs for " + ", ".join(
+                f"{name}, which gives the teacher's class on only {a:.0f} % of the training images"
+                for name, a in poor.items()) + f" (under {cfg.refit_below:.0f} %; round {rnd + 2} of at most "
+                f"{cfg.refit_rounds + 1})")
+            active = {name: students[name] for name in poor}
+            rounds.update({name: rnd + 2 for name in poor})
     for name, s in students.items():
         s.zero_grad(set_to_none=True)
         s.requires_grad_(False)

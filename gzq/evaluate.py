@@ -148,6 +148,6 @@ def health_warnings(health: dict, students: list[dict] = ()) -> list[str]:
             out.append(f"the {row['name']} model gives the original model's class on only {a:.0f} % of held-out "
                        f"synthetic images (healthy: {MIN_STUDENT_AGREEMENT:.0f} % or more), so it has most likely "
                        "collapsed and will be far less accurate than the original; do not use it as it is: try "
-                       "another seed or a wider bit-width (e.g. w4a8 or w8a8), and check it on labelled images if "
-                       "you have any")
+                       "three times the fine-tuning epochs (a slow student may just need them), another seed, or a "
+                       "wider bit-width (e.g. w4a8 or w8a8), and check it on labelled images if you have any")
     return out

@@ -259,12 +259,12 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             timings["reconstruct"] = time.perf_counter() - t
             if steps == 0 or stop_fn():
                 return
-        kd = {n: s for n, s in students.items() if methods[n].kd}
+        kd, kd_rounds = {n: s for n, s in students.items() if methods[n].kd}, {}
         if kd:
             t = time.perf_counter()
             steps = yield from iter_distill(teacher, kd, synth.images, synth.train_idx, cfg.train, device,
                                             jitter, synth.flip, cfg.seed, stop_fn, amp=cfg.amp, compile=cfg.compile,
-                                            reference=reference)
+                                            reference=reference, rounds=kd_rounds)
             reference = None
             timings["finetune"] = time.perf_counter() - t
             if cfg.train.epochs and steps == 0 or stop_fn():
@@ -277,6 +277,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             report = evaluate_run(teacher, students, specs, synth, labelled, cfg, device)
             for row in report["students"]:
                 row["finetune"] = methods[row["name"]].value
+                if row["name"] in kd_rounds:
+                    row["kd_rounds"] = kd_rounds[row["name"]]
         report = dist.broadcast_object(report)
         timings["evaluate"] = time.perf_counter() - t
 

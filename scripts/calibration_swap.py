@@ -4,6 +4,7 @@
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0,1,2 --pairs bn:synth
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0 --ranges
     python scripts/calibration_swap.py --model mobilenetv2 --seeds 0 --pairs synth:synth --trace 1
+    python scripts/calibration_swap.py --model efficientnet_48 --seeds 0,1 --fit
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
@@ -20,12 +21,19 @@ CAL = gauss calibrates on the synthetic images, then sets the range of every qua
 of a BN-folded conv's output from the teacher's BN statistics alone (gzq.quant.convert.bn_ranges_: samples
 of act(N(mean, var)) per channel); the other quantizers keep their synthetic ranges. --ranges compares, without
 KD, how far the synthetic and the gauss step sizes of those quantizers are from the ones real images give.
+
+--fit asks where a collapsed W4A4 student fails: real top-1 after calibration alone on synth and real images at
+W4A4, W4A8 and W8A4; at W4A4 calibrated on real images, with only one kind of activation quantizer on (named by
+its module path without the block index: conv_pw.a_quant, ...); then the default KD on the synthetic images, and
+the student's agreement with the teacher on its own training images, its KL in the first and last steps, and its
+real top-1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +47,7 @@ from finetune import model_spec, synthetic_source
 
 from gzq.augment import jitter_pixels
 from gzq.config import student_specs
-from gzq.distill import iter_distill
+from gzq.distill import fit_agreement, iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
 from gzq.events import Progress
 from gzq.models import load_teacher
@@ -157,6 +165,42 @@ def range_errors(model: str, seed: int, bits: str = "w4a4") -> dict:
     return row
 
 
+def fit_check(model: str, seed: int) -> dict:
+    """Calibration alone at three bit-widths, activation quantizers by kind, and how far default KD fits."""
+    row = {"model": model, "seed": seed}
+    for bits in ("w4a4", "w4a8", "w8a4"):
+        cfg, teacher, sources, qspec = setup(model, seed, bits)
+        labelled = load_labelled_data(teacher, cfg.eval)
+        for cal in ("synth", "real"):
+            row[f"{bits}_{cal}"] = round(real_top1(calibrated(cal, teacher, sources, qspec, seed)[0], labelled), 2)
+    cfg, teacher, sources, qspec = setup(model, seed)
+    student, _ = calibrated("real", teacher, sources, qspec, seed)
+    quantizers = [(n, m) for n, m in student.named_modules() if isinstance(m, ActQuantizer)]
+    kinds = {}
+    for n, m in quantizers:
+        kinds.setdefault(re.sub(r"^(blocks|stages|features|layer\d+)\.[\d.]*", "", n), []).append(m)
+    row["only"] = {}
+    for kind, ms in kinds.items():
+        for _, m in quantizers:   # every other quantizer passes its input through
+            if all(m is not k for k in ms):
+                m.forward = lambda x: x
+        row["only"][kind] = round(real_top1(student, labelled), 2)
+        for _, m in quantizers:
+            m.__dict__.pop("forward", None)
+    student, _ = calibrated("synth", teacher, sources, qspec, seed)
+    k, kls = sources["synth"], []
+    for ev in iter_distill(teacher, {"s": student}, k.images, k.train_idx, cfg.train, torch.device("cpu"),
+                           jitter_pixels(cfg.synth.jitter, teacher.input_size), k.flip, seed):
+        if isinstance(ev, Progress):
+            kls.append(ev.student_kl["s"])
+    row.update(train_agreement=round(fit_agreement(teacher.model, student, k.images, k.train_idx,
+                                                   torch.device("cpu")), 1),
+               kl_first=round(sum(kls[:4]) / 4, 3), kl_last=round(sum(kls[-4:]) / 4, 3),
+               kd=round(real_top1(student, labelled), 2))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mobilenetv3_224")
@@ -164,6 +208,8 @@ def main(argv=None):
     p.add_argument("--pairs", default="synth:synth,real:synth,synth:real")
     p.add_argument("--trace", type=int, default=0, metavar="N",
                    help="also print real top-1 and the held-out KL every N epochs of KD")
+    p.add_argument("--fit", action="store_true", help="calibration alone by bit-width and by kind of activation "
+                   "quantizer, then how far default KD fits its training images")
     p.add_argument("--ranges", action="store_true", help="compare the step sizes of synth and gauss with real's "
                    "instead of running KD")
     args = p.parse_args(argv)
@@ -173,7 +219,12 @@ def main(argv=None):
     if bad:
         p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn, bnmean or gauss and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
-        range_errors(args.model, seed) if args.ranges else swap_runs(args.model, seed, pairs, trace=args.trace)
+        if args.fit:
+            fit_check(args.model, seed)
+        elif args.ranges:
+            range_errors(args.model, seed)
+        else:
+            swap_runs(args.model, seed, pairs, trace=args.trace)
 
 
 if __name__ == "__main__":

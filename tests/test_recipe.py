@@ -288,16 +288,20 @@ def test_health_warning_names_a_collapsed_student():
 @pytest.mark.slow
 def test_a_run_warns_of_its_collapsed_student_and_of_no_other(tmp_path):
     """End to end on the bundled model: a 2-bit student after one epoch of KD on a few images is far from the
-    teacher, and the run's report, events and summary say so by name; the 8-bit student is not named."""
+    teacher, and the run's report, events and summary say so by name; the 8-bit student is not named. With
+    train.refit_rounds=1 the 2-bit student, which has not fit its training images, gets a second round of KD and
+    the report says so."""
     from gzq.pipeline import iter_run
     cfg = make_config("cpu", "cpu", students=["w2a2", "w8a8"], time_budget_s=None, export={"formats": []},
                       synth={"num_images": 32, "holdout_images": 8, "batch_size": 32, "steps": 10,
                              "warmup_steps": 3, "band": 1},
-                      train={"epochs": 1, "batch_size": 16}, eval={"max_real_images": 500})
+                      train={"epochs": 1, "batch_size": 16, "refit_rounds": 1}, eval={"max_real_images": 500})
     events = list(iter_run(cfg, tmp_path / "run"))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     rows = {r["name"]: r for r in report["students"]}
     assert rows["w2a2"]["agreement"] < 50 <= rows["w8a8"]["agreement"]
+    assert rows["w2a2"]["kd_rounds"] == 2 and "kd_rounds" not in rows["w8a8"]   # 8 bits: calibration alone
+    assert any(isinstance(e, Message) and "another 1 epochs for w2a2" in e.text for e in events)
     (w,) = [w for w in report["warnings"] if "collapsed" in w]
     assert w.startswith("the w2a2 model")
     assert any(isinstance(e, Message) and e.level == "warning" and "w2a2" in e.text for e in events)

@@ -1,4 +1,6 @@
+import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
@@ -471,3 +473,97 @@ def test_anchor_keeps_the_kd_weights_near_the_teachers(default_teacher, new_stud
     assert b_anchored > 0.2 * b_free, (b_free, b_anchored)
     with pytest.raises(ValueError, match="anchor"):
         TrainConfig(anchor=1.5)
+
+
+def test_act_warmup_phases_activation_quantization_in(default_teacher, new_student, monkeypatch):
+    """train.act_warmup: under act_dropout each element of a quantizer's output is its float input with
+    probability p (p 1: the float-activation network, p 0: the quantized one, p 0.5: about half the elements);
+    in KD p falls linearly from 0.5 to 0 over the warm-up's share of the steps, and no hook outlives KD."""
+    from gzq import distill
+    from gzq.quant import ActQuantizer
+    synth, x, base = _images_and_calibrated_student(default_teacher, new_student)
+    quantizers = [m for m in base.modules() if isinstance(m, ActQuantizer)]
+    with torch.no_grad():
+        quantized = base(x)
+        for q in quantizers:
+            q.forward = lambda t: t
+        float_acts = base(x)
+        for q in quantizers:
+            del q.forward
+        gen = torch.Generator().manual_seed(0)
+        with distill.act_dropout([base], gen) as box:
+            assert torch.equal(base(x), quantized)
+            box["p"] = 1.0
+            assert torch.equal(base(x), float_acts)
+            box["p"] = 0.5
+            q = quantizers[2]
+            seen = {}
+            h = q.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0]))
+            out = q(torch.randn(4, 64, 7, 7) * 3)
+            h.remove()
+            kept = (out == seen["in"]).float().mean().item()
+            assert 0.45 < kept < 0.6, kept     # half kept float, plus the few values the grid holds exactly
+        assert torch.equal(base(x), quantized)
+
+    shares = []
+
+    class Box(dict):
+        def __setitem__(self, k, v):
+            shares.append(v)
+            super().__setitem__(k, v)
+
+    real = distill.act_dropout
+
+    @contextlib.contextmanager
+    def recording(models, gen):
+        with real(models, gen) as box:
+            rec = Box(box)
+            yield rec
+            box.update(rec)
+
+    monkeypatch.setattr(distill, "act_dropout", recording)
+    s = copy.deepcopy(base)
+    drain(distill.iter_distill(default_teacher, {"s": s}, synth.images, synth.train_idx,
+                               TrainConfig(epochs=4, batch_size=16, act_warmup=0.5), torch.device("cpu")))
+    assert len(shares) == 12 and shares[0] == 0.5 and shares[6] == 0 and shares[-1] == 0, shares
+    assert all(a > b for a, b in itertools.pairwise(shares[:7])), shares
+    assert not any(q._forward_hooks for q in s.modules() if isinstance(q, ActQuantizer))
+    with pytest.raises(ValueError, match="act_warmup"):
+        TrainConfig(act_warmup=-0.1)
+
+
+def test_refit_rounds_train_again_only_the_students_that_have_not_fit(default_teacher, new_student):
+    """train.refit_rounds: a student that gives the teacher's class on under refit_below % of the training images
+    after KD gets another round (a Message says so, the step count grows), one that fits is left as it was after
+    the first round, and with nobody under the threshold the run is bit-identical to one round."""
+    from gzq.distill import fit_agreement
+    from gzq.events import Message
+    from gzq.quant import calibrate_
+    synth, x, _ = _images_and_calibrated_student(default_teacher, new_student)
+    base = {}
+    for name in ("w8a8", "w2a2"):
+        base[name] = new_student(name)
+        calibrate_(base[name], [x])
+
+    def kd(names, **train):
+        students = {n: copy.deepcopy(base[n]) for n in names}
+        events = list(iter_distill(default_teacher, students, synth.images, synth.train_idx,
+                                   TrainConfig(epochs=2, batch_size=16, **train), torch.device("cpu")))
+        steps = [e.step for e in events if isinstance(e, Progress)]
+        return students, steps, [e.text for e in events if isinstance(e, Message)]
+
+    one, steps_one, _ = kd(["w8a8", "w2a2"])
+    fits = {n: fit_agreement(default_teacher.model, s, synth.images, synth.train_idx, torch.device("cpu"))
+            for n, s in one.items()}
+    assert fits["w8a8"] >= 90 > fits["w2a2"], fits
+    same, steps_same, notes = kd(["w8a8", "w2a2"], refit_rounds=2, refit_below=0)
+    assert steps_same == steps_one and not notes
+    assert all(torch.equal(a, b) for n in one for a, b in zip(one[n].state_dict().values(),
+                                                              same[n].state_dict().values()))
+    more, steps_more, notes = kd(["w8a8", "w2a2"], refit_rounds=1, refit_below=90)
+    assert len(steps_more) == 2 * len(steps_one) and len(notes) == 1 and "w2a2" in notes[0] and "w8a8" not in notes[0]
+    assert all(torch.equal(a, b) for a, b in zip(one["w8a8"].state_dict().values(), more["w8a8"].state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(one["w2a2"].state_dict().values(),
+                                                     more["w2a2"].state_dict().values()))
+    with pytest.raises(ValueError, match="refit_rounds"):
+        TrainConfig(refit_rounds=-1)
