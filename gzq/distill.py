@@ -27,6 +27,13 @@ forward; afterwards every element is quantized. The students first fit the weigh
 with part of the activation error held off, instead of starting from a network that 4-bit activations may have
 wrecked.
 
+With TrainConfig.refit_rounds = R > 0, after KD's schedule each student's top-1 agreement with the teacher on
+the training image means is measured (fit_agreement); a student under TrainConfig.refit_below percent has not
+fit its own training images, a sign of a slow start (4-bit activations can leave a network that KD moves only
+slowly) rather than of images it cannot learn from, and runs another round of KD, a fresh cosine schedule of the
+same length from where it stands, up to R times. The students that fit are left as they are, so a run where
+none falls under the threshold is the same as one without rounds.
+
 With TrainConfig.feature_kd > 0 the students also match the teacher inside the network: at the output of
 every unit that block reconstruction finds (gzq.reconstruct.find_units: the stem, each block, the head), the
 normalised squared error ||s - t||^2 / ||t||^2 is averaged over units and added to the KL with that weight.
@@ -253,7 +260,7 @@ def iter_distill(teacher: Teacher, students: dict[str, nn.Module], images: nn.Mo
                     step += 1
                     yield Progress("finetune", step, total * (rnd + 1), time.perf_counter() - t0,
                                    student_kl=kls)
-            if rnd == cfg.refit_rounds:
+            if rnd == cfg.refit_rounds or total == 0:
                 break
             drop["p"] = 0.0
             fits = {name: fit_agreement(t_fwd, fwd[name], images, train_idx, device) for name in active}

@@ -548,7 +548,7 @@ def test_refit_rounds_train_again_only_the_students_that_have_not_fit(default_te
     def kd(names, **train):
         students = {n: copy.deepcopy(base[n]) for n in names}
         events = list(iter_distill(default_teacher, students, synth.images, synth.train_idx,
-                                   TrainConfig(epochs=2, batch_size=16, **train), torch.device("cpu")))
+                                   TrainConfig(**{"epochs": 2, "batch_size": 16, **train}), torch.device("cpu")))
         steps = [e.step for e in events if isinstance(e, Progress)]
         return students, steps, [e.text for e in events if isinstance(e, Message)]
 
@@ -565,5 +565,6 @@ def test_refit_rounds_train_again_only_the_students_that_have_not_fit(default_te
     assert all(torch.equal(a, b) for a, b in zip(one["w8a8"].state_dict().values(), more["w8a8"].state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(one["w2a2"].state_dict().values(),
                                                      more["w2a2"].state_dict().values()))
+    assert kd(["w2a2"], epochs=0, refit_rounds=2, refit_below=100)[1:] == ([], [])   # no KD: no rounds either
     with pytest.raises(ValueError, match="refit_rounds"):
         TrainConfig(refit_rounds=-1)
