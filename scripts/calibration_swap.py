@@ -5,6 +5,7 @@
     python scripts/calibration_swap.py --model mobilenetv2_64 --seeds 0 --ranges
     python scripts/calibration_swap.py --model mobilenetv2 --seeds 0 --pairs synth:synth --trace 1
     python scripts/calibration_swap.py --model efficientnet_48 --seeds 0,1 --fit
+    python scripts/calibration_swap.py --model efficientnet_48 --seeds 0 --percentiles
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
@@ -27,6 +28,10 @@ W4A4, W4A8 and W8A4; at W4A4 calibrated on real images, with only one kind of ac
 its module path without the block index: conv_pw.a_quant, ...); then the default KD on the synthetic images, and
 the student's agreement with the teacher on its own training images, its KL in the first and last steps, and its
 real top-1.
+
+--percentiles calibrates the W4A4 student on the synthetic images with the 4-bit activation ranges at several
+percentiles and prints, for each, real top-1 after calibration alone and the student's KL to the teacher on the
+held-out synthetic images (a data-free signal).
 """
 from __future__ import annotations
 
@@ -201,6 +206,23 @@ def fit_check(model: str, seed: int) -> dict:
     return row
 
 
+@torch.no_grad()
+def percentile_check(model: str, seed: int, percentiles=(99.0, 99.5, 99.9, 99.99)) -> dict:
+    """Calibration alone at each 4-bit activation percentile: real top-1 and the held-out synthetic KL."""
+    cfg, teacher, sources, qspec = setup(model, seed)
+    labelled = load_labelled_data(teacher, cfg.eval)
+    k = sources["synth"]
+    x, held = k.images(k.train_idx, noise=False), k.images(k.holdout_idx, noise=False)
+    t_logp = teacher.model(held).log_softmax(1)
+    row = {"model": model, "seed": seed}
+    for pct in percentiles:
+        student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
+        calibrate_(student, torch.split(x, 64), "percentile", pct)
+        row[str(pct)] = trace_point(student, held, t_logp, labelled)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mobilenetv3_224")
@@ -210,6 +232,8 @@ def main(argv=None):
                    help="also print real top-1 and the held-out KL every N epochs of KD")
     p.add_argument("--fit", action="store_true", help="calibration alone by bit-width and by kind of activation "
                    "quantizer, then how far default KD fits its training images")
+    p.add_argument("--percentiles", action="store_true", help="calibration alone at several 4-bit activation "
+                   "percentiles: real top-1 and the held-out synthetic KL")
     p.add_argument("--ranges", action="store_true", help="compare the step sizes of synth and gauss with real's "
                    "instead of running KD")
     args = p.parse_args(argv)
@@ -219,7 +243,9 @@ def main(argv=None):
     if bad:
         p.error(f"--pairs takes CAL:KD items, CAL synth, real, bn, bnmean or gauss and KD synth or real, got {bad}")
     for seed in (int(s) for s in args.seeds.split(",")):
-        if args.fit:
+        if args.percentiles:
+            percentile_check(args.model, seed)
+        elif args.fit:
             fit_check(args.model, seed)
         elif args.ranges:
             range_errors(args.model, seed)
