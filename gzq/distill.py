@@ -89,8 +89,8 @@ def act_dropout(models: list[nn.Module], gen: torch.Generator):
         if box["p"] <= 0 or mod.calibrating:
             return None
         x = args[0].to(out.dtype)
-        keep = torch.rand(out.shape, generator=gen, device=gen.device) < box["p"]
-        return torch.where(keep.to(out.device), x, out)
+        keep = torch.rand(out.shape, generator=gen, device=out.device) < box["p"]
+        return torch.where(keep, x, out)
 
     handles = [m.register_forward_hook(mix) for model in models for m in model.modules()
                if isinstance(m, ActQuantizer)]

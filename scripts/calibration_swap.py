@@ -36,6 +36,7 @@ held-out synthetic images (a data-free signal).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -51,7 +52,7 @@ from accuracy import real_source
 from finetune import model_spec, synthetic_source
 
 from gzq.augment import jitter_pixels
-from gzq.config import student_specs
+from gzq.config import QuantSpec, student_specs
 from gzq.distill import fit_agreement, iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
 from gzq.events import Progress
@@ -173,12 +174,12 @@ def range_errors(model: str, seed: int, bits: str = "w4a4") -> dict:
 def fit_check(model: str, seed: int) -> dict:
     """Calibration alone at three bit-widths, activation quantizers by kind, and how far default KD fits."""
     row = {"model": model, "seed": seed}
+    cfg, teacher, sources, qspec = setup(model, seed)   # the images and data do not depend on the bit-width
+    labelled = load_labelled_data(teacher, cfg.eval)
     for bits in ("w4a4", "w4a8", "w8a4"):
-        cfg, teacher, sources, qspec = setup(model, seed, bits)
-        labelled = load_labelled_data(teacher, cfg.eval)
         for cal in ("synth", "real"):
-            row[f"{bits}_{cal}"] = round(real_top1(calibrated(cal, teacher, sources, qspec, seed)[0], labelled), 2)
-    cfg, teacher, sources, qspec = setup(model, seed)
+            row[f"{bits}_{cal}"] = round(real_top1(calibrated(cal, teacher, sources, QuantSpec.parse(bits), seed)[0],
+                                                   labelled), 2)
     student, _ = calibrated("real", teacher, sources, qspec, seed)
     quantizers = [(n, m) for n, m in student.named_modules() if isinstance(m, ActQuantizer)]
     kinds = {}
@@ -215,8 +216,9 @@ def percentile_check(model: str, seed: int, percentiles=(99.0, 99.5, 99.9, 99.99
     x, held = k.images(k.train_idx, noise=False), k.images(k.holdout_idx, noise=False)
     t_logp = teacher.model(held).log_softmax(1)
     row = {"model": model, "seed": seed}
+    base = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
     for pct in percentiles:
-        student = create_student(teacher.model, qspec, torch.zeros(2, *teacher.input_size), teacher.classifier)
+        student = copy.deepcopy(base)   # building a student runs the weights' range search: once
         calibrate_(student, torch.split(x, 64), "percentile", pct)
         row[str(pct)] = trace_point(student, held, t_logp, labelled)
     print(json.dumps(row), flush=True)
