@@ -185,10 +185,12 @@ def main(argv=None):
                                    fp=rep["teacher"]["accuracy"], accuracy=rep["students"][0]["accuracy"],
                                    kl=rep["students"][0]["kl"], agreement=rep["students"][0]["agreement"],
                                    finetune_s=round(secs, 1), band=rep["synthesis"]["health"]["band"],
-                                   kd_rounds=rep["students"][0].get("kd_rounds"))
+                                   kd_rounds=rep["students"][0].get("kd_rounds"),
+                                   act_percentile=rep["students"][0].get("act_percentile"))
                         rows.append(row)
+                        pick = f", percentile {row['act_percentile']:g}" if row["act_percentile"] else ""
                         print(f"  {name} {source} seed {seed} {bits} {ft}: {row['accuracy']} "
-                              f"(fine-tuning {secs:.0f} s)", flush=True)
+                              f"(fine-tuning {secs:.0f} s{pick})", flush=True)
     print(f"\n{'model':<16}{'images':<8}{'bits':<7}{'FP':>7}" + "".join(f"{f:>12}" for f in finetunes)
           + "".join(f"{f + ' s':>12}" for f in finetunes) + f"{'recon/kd time':>15}")
     keys = dict.fromkeys((r["model"], r["source"], r["bits"]) for r in rows)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accuracy import MODELS, MSE_LAMBDA_BN, parse_bits, real_source  # noqa: E402
 from gzq.config import EvalConfig, FlipMode, SynthConfig, TrainConfig  # noqa: E402
 from gzq.distill import iter_distill  # noqa: E402
-from gzq.evaluate import load_labelled_data, predict_logits, top1  # noqa: E402
+from gzq.evaluate import kl_score, load_labelled_data, predict_logits, top1  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
 from gzq.events import drain  # noqa: E402
 from gzq.presets import PRESETS, resolve_device  # noqa: E402
@@ -41,9 +41,9 @@ def image_sets(teacher, device, seed: int, synth: dict) -> dict:
     sets = {}
     for name, extra in [("gznq", {}), ("mse", dict(bn_loss="mse", lambda_bn=MSE_LAMBDA_BN))]:
         _, res = drain(iter_synthesize(teacher, {}, SynthConfig(**synth, **extra), device, seed), keep=False)
-        sets[name] = (res.images, res.train_idx)
+        sets[name] = (res.images, res.train_idx, res.holdout_idx)
     real = real_source(synth["num_images"], synth["holdout_images"], seed)(teacher, device)
-    sets["real"] = (real.images, real.train_idx)
+    sets["real"] = (real.images, real.train_idx, real.holdout_idx)
     return sets
 
 
@@ -73,12 +73,13 @@ def main(argv=None):
         sets = image_sets(teacher, device, seed, synth)
         for calib, kd in ROWS:
             student = create_student(teacher.model, spec, example, teacher.classifier)
-            images, idx = sets[calib]
-            with torch.no_grad():
+            images, idx, held = sets[calib]
+            with torch.no_grad():   # as the pipeline: students.act_percentile=auto judged on the held-out images
+                score = kl_score(teacher.model, images(held.to(device), noise=False))
                 calibrate_(student, [images(i.to(device), noise=False) for i in torch.split(idx, 64)],
-                           spec.act_init, spec.act_percentile)
+                           spec.act_init, spec.act_percentile, score=score)
             if kd is not None:
-                images, idx = sets[kd]
+                images, idx, _ = sets[kd]
                 drain(iter_distill(teacher, {spec.name: student}, images, idx, train, device,
                                    jitter_pixels(synth_defaults.jitter, teacher.input_size),
                                    synth_defaults.flip != FlipMode.OFF, seed), keep=False)

@@ -96,6 +96,14 @@ class ActInit(str, enum.Enum):
 # the rest; a squared-error range follows those tails, which at 4 bits leaves too few levels for the bulk.
 AUTO_PERCENTILE_BITS = 4
 
+#: students.act_percentile=auto (gzq.quant.convert.calibrate_): the percentiles tried for the percentile-calibrated
+#: (4-bit) activation ranges, judged by the calibrated student's KL to the teacher on held-out synthetic images.
+#: AUTO_PERCENTILE_FALLBACK stays unless another gives under AUTO_PERCENTILE_MARGIN times its KL; it is also what
+#: a calibration with nothing to judge by uses.
+AUTO_PERCENTILES = (99.5, 99.9, 99.99)
+AUTO_PERCENTILE_FALLBACK = 99.9
+AUTO_PERCENTILE_MARGIN = 0.75
+
 
 def _check_range(name: str, value, lo, hi):
     if not (lo <= value <= hi):
@@ -197,7 +205,7 @@ class QuantSpec(_Serialisable):
     protocol: Protocol = Protocol.ALL_LAYERS
     w_symmetric: bool = True
     act_init: ActInit = ActInit.AUTO
-    act_percentile: float = 99.9
+    act_percentile: float | str = "auto"   # a percentile, or "auto": chosen per run among AUTO_PERCENTILES
 
     def __post_init__(self):
         self.w_bits, self.a_bits = int(self.w_bits), int(self.a_bits)
@@ -205,7 +213,15 @@ class QuantSpec(_Serialisable):
         _check_range("a_bits", self.a_bits, 2, 8)
         self.protocol = Protocol(self.protocol)
         self.act_init = ActInit(self.act_init)
-        _check_range("act_percentile", self.act_percentile, 50.0, 100.0)
+        if isinstance(self.act_percentile, str) and self.act_percentile.strip().lower() == "auto":
+            self.act_percentile = "auto"
+        else:
+            try:
+                self.act_percentile = float(self.act_percentile)
+            except (TypeError, ValueError):
+                raise ValueError(f"act_percentile must be a number in 50..100 or 'auto', "
+                                 f"got {self.act_percentile!r}") from None
+            _check_range("act_percentile", self.act_percentile, 50.0, 100.0)
 
     @property
     def name(self) -> str:

@@ -3,12 +3,13 @@ labelled data exists, model size; the report a run writes, and the health of its
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .accel import to_device
 from .config import EvalConfig, RunConfig
 from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_input
@@ -37,6 +38,21 @@ def agreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> flo
 def mean_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
     """KL(teacher || student) averaged over images."""
     return kl_teacher_student(F.log_softmax(teacher_logits, 1), F.log_softmax(student_logits, 1)).item()
+
+
+def kl_score(teacher: nn.Module, x: torch.Tensor, batch: int = 256) -> Callable[[nn.Module], float]:
+    """score(model): the mean KL(teacher || model) over the images x (N, C, H, W), on x's device. With many
+    processes each rank passes its own images and every rank gets the mean over all of them."""
+    with torch.no_grad():
+        t_log = [teacher(x[i:i + batch]).float().log_softmax(1) for i in range(0, len(x), batch)]
+
+    @torch.no_grad()
+    def score(model: nn.Module) -> float:
+        total = sum(kl_teacher_student(t, model(x[i * batch:(i + 1) * batch]).float().log_softmax(1)).item() * len(t)
+                    for i, t in enumerate(t_log))
+        total, n = dist.all_reduce_floats([total, len(x)])
+        return total / max(n, 1)
+    return score
 
 
 class LabelledData(NamedTuple):

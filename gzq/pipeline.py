@@ -31,7 +31,7 @@ from .budget import measure_costs, plan_run
 from .checkpoint import save_student
 from .config import FlipMode, RunConfig, student_specs
 from .distill import iter_distill
-from .evaluate import evaluate_run, health_warnings, load_labelled_data, synthesis_health
+from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
@@ -239,12 +239,23 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if not synth.students_calibrated:
             t = time.perf_counter()
             yield StageStarted("calibration", 0)
+            synth.calibration = {}
             with torch.no_grad():
                 batches = [synth.images(i.to(device), noise=False)   # each rank its share; calibrate_ reduces
                            for i in torch.split(dist.local_slice(synth.train_idx), 64)]
+                score = None
+                if any(specs[n].act_percentile == "auto" for n in students):   # judged on the held-out images
+                    held = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
+                    score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(device), noise=False))
             for n, s in students.items():
-                calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile)
+                chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
+                if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
+                    synth.calibration[n] = chosen
             timings["calibration"] = time.perf_counter() - t
+        for n, chosen in synth.calibration.items():
+            kls = ", ".join(f"{p:g}: {v:.4f}" for p, v in chosen["scores"].items())
+            yield Message(f"{n}: activation ranges at percentile {chosen['percentile']:g} (the student's KL to "
+                          f"the teacher on held-out synthetic images, per percentile: {kls})")
 
         jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)   # the teacher labels (or fits) each rolled
         recon = {n: s for n, s in students.items() if methods[n].recon}   # image itself, so fine-tuning keeps it
@@ -279,6 +290,10 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 row["finetune"] = methods[row["name"]].value
                 if row["name"] in kd_rounds:
                     row["kd_rounds"] = kd_rounds[row["name"]]
+                if row["name"] in synth.calibration:   # students.act_percentile=auto
+                    chosen = synth.calibration[row["name"]]
+                    row.update(act_percentile=chosen["percentile"],
+                               act_percentile_kl={f"{p:g}": round(v, 5) for p, v in chosen["scores"].items()})
         report = dist.broadcast_object(report)
         timings["evaluate"] = time.perf_counter() - t
 

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -56,6 +56,7 @@ from .images import SyntheticImages
 from .losses import ensemble_log_probs, kl_teacher_student, total_variation
 from .models import Teacher
 from .optim import adam, cosine_schedule, student_optimizer
+from .evaluate import kl_score
 from .quant.convert import calibrate_
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,8 @@ class SynthResult:
     jitter: int = 0               # the roll in pixels used at the end (0 once the augmentation check drops it)
     band: float = 1.0             # the share of the frequencies the images hold (SynthConfig.band, resolved)
     band_probe: dict[float, float] | None = None   # synth.band=auto: the BN loss the probe reached per band
+    calibration: dict[str, dict] = field(default_factory=dict)   # students.act_percentile=auto: calibrate_'s
+                                                                  # choice per student calibrated here
 
 
 def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: SynthConfig, device: torch.device,
@@ -291,6 +294,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
     checked: dict[str, float] | None = None
     ce_scale = 1.0
     calibrated = False
+    calib_choice: dict[str, dict] = {}
     perm = torch.randperm(k_own, generator=gen)
     cursor = 0
     all_idx = torch.arange(k)
@@ -304,7 +308,7 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
             if stop():
                 yield Stopped("synthesis", step)
                 return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step - 1, history,
-                                   flip, checked, jitter, cfg.band, band_probe)
+                                   flip, checked, jitter, cfg.band, band_probe, calib_choice)
             if cursor + batch > k_own:
                 perm, cursor = torch.randperm(k_own, generator=gen), 0
             idx = perm[cursor:cursor + batch].to(device)
@@ -341,8 +345,13 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                 with torch.no_grad():
                     calib = [images(perm_i, dev_gen, noise=False) for perm_i in
                              torch.split(torch.nonzero(~holdout_mask).flatten(), 64)]
+                    score = None
+                    if (calibration or {}).get("percentile") == "auto":   # judged on this rank's held-out images
+                        score = kl_score(teacher.model, images(torch.nonzero(holdout_mask).flatten(), noise=False))
                 for n, s in students.items():
-                    calibrate_(s, calib, **(calibration or {}))
+                    chosen = calibrate_(s, calib, **(calibration or {}), score=score)
+                    if chosen and chosen["scores"]:
+                        calib_choice[n] = chosen
                     s_opts[n] = student_optimizer(s, cfg.student_lr, cfg.student_lr_quant)
                 calibrated = True
             opt.zero_grad(set_to_none=True)
@@ -394,4 +403,4 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
         for s in students.values():
             dist.check_identical(s, "a synthesis student")
     return SynthResult(images, all_idx[:k - hold], all_idx[k - hold:], calibrated, step, history, flip, checked,
-                       jitter, cfg.band, band_probe)
+                       jitter, cfg.band, band_probe, calib_choice)

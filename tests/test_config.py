@@ -82,3 +82,8 @@ def test_override_sets_a_field_of_every_student():
         override(cfg, "students.bogus=1")
     with pytest.raises(ValueError, match="act_percentile must be in"):
         override(cfg, "students.act_percentile=20")
+    assert [s.act_percentile for s in override(cfg, "students.act_percentile=auto").students] == ["auto", "auto"]
+    assert QuantSpec.from_dict(override(cfg, "students.act_percentile=AUTO").students[0].to_dict()).act_percentile \
+        == "auto"
+    with pytest.raises(ValueError, match="act_percentile must be a number in 50..100 or 'auto', got 'best'"):
+        override(cfg, "students.act_percentile=best")

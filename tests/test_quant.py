@@ -167,6 +167,58 @@ def test_default_calibration_follows_the_bulk_at_4_bits_and_keeps_the_tail_at_8(
             == _calibrated(ActQuantizer(8), [x], ActInit.MSE).scale.item())
 
 
+def test_choose_percentile_leaves_the_default_only_on_a_clear_signal():
+    from gzq.config import AUTO_PERCENTILE_FALLBACK, AUTO_PERCENTILES
+    from gzq.quant.convert import choose_percentile
+    assert QuantSpec().act_percentile == "auto" and AUTO_PERCENTILE_FALLBACK in AUTO_PERCENTILES
+    assert choose_percentile({99.5: 0.5, 99.9: 1.0, 99.99: 0.9}) == 99.5     # under 0.75 x the default's KL
+    assert choose_percentile({99.5: 0.8, 99.9: 1.0, 99.99: 0.9}) == 99.9     # lower, but not clearly
+    assert choose_percentile({99.5: 0.2, 99.9: 1.0, 99.99: 0.1}) == 99.99    # the lowest of the clear ones
+    assert choose_percentile({99.5: 3.0, 99.9: float("nan"), 99.99: 2.0}) == 99.99   # no default to compare
+    assert choose_percentile({}) == choose_percentile({99.9: float("inf")}) == 99.9
+
+
+def test_auto_percentile_calibrates_once_and_keeps_the_ranges_of_its_pick(new_student, default_teacher, fmnist):
+    """students.act_percentile=auto: one pass of calibration, then each candidate percentile scored by the
+    student's KL to the teacher; the student ends with exactly the ranges a calibration at the chosen
+    percentile gives, and an 8-bit student (squared-error ranges) is not probed."""
+    from gzq.config import AUTO_PERCENTILES
+    from gzq.evaluate import kl_score, mean_kl, predict_logits
+    t, calib, held = default_teacher.model, [fmnist["calib"][:128], fmnist["calib"][128:]], fmnist["test"][:256]
+
+    def scales(m):
+        return [a.scale.clone() for a in m.modules() if isinstance(a, ActQuantizer)]
+
+    fixed = {}
+    for p in AUTO_PERCENTILES:
+        fixed[p] = new_student("w4a4")
+        assert calibrate_(fixed[p], calib, percentile=p) is None
+    assert not all(torch.equal(a, b) for a, b in zip(scales(fixed[99.5]), scales(fixed[99.99])))
+    score = kl_score(t, held)
+    want = {p: mean_kl(predict_logits(t, held, held.device), predict_logits(s, held, held.device))
+            for p, s in fixed.items()}
+    assert score(fixed[99.9]) == pytest.approx(want[99.9], rel=1e-4)
+
+    auto = new_student("w4a4")
+    got = calibrate_(auto, calib, percentile="auto", score=score)
+    assert list(got["scores"]) == list(AUTO_PERCENTILES)
+    assert got["scores"] == pytest.approx(want, rel=1e-4)
+    assert all(map(torch.equal, scales(auto), scales(fixed[got["percentile"]])))
+    # the pick follows the scores: one that prefers 99.99 clearly gets its ranges
+    order = iter([3.0, 2.0, 1.0])
+    forced = new_student("w4a4")
+    assert calibrate_(forced, calib, percentile="auto", score=lambda m: next(order))["percentile"] == 99.99
+    assert all(map(torch.equal, scales(forced), scales(fixed[99.99])))
+    # nothing to judge by: the default percentile, no scores
+    plain = new_student("w4a4")
+    assert calibrate_(plain, calib, percentile="auto") == {"percentile": 99.9, "scores": {}}
+    assert all(map(torch.equal, scales(plain), scales(fixed[99.9])))
+    w8, w8_auto = new_student("w8a8"), new_student("w8a8")
+    calibrate_(w8, calib)
+    assert calibrate_(w8_auto, calib, percentile="auto", score=score) == {"percentile": 99.9, "scores": {}}
+    assert all(map(torch.equal, scales(w8_auto), scales(w8)))
+
+
 def _calibrated(q: ActQuantizer, batches, method="mse", percentile=99.99) -> ActQuantizer:
     q.calibrating = True
     for x in batches:

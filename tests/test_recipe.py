@@ -307,6 +307,27 @@ def test_a_run_warns_of_its_collapsed_student_and_of_no_other(tmp_path):
     assert any(isinstance(e, Message) and e.level == "warning" and "w2a2" in e.text for e in events)
 
 
+def test_a_run_with_auto_percentile_reports_its_pick_per_student(tmp_path):
+    """students.act_percentile=auto, the default, on the bundled model: the 4-bit student's ranges are chosen by
+    its KL on the held-out synthetic images, which the log and report.json give per candidate; the 8-bit
+    student, with no percentile ranges, is not probed."""
+    from gzq.config import AUTO_PERCENTILES
+    from gzq.pipeline import iter_run
+    cfg = make_config("cpu", "cpu", students=["w4a4", "w8a8"], time_budget_s=None, export={"formats": []},
+                      synth={"num_images": 24, "holdout_images": 8, "batch_size": 24, "steps": 4,
+                             "warmup_steps": 2, "band": 1},
+                      train={"epochs": 0}, eval={"max_real_images": 200})
+    events = list(iter_run(cfg, tmp_path / "run"))
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows = {r["name"]: r for r in report["students"]}
+    kl = rows["w4a4"]["act_percentile_kl"]
+    assert list(kl) == [f"{p:g}" for p in AUTO_PERCENTILES] and all(v >= 0 for v in kl.values())
+    assert rows["w4a4"]["act_percentile"] in AUTO_PERCENTILES and "act_percentile" not in rows["w8a8"]
+    (msg,) = [e.text for e in events if isinstance(e, Message) and "activation ranges at percentile" in e.text]
+    assert msg.startswith(f"w4a4: activation ranges at percentile {rows['w4a4']['act_percentile']:g}")
+    assert report["config"]["students"][0]["act_percentile"] == "auto"
+
+
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -17,7 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..config import ActInit, Protocol, QuantSpec
+from ..config import (AUTO_PERCENTILE_FALLBACK, AUTO_PERCENTILE_MARGIN, AUTO_PERCENTILES, ActInit, Protocol,
+                      QuantSpec)
 from . import graph
 from .modules import ActQuantizer, QuantWrapper, reduce_calibration_
 
@@ -169,12 +172,18 @@ def quant_wrappers(model: nn.Module) -> list[tuple[str, QuantWrapper]]:
 
 @torch.no_grad()
 def calibrate_(model: nn.Module, batches, method: ActInit | str = QuantSpec.act_init,
-               percentile: float = QuantSpec.act_percentile) -> None:
+               percentile: float | str = QuantSpec.act_percentile,
+               score: Callable[[nn.Module], float] | None = None) -> dict | None:
     """Initialise every activation quantizer's range from `batches` (an iterable of input tensors).
 
     Two passes over the batches: the first finds each quantizer's range, the second fills its histogram.
     In a run of many processes each rank passes its own share of the images; ranges and histograms are
     reduced over ranks after each pass, so every rank gets the step sizes of all the images together.
+
+    percentile="auto" sets the percentile-calibrated ranges at each of AUTO_PERCENTILES in turn, calls
+    `score(model)` (lower is better: the pipeline's is the KL to the teacher on held-out synthetic images) and
+    keeps choose_percentile's pick. Returns {"percentile": chosen, "scores": {percentile: score}} then (no
+    scores where no quantizer is percentile-calibrated or `score` is None: AUTO_PERCENTILE_FALLBACK), else None.
     """
     batches = list(batches)
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
@@ -192,8 +201,38 @@ def calibrate_(model: nn.Module, batches, method: ActInit | str = QuantSpec.act_
     finally:
         for a in acts:
             a.calibrating = False
+    if percentile != "auto":
+        for a in acts:
+            a.init_from_calibration_(method, percentile)
+        return None
+    probed = [a for a in acts if ActInit(method).resolve(a.bits) == ActInit.PERCENTILE]
     for a in acts:
-        a.init_from_calibration_(method, percentile)
+        if a not in probed:   # their ranges do not depend on the percentile
+            a.init_from_calibration_(method)
+    seen = [(a._hist, a._range) for a in probed]
+    scores: dict[float, float] = {}
+    for p in (AUTO_PERCENTILES if probed and score is not None else ()):
+        for a, (hist, rng) in zip(probed, seen):
+            a._hist, a._range = hist, rng
+            a.init_from_calibration_(method, p)
+        scores[p] = float(score(model))
+    chosen = choose_percentile(scores)
+    for a, (hist, rng) in zip(probed, seen):
+        a._hist, a._range = hist, rng
+        a.init_from_calibration_(method, chosen)
+    return {"percentile": chosen, "scores": scores}
+
+
+def choose_percentile(scores: dict[float, float]) -> float:
+    """The percentile a calibration with percentile="auto" keeps, from {percentile: score} (lower is better):
+    AUTO_PERCENTILE_FALLBACK unless another scores under AUTO_PERCENTILE_MARGIN times its score (or it has no
+    finite score), then the lowest. AUTO_PERCENTILE_FALLBACK when nothing was scored."""
+    finite = {p: v for p, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        return AUTO_PERCENTILE_FALLBACK
+    best = min(finite, key=finite.get)
+    base = finite.get(AUTO_PERCENTILE_FALLBACK)
+    return best if base is None or finite[best] < AUTO_PERCENTILE_MARGIN * base else AUTO_PERCENTILE_FALLBACK
 
 
 #: elementwise activations a quantizer may read a BN-folded conv's output through (bn_ranges_)
@@ -245,7 +284,7 @@ def bn_fed_quantizers(student: nn.Module, convs: list[str], example: torch.Tenso
 
 @torch.no_grad()
 def bn_ranges_(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
-               method: ActInit | str = QuantSpec.act_init, percentile: float = QuantSpec.act_percentile,
+               method: ActInit | str = QuantSpec.act_init, percentile: float | str = QuantSpec.act_percentile,
                samples: int = 4096, seed: int = 0) -> dict[str, tuple[str, str]]:
     """Set the range of every activation quantizer that reads an activation of a BN-folded conv's output
     (bn_fed_quantizers) from the teacher's BN statistics instead of from images: per channel, `samples`

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import ActInit, QuantSpec
+from ..config import AUTO_PERCENTILE_FALLBACK, ActInit, QuantSpec
 from .primitives import affine_params, fake_quantize, grad_scale, mse_search, mse_search_hist, quant_range
 
 
@@ -118,7 +118,11 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_calibration_(self, method: ActInit | str = QuantSpec.act_init,
-                               percentile: float = QuantSpec.act_percentile) -> None:
+                               percentile: float | str = QuantSpec.act_percentile) -> None:
+        """Set the step size and zero point from the histogram calibration filled. percentile="auto" (chosen by
+        gzq.quant.convert.calibrate_, which can judge the student as a whole) means AUTO_PERCENTILE_FALLBACK."""
+        if percentile == "auto":
+            percentile = AUTO_PERCENTILE_FALLBACK
         if self._hist is None or self._hist.sum() == 0:
             raise RuntimeError("activation quantizer saw no data during calibration (or only the range pass)")
         hist, (lo, hi) = self._hist, self._range
