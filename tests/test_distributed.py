@@ -135,6 +135,8 @@ def test_two_processes_match_one_at_the_same_budget(tmp_path):
     assert len(list((tmp_path / "two" / "images").glob("*.png"))) == 128   # every rank's shard, gathered
     a1, a2 = r1["students"][0]["accuracy"], r2["students"][0]["accuracy"]
     assert abs(a1 - a2) <= 0.5, (a1, a2)
+    assert len(r2["students"][0]["act_percentile_kl"]) == 3   # probed; ranks that picked apart would fail the
+    # check that their students are identical
 
 
 def _children(pid: int) -> list[int]:
