@@ -3,7 +3,8 @@ labelled data exists, model size; the report a run writes, and the health of its
 from __future__ import annotations
 
 import logging
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -51,12 +51,12 @@ from .config import (
     SynthConfig,
     VRule,
 )
+from .evaluate import kl_score
 from .events import Message, Preview, Progress, StageStarted, Stopped, drain
 from .images import SyntheticImages
 from .losses import ensemble_log_probs, kl_teacher_student, total_variation
 from .models import Teacher
 from .optim import adam, cosine_schedule, student_optimizer
-from .evaluate import kl_score
 from .quant.convert import calibrate_
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..config import (AUTO_PERCENTILE_FALLBACK, AUTO_PERCENTILE_MARGIN, AUTO_PERCENTILES, ActInit, Protocol,
-                      QuantSpec)
+from ..config import (
+    AUTO_PERCENTILE_FALLBACK,
+    AUTO_PERCENTILE_MARGIN,
+    AUTO_PERCENTILES,
+    ActInit,
+    Protocol,
+    QuantSpec,
+)
 from . import graph
 from .modules import ActQuantizer, QuantWrapper, reduce_calibration_
 
