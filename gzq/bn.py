@@ -132,9 +132,12 @@ class BNStatsRecorder:
         self.stats: list[BatchStats | None] = [None] * len(self.layers)
         self._handles = [m.register_forward_pre_hook(self._make_hook(i)) for i, (_, m) in enumerate(self.layers)]
         self._constants: dict[str, torch.Tensor] | None = None
+        self.paused = False   # True: forwards leave `stats` alone (and, across ranks, run no collective)
 
     def _make_hook(self, i: int):
         def hook(module, args):
+            if self.paused:
+                return
             x = args[0]  # (B, C, H, W) or (B, C)
             if x.dtype in (torch.bfloat16, torch.float16):   # mixed precision: statistics in float32
                 x = x.float()

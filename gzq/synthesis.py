@@ -347,7 +347,11 @@ def iter_synthesize(teacher: Teacher, students: dict[str, nn.Module], cfg: Synth
                              torch.split(torch.nonzero(~holdout_mask).flatten(), 64)]
                     score = None
                     if (calibration or {}).get("percentile") == "auto":   # judged on this rank's held-out images
-                        score = kl_score(teacher.model, images(torch.nonzero(holdout_mask).flatten(), noise=False))
+                        recorder.paused = True   # ranks may hold different numbers of them: no BN collectives
+                        try:
+                            score = kl_score(teacher.model, images(torch.nonzero(holdout_mask).flatten(), noise=False))
+                        finally:
+                            recorder.paused = False
                 for n, s in students.items():
                     chosen = calibrate_(s, calib, **(calibration or {}), score=score)
                     if chosen and chosen["scores"]:

@@ -94,6 +94,10 @@ def test_mse_loss_is_deepinversion_norm_and_hooks_are_removed():
         loss, _ = bn_losses(rec, BNLoss.MSE)
         ref = torch.stack([torch.norm(s.mean - bn.running_mean) + torch.norm(s.var - bn.running_var)
                            for (_, bn), s in zip(rec.layers, rec.stats)]).mean()
+        kept = list(rec.stats)
+        rec.paused = True   # a paused recorder leaves the statistics of the last forward alone
+        model(x * 3 + 1)
+        assert all(a is b for a, b in zip(rec.stats, kept))
     torch.testing.assert_close(loss, ref)
     assert all(not m._forward_pre_hooks for m in model.modules())
 
