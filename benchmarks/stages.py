@@ -75,7 +75,9 @@ def main(argv=None):
             student = create_student(teacher.model, spec, example, teacher.classifier)
             images, idx, held = sets[calib]
             with torch.no_grad():   # as the pipeline: students.act_percentile=auto judged on the held-out images
-                score = kl_score(teacher.model, images(held.to(device), noise=False))
+                score = None
+                if spec.probes_percentile:
+                    score = kl_score(teacher.model, images(held.to(device), noise=False))
                 calibrate_(student, [images(i.to(device), noise=False) for i in torch.split(idx, 64)],
                            spec.act_init, spec.act_percentile, score=score)
             if kd is not None:

@@ -224,6 +224,12 @@ class QuantSpec(_Serialisable):
             _check_range("act_percentile", self.act_percentile, 50.0, 100.0)
 
     @property
+    def probes_percentile(self) -> bool:
+        """Whether calibration chooses this student's percentile per run: act_percentile="auto" with percentile
+        ranges at its activation width (the other quantizers of a protocol are at that width or wider)."""
+        return self.act_percentile == "auto" and self.act_init.resolve(self.a_bits) == ActInit.PERCENTILE
+
+    @property
     def name(self) -> str:
         suffix = {Protocol.ALL_LAYERS: "", Protocol.FIRST_LAST_8BIT: "_fl8", Protocol.DEPLOYABLE: "_dep"}[self.protocol]
         return f"w{self.w_bits}a{self.a_bits}{suffix}"

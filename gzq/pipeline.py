@@ -29,7 +29,7 @@ from .accel import channels_last_
 from .augment import augment, jitter_pixels
 from .budget import measure_costs, plan_run
 from .checkpoint import save_student
-from .config import FlipMode, RunConfig, student_specs
+from .config import AUTO_PERCENTILE_FALLBACK, FlipMode, RunConfig, student_specs
 from .distill import iter_distill
 from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
@@ -211,6 +211,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
 
         t = time.perf_counter()
         calib = dict(method=cfg.students[0].act_init, percentile=cfg.students[0].act_percentile)
+        if calib["percentile"] == "auto" and not any(s.probes_percentile for s in cfg.students):
+            calib["percentile"] = AUTO_PERCENTILE_FALLBACK   # nothing to choose: no teacher pass for a probe
         seeds = {n for n in students if n not in {s.name for s in cfg.students}}
         if synth_source is not None:
             yield StageStarted("synthesis", 0, "images from a given source")
@@ -244,7 +246,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 batches = [synth.images(i.to(device), noise=False)   # each rank its share; calibrate_ reduces
                            for i in torch.split(dist.local_slice(synth.train_idx), 64)]
                 score = None
-                if any(specs[n].act_percentile == "auto" for n in students):   # judged on the held-out images
+                if any(specs[n].probes_percentile for n in students):   # judged on the held-out images
                     held = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
                     score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(device), noise=False))
             for n, s in students.items():

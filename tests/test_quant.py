@@ -171,6 +171,8 @@ def test_choose_percentile_leaves_the_default_only_on_a_clear_signal():
     from gzq.config import AUTO_PERCENTILE_FALLBACK, AUTO_PERCENTILES
     from gzq.quant.convert import choose_percentile
     assert QuantSpec().act_percentile == "auto" and AUTO_PERCENTILE_FALLBACK in AUTO_PERCENTILES
+    assert QuantSpec.parse("w4a4").probes_percentile and not QuantSpec.parse("w8a8").probes_percentile
+    assert not QuantSpec(act_percentile=99.9).probes_percentile
     assert choose_percentile({99.5: 0.5, 99.9: 1.0, 99.99: 0.9}) == 99.5     # under 0.75 x the default's KL
     assert choose_percentile({99.5: 0.8, 99.9: 1.0, 99.99: 0.9}) == 99.9     # lower, but not clearly
     assert choose_percentile({99.5: 0.2, 99.9: 1.0, 99.99: 0.1}) == 99.99    # the lowest of the clear ones
