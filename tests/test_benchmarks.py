@@ -85,6 +85,26 @@ def test_zoo_benchmark_quick():
     assert all(0 < row[k] <= 100 for k in ("gznq_w4a4", "gznq_w8a8", "real_w4a4", "real_w8a8"))
 
 
+def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
+    """Each zoo model is in exactly one of the tuning, held-out, confirmation and fresh sets, and each builds in
+    timm at its input size with BatchNorm layers and 10 outputs."""
+    import timm
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_zoo
+
+    from gzq.models import find_bn_layers
+    sets = (train_zoo.TUNING, train_zoo.HELD_OUT, train_zoo.CONFIRMATION, train_zoo.FRESH)
+    assert sorted(n for s in sets for n in s) == sorted(train_zoo.ZOO)
+    assert len(train_zoo.TUNING) <= 3 and len(train_zoo.HELD_OUT) >= 5 and len(train_zoo.FRESH) == 4
+    for name in train_zoo.FRESH:
+        m = train_zoo.ZOO[name]
+        model = timm.create_model(m.arch, num_classes=10, in_chans=m.input_size[0], **m.model_kwargs).eval()
+        assert find_bn_layers(model), name
+        with torch.no_grad():
+            assert model(torch.zeros(1, *m.input_size)).shape == (1, 10), name
+
+
 def test_finetune_benchmark_quick():
     """KD and block reconstruction on the same images, side by side; a temporary results file."""
     r = subprocess.run([sys.executable, "benchmarks/finetune.py", "--quick", "--models", "default",
