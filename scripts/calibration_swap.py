@@ -6,6 +6,8 @@
     python scripts/calibration_swap.py --model mobilenetv2 --seeds 0 --pairs synth:synth --trace 1
     python scripts/calibration_swap.py --model efficientnet_48 --seeds 0,1 --fit
     python scripts/calibration_swap.py --model efficientnet_48 --seeds 0 --percentiles
+    python scripts/calibration_swap.py --model lcnet_128 --seeds 0 --follow [--set train.epochs=90]
+    python scripts/calibration_swap.py --model lcnet_128 --seeds 0 --parts
 
 For each seed, the synthetic images are benchmarks/finetune.py's cached ones (made there if missing; 196 x 177
 at 224 px, 128 x 150 otherwise, no student ensemble) and the real ones as many training images of the
@@ -28,6 +30,15 @@ W4A4, W4A8 and W8A4; at W4A4 calibrated on real images, with only one kind of ac
 its module path without the block index: conv_pw.a_quant, ...); then the default KD on the synthetic images, and
 the student's agreement with the teacher on its own training images, its KL in the first and last steps, and its
 real top-1.
+
+--follow asks whether the synthetic images teach the student to follow the teacher where it matters: for KD on the
+synthetic and on the real training images (--set overrides the fine-tuning config, e.g. train.epochs=90), the
+student's top-1 agreement and KL with the teacher on the synthetic training images, the real training images and
+512 test images, after calibration alone and after KD, and its real top-1.
+
+--parts asks which part of the synthetic-KD student falls short of the real-KD one: both are fitted by the default
+KD, then each top-level part's parameters and buffers (a stage's blocks one by one, e.g. blocks.0) are moved from
+the real student into the synthetic one and back, and each hybrid's real top-1 is printed.
 
 --percentiles calibrates the W4A4 student on the synthetic images with the 4-bit activation ranges at several
 percentiles and prints, for each, real top-1 after calibration alone and the student's KL to the teacher on the
@@ -52,10 +63,10 @@ from accuracy import real_source
 from finetune import model_spec, synthetic_source
 
 from gzq.augment import jitter_pixels
-from gzq.config import QuantSpec, student_specs
+from gzq.config import QuantSpec, override, student_specs
 from gzq.distill import fit_agreement, iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
-from gzq.events import Progress
+from gzq.events import Progress, drain
 from gzq.models import load_teacher
 from gzq.presets import make_config
 from gzq.quant import ActQuantizer, calibrate_, create_student
@@ -207,6 +218,72 @@ def fit_check(model: str, seed: int) -> dict:
     return row
 
 
+def kd_fitted(cal: str, cfg, teacher, sources, qspec, seed: int):
+    """A fresh student calibrated and fitted by KD on the training images of `cal` (synth or real)."""
+    student, _ = calibrated(cal, teacher, sources, qspec, seed)
+    k = sources[cal]
+    drain(iter_distill(teacher, {"s": student}, k.images, k.train_idx, cfg.train, torch.device("cpu"),
+                       jitter_pixels(cfg.synth.jitter, teacher.input_size), k.flip, seed), keep=False)
+    return student
+
+
+def follow_check(model: str, seed: int, overrides: list[str]) -> list[dict]:
+    """How closely students fitted on synthetic and on real images follow the teacher on each kind of image."""
+    cfg, teacher, sources, qspec = setup(model, seed)
+    cfg = override(cfg, *overrides)
+    labelled = load_labelled_data(teacher, cfg.eval)
+    xs = {k: sources[k].images(sources[k].train_idx, noise=False) for k in ("synth", "real")}
+    xs["test"] = labelled.images[:512]
+    with torch.no_grad():
+        t_logp = {k: teacher.model(x).log_softmax(1) for k, x in xs.items()}
+
+    @torch.no_grad()
+    def follows(student):
+        out = {}
+        for k, x in xs.items():
+            s_logp = student(x).log_softmax(1)
+            out[k] = {"agreement": round((s_logp.argmax(1) == t_logp[k].argmax(1)).float().mean().item() * 100, 1),
+                      "kl": round(torch.nn.functional.kl_div(s_logp, t_logp[k], log_target=True,
+                                                             reduction="batchmean").item(), 3)}
+        return out
+
+    rows = []
+    for cal in ("synth", "real"):
+        row = {"model": model, "seed": seed, "images": cal, "set": overrides,
+               "calibrated": follows(calibrated(cal, teacher, sources, qspec, seed)[0])}
+        student = kd_fitted(cal, cfg, teacher, sources, qspec, seed)
+        row.update(after_kd=follows(student), accuracy=round(real_top1(student, labelled), 2))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def part_of(name: str) -> str:
+    """A state-dict entry's top-level part: the module under the root, or a stage's block (blocks.0)."""
+    bits = name.split(".")
+    return ".".join(bits[:2]) if bits[0] in ("blocks", "stages", "features", "layers") and len(bits) > 2 else bits[0]
+
+
+def part_swaps(model: str, seed: int) -> list[dict]:
+    """Real top-1 of the synthetic-KD student with one part from the real-KD student, and the other way round."""
+    cfg, teacher, sources, qspec = setup(model, seed)
+    labelled = load_labelled_data(teacher, cfg.eval)
+    fitted = {cal: kd_fitted(cal, cfg, teacher, sources, qspec, seed) for cal in ("synth", "real")}
+    states = {cal: s.state_dict() for cal, s in fitted.items()}
+    rows = [{"model": model, "seed": seed, "part": None,
+             **{cal: round(real_top1(s, labelled), 2) for cal, s in fitted.items()}}]
+    print(json.dumps(rows[0]), flush=True)
+    for part in dict.fromkeys(part_of(n) for n in states["synth"]):
+        row = {"model": model, "seed": seed, "part": part}
+        for dst, src in (("synth", "real"), ("real", "synth")):
+            hybrid = copy.deepcopy(fitted[dst])
+            hybrid.load_state_dict({n: (states[src] if part_of(n) == part else states[dst])[n] for n in states[dst]})
+            row[f"{dst} with {src}'s"] = round(real_top1(hybrid, labelled), 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 @torch.no_grad()
 def percentile_check(model: str, seed: int, percentiles=(99.0, 99.5, 99.9, 99.99)) -> dict:
     """Calibration alone at each 4-bit activation percentile: real top-1 and the held-out synthetic KL."""
@@ -236,6 +313,12 @@ def main(argv=None):
                    "quantizer, then how far default KD fits its training images")
     p.add_argument("--percentiles", action="store_true", help="calibration alone at several 4-bit activation "
                    "percentiles: real top-1 and the held-out synthetic KL")
+    p.add_argument("--follow", action="store_true", help="agreement and KL with the teacher on synthetic, real "
+                   "and test images of students fitted by KD on synthetic and on real images")
+    p.add_argument("--parts", action="store_true", help="move each part between the synthetic-KD and the real-KD "
+                   "students and measure the hybrids")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config overrides for --follow, e.g. train.epochs=90")
     p.add_argument("--ranges", action="store_true", help="compare the step sizes of synth and gauss with real's "
                    "instead of running KD")
     args = p.parse_args(argv)
@@ -247,6 +330,10 @@ def main(argv=None):
     for seed in (int(s) for s in args.seeds.split(",")):
         if args.percentiles:
             percentile_check(args.model, seed)
+        elif args.follow:
+            follow_check(args.model, seed, args.set)
+        elif args.parts:
+            part_swaps(args.model, seed)
         elif args.fit:
             fit_check(args.model, seed)
         elif args.ranges:
