@@ -133,7 +133,11 @@ def summarise(records: list[dict], names: list[str], bits: list[str] = BITS) -> 
     return rows
 
 
-def print_table(title: str, rows: list[dict]) -> None:
+def print_table(title: str, rows: list[dict], finetune: str = "kd") -> None:
+    """One set's summary, for the images of each method fitted by `finetune` (the first --finetune method)."""
+    tag = "" if finetune == "kd" else f"+{finetune}"
+    rows = [{**r, **{k.replace(f"{m}{tag}_", f"{m}_"): v for k, v in r.items() for m in METHODS
+                     if tag and k.startswith(f"{m}{tag}_")}} for r in rows]
     print(f"\n{title}")
     hdr = (f"{'model':<17}{'input':>12}{'FP':>7}{'agree%':>8}{'W4A4':>7}{'mse':>7}{'fixed':>7}{'real':>7}"
            f"{'-real':>7}{'-FP':>7}{'W8A8':>7}{'W8-FP':>7}{'s/run':>8}")
@@ -251,14 +255,14 @@ def main(argv=None):
                       f"flip {rec['health']['flip']} ({rec['secs']:.0f}s)", flush=True)
     tuning = summarise(records, [n for n in names if n in TUNING], bits)
     held = summarise(records, [n for n in names if n in HELD_OUT], bits)
-    print_table("Tuning set (defaults were chosen on these)", tuning)
-    print_table("Held-out set (never tuned on)", held)
+    print_table("Tuning set (defaults were chosen on these)", tuning, finetunes[0])
+    print_table("Held-out set (never tuned on)", held, finetunes[0])
     confirmation = summarise(records, [n for n in names if n in CONFIRMATION], bits)
     if confirmation:
-        print_table("Confirmation set (added after the held-out set was measured)", confirmation)
+        print_table("Confirmation set (added after the held-out set was measured)", confirmation, finetunes[0])
     fresh = summarise(records, [n for n in names if n in FRESH], bits)
     if fresh:
-        print_table("Fresh set (added last; each run only under a rule written before it)", fresh)
+        print_table("Fresh set (added last; each run only under a rule written before it)", fresh, finetunes[0])
     labels = [label(m, f) for m in methods for f in finetunes]
     print_finetune_table("Fine-tuning methods, tuning set", tuning, labels, bits)
     print_finetune_table("Fine-tuning methods, held-out set", held, labels, bits)
