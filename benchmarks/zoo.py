@@ -271,8 +271,8 @@ def main(argv=None):
     args.out = args.out or RESULTS / "zoo.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
-                                        bits=bits, finetune=finetunes,
-                                        tuning=tuning, held_out=held, confirmation=confirmation, fresh=fresh), indent=2) + "\n")
+                                        bits=bits, finetune=finetunes, tuning=tuning, held_out=held,
+                                        confirmation=confirmation, fresh=fresh), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held
 

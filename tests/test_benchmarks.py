@@ -86,8 +86,8 @@ def test_zoo_benchmark_quick():
 
 
 def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
-    """Each zoo model is in exactly one of the tuning, held-out, confirmation and fresh sets, and each builds in
-    timm at its input size with BatchNorm layers and 10 outputs."""
+    """Each zoo model is in exactly one of the tuning, held-out, confirmation and fresh sets, and each fresh model
+    builds in timm at its input size with BatchNorm layers and 10 outputs."""
     import timm
 
     sys.path.insert(0, str(ROOT / "scripts"))
