@@ -218,9 +218,11 @@ def fit_check(model: str, seed: int) -> dict:
     return row
 
 
-def kd_fitted(cal: str, cfg, teacher, sources, qspec, seed: int):
-    """A fresh student calibrated and fitted by KD on the training images of `cal` (synth or real)."""
-    student, _ = calibrated(cal, teacher, sources, qspec, seed)
+def kd_fitted(cal: str, cfg, teacher, sources, qspec, seed: int, student=None):
+    """`student` (default: a fresh one calibrated on the training images of `cal`, synth or real) fitted in place
+    by KD on those images."""
+    if student is None:
+        student, _ = calibrated(cal, teacher, sources, qspec, seed)
     k = sources[cal]
     drain(iter_distill(teacher, {"s": student}, k.images, k.train_idx, cfg.train, torch.device("cpu"),
                        jitter_pixels(cfg.synth.jitter, teacher.input_size), k.flip, seed), keep=False)
@@ -249,9 +251,9 @@ def follow_check(model: str, seed: int, overrides: list[str]) -> list[dict]:
 
     rows = []
     for cal in ("synth", "real"):
-        row = {"model": model, "seed": seed, "images": cal, "set": overrides,
-               "calibrated": follows(calibrated(cal, teacher, sources, qspec, seed)[0])}
-        student = kd_fitted(cal, cfg, teacher, sources, qspec, seed)
+        student, _ = calibrated(cal, teacher, sources, qspec, seed)
+        row = {"model": model, "seed": seed, "images": cal, "set": overrides, "calibrated": follows(student)}
+        kd_fitted(cal, cfg, teacher, sources, qspec, seed, student)
         row.update(after_kd=follows(student), accuracy=round(real_top1(student, labelled), 2))
         rows.append(row)
         print(json.dumps(row), flush=True)
