@@ -95,7 +95,7 @@ def digest(obj) -> str:
 
 
 #: training and synthesis fields added after runs were cached, at the values that leave those runs as they were
-TRAIN_NEUTRAL = {"crop_scale": 1.0, "stats_kd": 0.0, "anchor": 0.0, "act_warmup": 0.0,
+TRAIN_NEUTRAL = {"crop_scale": 1.0, "stats_kd": 0.0, "anchor": 0.0, "act_warmup": 0.0, "shift": True,
                  "refit_rounds": 0, "refit_below": 50.0}
 SYNTH_NEUTRAL = {"decorrelate_colour": False}
 

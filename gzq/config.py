@@ -399,6 +399,9 @@ class TrainConfig(_Serialisable):
                               # image means"); block reconstruction always draws fresh z
     mixup: float = 0.2        # KD on blends of image pairs, weights ~ Beta(mixup, mixup) (gzq.augment.mix_pairs);
                               # 0 = off; 0.2 chosen on the zoo's tuning set (README, "Spectral image basis")
+    shift: bool = True        # fine-tuning (KD, reconstruction) rolls each batch by up to synth.jitter, as synthesis
+                              # starts out doing; False = the images unshifted (flips stay as synthesis left them).
+                              # Some teachers' KD collapses under the roll (README, "The roll in KD")
     crop_scale: float = 1.0   # KD on random crops covering U(crop_scale, 1) of each image's area, resized back
                               # (gzq.augment.random_crops); 1 = off
     feature_kd: float = 0.0   # weight of the unit-output term of KD (gzq.distill): each unit block reconstruction
@@ -642,6 +645,8 @@ def override(cfg: RunConfig, *items: str | dict[str, Any]) -> RunConfig:
         if dot and section in _SECTIONS and fld:
             if fld not in d[section]:
                 raise ValueError(f"unknown field {key!r}; {section} has: {', '.join(d[section])}")
+            if isinstance(d[section][fld], bool) and not isinstance(val, bool):
+                raise ValueError(f"{key} is true or false, got {val!r}")
             d[section][fld] = val
             given.setdefault(section, set()).add(fld)
         elif key == "students":

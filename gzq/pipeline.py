@@ -259,8 +259,9 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             yield Message(f"{n}: activation ranges at percentile {chosen['percentile']:g} (the student's KL to "
                           f"the teacher on held-out synthetic images, per percentile: {kls})")
 
-        jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)   # the teacher labels (or fits) each rolled
-        recon = {n: s for n, s in students.items() if methods[n].recon}   # image itself, so fine-tuning keeps it
+        # the teacher labels (or fits) each rolled image itself, so fine-tuning keeps the roll unless told not to
+        jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size) if cfg.train.shift else 0
+        recon = {n: s for n, s in students.items() if methods[n].recon}
         if recon:
             t = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed + 13)

@@ -328,6 +328,30 @@ def test_a_run_with_auto_percentile_reports_its_pick_per_student(tmp_path):
     assert report["config"]["students"][0]["act_percentile"] == "auto"
 
 
+def test_train_shift_false_fine_tunes_on_unshifted_images(tmp_path, monkeypatch):
+    """KD rolls every batch by up to synth.jitter by default; train.shift=false fine-tunes on the images as they
+    are, whatever synthesis did; a value that is not true or false is refused by name."""
+    import gzq.distill
+    from gzq.pipeline import iter_run
+    real_augment, rolls = gzq.distill.augment, []
+
+    def spy(x, jitter, flip, generator=None):
+        rolls[-1].add(jitter)
+        return real_augment(x, jitter, flip, generator)
+
+    monkeypatch.setattr(gzq.distill, "augment", spy)
+    for shift in (True, False):
+        rolls.append(set())
+        cfg = make_config("cpu", "cpu", students=["w4a4"], time_budget_s=None, export={"formats": []},
+                          synth={"num_images": 16, "holdout_images": 4, "batch_size": 16, "steps": 2,
+                                 "warmup_steps": 1, "band": 1},
+                          train={"epochs": 1, "batch_size": 4, "shift": shift}, eval={"max_real_images": 100})
+        drain(iter_run(cfg, tmp_path / f"run_{shift}"), keep=False)
+    assert rolls == [{jitter_pixels(SynthConfig().jitter, (1, 28, 28))}, {0}] and SynthConfig().jitter > 0
+    with pytest.raises(ValueError, match="train.shift is true or false, got 'maybe'"):
+        override(RunConfig(), "train.shift=maybe")
+
+
 @pytest.mark.slow
 def test_estimate_run_measures_the_bundled_model():
     from gzq.pipeline import estimate_run
