@@ -28,7 +28,7 @@ from gzq.models import load_teacher  # noqa: E402
 from gzq.events import drain  # noqa: E402
 from gzq.presets import PRESETS, resolve_device  # noqa: E402
 from gzq.quant import calibrate_, create_student  # noqa: E402
-from gzq.augment import jitter_pixels  # noqa: E402
+from gzq.augment import finetune_jitter  # noqa: E402
 from gzq.synthesis import iter_synthesize  # noqa: E402
 
 ROWS = [("gznq", None), ("mse", None), ("real", None),
@@ -83,7 +83,7 @@ def main(argv=None):
             if kd is not None:
                 images, idx, _ = sets[kd]
                 drain(iter_distill(teacher, {spec.name: student}, images, idx, train, device,
-                                   jitter_pixels(synth_defaults.jitter, teacher.input_size),
+                                   finetune_jitter(synth_defaults, train, teacher.input_size),
                                    synth_defaults.flip != FlipMode.OFF, seed), keep=False)
             acc = round(top1(predict_logits(student, xs, device), ys), 2)
             results.setdefault((calib, kd), []).append(acc)

@@ -14,6 +14,12 @@ def jitter_pixels(fraction: float, input_size) -> int:
     return int(round(fraction * min(input_size[-2:])))
 
 
+def finetune_jitter(synth, train, input_size) -> int:
+    """The roll fine-tuning (KD, reconstruction) applies, in pixels: synth.jitter's share of the side, as synthesis
+    starts out with (the teacher labels or fits each rolled image itself), or 0 where train.shift is off."""
+    return jitter_pixels(synth.jitter, input_size) if train.shift else 0
+
+
 def coarse_size(input_size, scale: float, min_side: int) -> tuple[int, int] | None:
     """The (h, w) a coarse synthesis step shows the teacher (SynthConfig.coarse_scale), or None where the
     input stays full size: scale 1, or a shorter side that scaling would take under `min_side` pixels."""

@@ -26,7 +26,7 @@ import torch
 
 from . import dist
 from .accel import channels_last_
-from .augment import augment, jitter_pixels
+from .augment import augment, finetune_jitter, jitter_pixels
 from .budget import measure_costs, plan_run
 from .checkpoint import save_student
 from .config import AUTO_PERCENTILE_FALLBACK, FlipMode, RunConfig, student_specs
@@ -259,8 +259,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             yield Message(f"{n}: activation ranges at percentile {chosen['percentile']:g} (the student's KL to "
                           f"the teacher on held-out synthetic images, per percentile: {kls})")
 
-        # the teacher labels (or fits) each rolled image itself, so fine-tuning keeps the roll unless told not to
-        jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size) if cfg.train.shift else 0
+        jitter = finetune_jitter(cfg.synth, cfg.train, teacher.input_size)
         recon = {n: s for n, s in students.items() if methods[n].recon}
         if recon:
             t = time.perf_counter()

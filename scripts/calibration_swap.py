@@ -62,7 +62,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "scripts")]
 from accuracy import real_source
 from finetune import model_spec, synthetic_source
 
-from gzq.augment import jitter_pixels
+from gzq.augment import finetune_jitter
 from gzq.config import QuantSpec, override, student_specs
 from gzq.distill import fit_agreement, iter_distill
 from gzq.evaluate import load_labelled_data, predict_logits, top1
@@ -144,7 +144,7 @@ def swap_runs(model: str, seed: int, pairs: list[tuple[str, str]], bits: str = "
     cfg, teacher, sources, qspec = setup(model, seed, bits)
     dev = torch.device("cpu")
     labelled = load_labelled_data(teacher, cfg.eval)
-    jitter = jitter_pixels(cfg.synth.jitter, teacher.input_size)
+    jitter = finetune_jitter(cfg.synth, cfg.train, teacher.input_size)
     rows = []
     for cal, kd in pairs:
         student, _ = calibrated(cal, teacher, sources, qspec, seed)
@@ -207,7 +207,7 @@ def fit_check(model: str, seed: int) -> dict:
     student, _ = calibrated("synth", teacher, sources, qspec, seed)
     k, kls = sources["synth"], []
     for ev in iter_distill(teacher, {"s": student}, k.images, k.train_idx, cfg.train, torch.device("cpu"),
-                           jitter_pixels(cfg.synth.jitter, teacher.input_size), k.flip, seed):
+                           finetune_jitter(cfg.synth, cfg.train, teacher.input_size), k.flip, seed):
         if isinstance(ev, Progress):
             kls.append(ev.student_kl["s"])
     row.update(train_agreement=round(fit_agreement(teacher.model, student, k.images, k.train_idx,
@@ -225,7 +225,7 @@ def kd_fitted(cal: str, cfg, teacher, sources, qspec, seed: int, student=None):
         student, _ = calibrated(cal, teacher, sources, qspec, seed)
     k = sources[cal]
     drain(iter_distill(teacher, {"s": student}, k.images, k.train_idx, cfg.train, torch.device("cpu"),
-                       jitter_pixels(cfg.synth.jitter, teacher.input_size), k.flip, seed), keep=False)
+                       finetune_jitter(cfg.synth, cfg.train, teacher.input_size), k.flip, seed), keep=False)
     return student
 
 
