@@ -86,7 +86,7 @@ def test_zoo_benchmark_quick():
 
 
 def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
-    """Each zoo model is in exactly one of the tuning, held-out, confirmation and fresh sets, and each fresh model
+    """Each zoo model is in exactly one of the tuning, held-out, confirmation and two fresh sets, and each fresh model
     builds in timm at its input size with BatchNorm layers and 10 outputs."""
     import timm
 
@@ -94,10 +94,11 @@ def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
     import train_zoo
 
     from gzq.models import find_bn_layers
-    sets = (train_zoo.TUNING, train_zoo.HELD_OUT, train_zoo.CONFIRMATION, train_zoo.FRESH)
+    sets = (train_zoo.TUNING, train_zoo.HELD_OUT, train_zoo.CONFIRMATION, train_zoo.FRESH, train_zoo.FRESH2)
     assert sorted(n for s in sets for n in s) == sorted(train_zoo.ZOO)
-    assert len(train_zoo.TUNING) <= 3 and len(train_zoo.HELD_OUT) >= 5 and len(train_zoo.FRESH) == 4
-    for name in train_zoo.FRESH:
+    assert len(train_zoo.TUNING) <= 3 and len(train_zoo.HELD_OUT) >= 5
+    assert len(train_zoo.FRESH) == len(train_zoo.FRESH2) == 4
+    for name in train_zoo.FRESH + train_zoo.FRESH2:
         m = train_zoo.ZOO[name]
         model = timm.create_model(m.arch, num_classes=10, in_chans=m.input_size[0], **m.model_kwargs).eval()
         assert find_bn_layers(model), name
