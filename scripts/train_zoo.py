@@ -66,7 +66,8 @@ ZOO: dict[str, ZooModel] = {
                           note="one-shot aggregation (concatenation), depthwise, eSE"),
     "hgnetv2_96": ZooModel("hgnetv2_b0", (3, 96, 96), False, 2, 10000, lr=0.05,
                            note="PP-HGNetV2 light blocks, depthwise, ESE, 96 px RGB"),
-    "cspdarknet_48": ZooModel("cs3darknet_s", (3, 48, 48), True, 2, 10000, note="cross-stage partial, plain convs, RGB"),
+    "cspdarknet_48": ZooModel("cs3darknet_s", (3, 48, 48), True, 2, 10000,
+                              note="cross-stage partial, plain convs, RGB"),
     "mobileone_48": ZooModel("mobileone_s0", (1, 48, 48), False, 2, 10000, lr=0.05,
                              note="re-parameterisable multi-branch, depthwise"),
 }
