@@ -299,7 +299,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         report = dist.broadcast_object(report)
         timings["evaluate"] = time.perf_counter() - t
 
-        health = synthesis_health(report, synth)
+        health = synthesis_health(report, synth, jitter)
         report.update(timings=timings, device=str(device), config=cfg.to_dict(), versions=_versions(), budget=budget,
                       processes=world,
                       synthesis={"final_bn_log_likelihood": health["final_bn_log_likelihood"],

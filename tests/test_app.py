@@ -231,6 +231,9 @@ def test_build_config_scales_with_advanced_values():
     assert s.lambda_adv == 0 and s.bn_loss.value == "mse" and cfg.seed == 3 and cfg.train.epochs == 1
     assert (cfg.model.num_classes, cfg.model.in_chans) == (10, 1)
     assert cfg.eval.data == "/some/folder" and cfg.eval.max_real_images is None
+    # the shift checkbox: unticked turns off the roll fine-tuning gives each batch; left as None, the preset's
+    assert form.build_config("resnet18", shift=False).train.shift is False
+    assert form.build_config("resnet18", shift=None).train.shift is form.preset_fields("quick CPU")["shift"] is True
 
 
 def test_preset_fields_follow_presets():

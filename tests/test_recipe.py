@@ -282,6 +282,9 @@ def test_health_warning_names_a_collapsed_student():
             {"name": "w3a3", "agreement": None}]
     (w,) = health_warnings({"label_agreement": 99.0}, rows)
     assert w.startswith("the w4a4 model") and "30 %" in w and "50 %" in w
+    assert "train.shift=false" not in w   # fine-tuning did not shift: nothing to turn off
+    (w,) = health_warnings({"label_agreement": 99.0, "finetune_shift_pixels": 2}, rows)
+    assert "--set train.shift=false" in w and "shift the images while the small model learns" in w
     assert health_warnings({"label_agreement": 99.0}, rows[:1]) == []
 
 

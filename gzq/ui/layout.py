@@ -129,6 +129,8 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                     c["finetune"] = gr.Radio([m.value for m in FinetuneMethod], value=f0["finetune"],
                                              label="how the small model learns", info=TIPS["finetune"],
                                              elem_id="gzq-finetune")
+                    c["shift"] = gr.Checkbox(value=f0["shift"], label="shift the images while the small model learns",
+                                             info=TIPS["shift"], elem_id="gzq-shift")
                     with gr.Row():
                         c["num_students"] = _number("num_students", f0["num_students"], "students")
                         c["seed"] = _number("seed", f0["seed"], "seed")
