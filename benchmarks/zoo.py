@@ -10,7 +10,8 @@ The zoo (scripts/train_zoo.py) was split into a tuning set (TUNING) and a held-o
 default was tuned; the two are reported in separate tables, and only the held-out one is evidence. A third
 set (CONFIRMATION), added later, tests a candidate default that was chosen with the held-out set in view; a
 fourth (FRESH) holds families the others lack and is run only under rules written before its runs; a fifth
-(FRESH2), added last, holds four more such families, each measured once with every default.
+(FRESH2) and a sixth (FRESH3), added last, hold four more such families each, each measured once with every
+default.
 
 Methods, each with the same quantizer, calibration and fine-tuning at the same budget:
     gznq    the default recipe with students w4a4 and w8a8 (one synthesis serves both, as `--students w4a4,w8a8`)
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import add_overrides, real_source, recipe_digest  # noqa: E402
-from train_zoo import CONFIRMATION, FRESH, FRESH2, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
+from train_zoo import CONFIRMATION, FRESH, FRESH2, FRESH3, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import measure_costs, plan_run  # noqa: E402
 from gzq.config import FinetuneMethod, ModelSpec, override, student_specs  # noqa: E402
@@ -266,7 +267,10 @@ def main(argv=None):
         print_table("Fresh set (each run only under a rule written before it)", fresh, finetunes[0])
     fresh2 = summarise(records, [n for n in names if n in FRESH2], bits)
     if fresh2:
-        print_table("Second fresh set (added last; measured once with every default)", fresh2, finetunes[0])
+        print_table("Second fresh set (measured once with every default)", fresh2, finetunes[0])
+    fresh3 = summarise(records, [n for n in names if n in FRESH3], bits)
+    if fresh3:
+        print_table("Third fresh set (added last; measured once with every default)", fresh3, finetunes[0])
     labels = [label(m, f) for m in methods for f in finetunes]
     print_finetune_table("Fine-tuning methods, tuning set", tuning, labels, bits)
     print_finetune_table("Fine-tuning methods, held-out set", held, labels, bits)
@@ -276,7 +280,8 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
                                         bits=bits, finetune=finetunes, tuning=tuning, held_out=held,
-                                        confirmation=confirmation, fresh=fresh, fresh2=fresh2), indent=2) + "\n")
+                                        confirmation=confirmation, fresh=fresh, fresh2=fresh2,
+                                        fresh3=fresh3), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held
 

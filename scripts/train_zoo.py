@@ -70,12 +70,20 @@ ZOO: dict[str, ZooModel] = {
                               note="cross-stage partial, plain convs, RGB"),
     "mobileone_48": ZooModel("mobileone_s0", (1, 48, 48), False, 2, 10000, lr=0.05,
                              note="re-parameterisable multi-branch, depthwise"),
+    # third fresh set: the same rules as the second, families none of the sets above has
+    "gernet_64": ZooModel("gernet_s", (3, 64, 64), True, 2, 10000, note="GENet (ByobNet): plain, bottleneck and "
+                          "depthwise stages, RGB"),
+    "repvit_64": ZooModel("repvit_m0_9", (1, 64, 64), False, 2, 10000, lr=0.05,
+                          note="RepViT mobile blocks, re-parameterisable depthwise branches, SE"),
+    "dpn_32": ZooModel("dpn48b", (3, 32, 32), True, 2, 10000, note="dual path, grouped convs, pre-activation BN, RGB"),
+    "resnest_48": ZooModel("resnest14d", (1, 48, 48), False, 2, 10000, note="split attention, grouped convs"),
 }
 TUNING = ("mobilenetv2_64", "regnetx_32", "ghostnet_48")
 CONFIRMATION = ("mnasnet_96", "mixnet_64")
 FRESH = ("resnet10t_64", "mobilenetv4_96", "rexnet_48", "dla_32")
 FRESH2 = ("vovnet_64", "hgnetv2_96", "cspdarknet_48", "mobileone_48")
-HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + FRESH + FRESH2)
+FRESH3 = ("gernet_64", "repvit_64", "dpn_32", "resnest_48")
+HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + FRESH + FRESH2 + FRESH3)
 
 
 def ensure_trained(name: str, force: bool = False, threads: int = 2, folder: Path | None = None,

@@ -94,11 +94,12 @@ def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
     import train_zoo
 
     from gzq.models import find_bn_layers
-    sets = (train_zoo.TUNING, train_zoo.HELD_OUT, train_zoo.CONFIRMATION, train_zoo.FRESH, train_zoo.FRESH2)
+    fresh = (train_zoo.FRESH, train_zoo.FRESH2, train_zoo.FRESH3)
+    sets = (train_zoo.TUNING, train_zoo.HELD_OUT, train_zoo.CONFIRMATION) + fresh
     assert sorted(n for s in sets for n in s) == sorted(train_zoo.ZOO)
     assert len(train_zoo.TUNING) <= 3 and len(train_zoo.HELD_OUT) >= 5
-    assert len(train_zoo.FRESH) == len(train_zoo.FRESH2) == 4
-    for name in train_zoo.FRESH + train_zoo.FRESH2:
+    assert [len(s) for s in fresh] == [4, 4, 4]
+    for name in sum(fresh, ()):
         m = train_zoo.ZOO[name]
         model = timm.create_model(m.arch, num_classes=10, in_chans=m.input_size[0], **m.model_kwargs).eval()
         assert find_bn_layers(model), name
