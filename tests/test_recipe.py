@@ -307,6 +307,8 @@ def test_a_run_warns_of_its_collapsed_student_and_of_no_other(tmp_path):
     assert any(isinstance(e, Message) and "another 1 epochs for w2a2" in e.text for e in events)
     (w,) = [w for w in report["warnings"] if "collapsed" in w]
     assert w.startswith("the w2a2 model")
+    # KD shifted each batch by 2 px (7 % of 28): the warning names the switch that turns it off
+    assert report["synthesis"]["health"]["finetune_shift_pixels"] == 2 and "--set train.shift=false" in w
     assert any(isinstance(e, Message) and e.level == "warning" and "w2a2" in e.text for e in events)
 
 
