@@ -182,3 +182,23 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
         next(other.parameters()).view(-1)[0] += 1e-6
     assert weights_digest(other) != weights_digest(teacher.model)
     assert all(weights_digest(teacher.model) in p.name for p in tmp_path.glob("default_16_2_0_*"))
+
+
+def test_roll_agreement_tells_a_shift_invariant_model_from_a_position_bound_one():
+    """scripts/roll_agreement.py: a conv net with global average pooling reads a rolled image as it reads the image
+    (the roll wraps round, so the pooled sum is the same), and keeps every label; a linear layer on the flattened
+    pixels ties each class to positions, and loses labels under the roll."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from roll_agreement import roll_agreement
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 3, padding=1, padding_mode="circular"),
+                                 torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    for model, invariant in ((pooled, True), (flat, False)):
+        with torch.no_grad():
+            labels = model(x).argmax(1)
+        r = roll_agreement(model, x, labels, roll=3)
+        assert r["plain"] == 1.0 and r["worst"] <= r["rolled"] <= 1.0
+        assert (r["rolled"] == 1.0) is invariant, r

@@ -1,0 +1,70 @@
+"""Does the teacher keep the synthetic images' labels when fine-tuning shifts them?
+
+    python scripts/roll_agreement.py --models mobileone_48,lcnet_128 --seeds 0,1,2
+
+For each zoo model and seed with cached harness images (benchmarks/finetune.py's default 128 x 150 set; seeds
+without one are skipped, nothing is synthesised), the teacher's top-1 agreement with the images' own labels:
+on the images as they are, and under 16 random rolls of the size KD gives each batch (synth.jitter of the
+shorter side, both axes drawn in [-roll, roll] as gzq.augment.augment does), the mean and the worst of them.
+A teacher that keeps few labels under the roll is taught by KD mostly on images it reads as other classes
+(README, "The roll in KD"). One line per model and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+
+from finetune import model_spec, synthetic_source  # noqa: E402
+from gzq.augment import jitter_pixels  # noqa: E402
+from gzq.config import SynthConfig  # noqa: E402
+from gzq.models import load_teacher  # noqa: E402
+
+IMAGES, STEPS, ROLLS = 128, 150, 16
+
+
+def roll_agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, roll: int,
+                   rolls: int = ROLLS, seed: int = 0) -> dict[str, float]:
+    """The model's agreement with `labels` on x, and under `rolls` random rolls of up to `roll` pixels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        plain = (model(x).argmax(1) == labels).float().mean().item()
+        rolled = []
+        for _ in range(rolls):
+            dy, dx = torch.randint(-roll, roll + 1, (2,), generator=g).tolist()
+            rolled.append((model(torch.roll(x, (dy, dx), (2, 3))).argmax(1) == labels).float().mean().item())
+    return dict(plain=plain, rolled=sum(rolled) / len(rolled), worst=min(rolled))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", required=True, help="comma-separated zoo model names")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / "results" / "finetune_cache")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    for name in args.models.split(","):
+        spec = model_spec(name, False, args.cache_dir / "zoo")
+        teacher = load_teacher(spec, torch.device("cpu"))
+        teacher.model.eval()
+        roll = jitter_pixels(SynthConfig().jitter, teacher.input_size)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if not any(args.cache_dir.glob(f"{name}_{IMAGES}_{STEPS}_{seed}_*.pt")):
+                print(f"{name} seed {seed}: no cached images, skipped")
+                continue
+            synth = synthetic_source(spec, IMAGES, STEPS, seed, args.cache_dir, name)(teacher, "cpu")
+            x = synth.images(torch.arange(IMAGES), noise=False)
+            r = roll_agreement(teacher.model, x, synth.images.labels, roll)
+            print(f"{name:16s} seed {seed} roll {roll:2d} px: plain {r['plain']:.3f}, rolled {r['rolled']:.3f} "
+                  f"(worst of {ROLLS} {r['worst']:.3f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
