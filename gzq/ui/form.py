@@ -70,7 +70,7 @@ TIPS: dict[str, str] = {
                 "matches it block by block (learnt rounding), recon+kd does both, calibrate only measures its "
                 "ranges (no training); auto calibrates 8-bit models and uses kd below 8 bits.",
     "shift": "Moves each training batch by a few pixels, so the small model also learns the original's answers "
-             "for shifted images. If a 4-bit model comes out collapsed (agreement far under 90 %), try it off: "
+             "for shifted images. If the run warns that a 4-bit model has collapsed, try it off: "
              "on the two benchmark models whose 4-bit results fell furthest short, that gained 8 and 15 points.",
     "num_students": "Small models trained together (the 'students'); 0 means one per bit-width.",
     "seed": "The same seed gives the same images and the same result.",
