@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from accuracy import add_overrides, real_source, recipe_digest  # noqa: E402
-from train_zoo import CONFIRMATION, FRESH, FRESH2, FRESH3, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
+from train_zoo import CONFIRMATION, FRESH_SETS, HELD_OUT, TUNING, ZOO, ensure_trained  # noqa: E402
 
 from gzq.budget import measure_costs, plan_run  # noqa: E402
 from gzq.config import FinetuneMethod, ModelSpec, override, student_specs  # noqa: E402
@@ -61,6 +61,10 @@ METHODS = {
     "real": None,
 }
 RESULTS = ROOT / "benchmarks" / "results"
+#: the table title of each fresh set (scripts/train_zoo.py FRESH_SETS)
+FRESH_TITLES = {"fresh": "Fresh set (each run only under a rule written before it)",
+                "fresh2": "Second fresh set (measured once with every default)",
+                "fresh3": "Third fresh set (added last; measured once with every default)"}
 ZOO_BUDGET = {"synth": dict(num_images=128, holdout_images=16, batch_size=64, steps=150, warmup_steps=50),
               "train": dict(epochs=30), "eval": {}}
 
@@ -262,15 +266,10 @@ def main(argv=None):
     confirmation = summarise(records, [n for n in names if n in CONFIRMATION], bits)
     if confirmation:
         print_table("Confirmation set (added after the held-out set was measured)", confirmation, finetunes[0])
-    fresh = summarise(records, [n for n in names if n in FRESH], bits)
-    if fresh:
-        print_table("Fresh set (each run only under a rule written before it)", fresh, finetunes[0])
-    fresh2 = summarise(records, [n for n in names if n in FRESH2], bits)
-    if fresh2:
-        print_table("Second fresh set (measured once with every default)", fresh2, finetunes[0])
-    fresh3 = summarise(records, [n for n in names if n in FRESH3], bits)
-    if fresh3:
-        print_table("Third fresh set (added last; measured once with every default)", fresh3, finetunes[0])
+    fresh = {key: summarise(records, [n for n in names if n in members], bits) for key, members in FRESH_SETS.items()}
+    for key, title in FRESH_TITLES.items():
+        if fresh[key]:
+            print_table(title, fresh[key], finetunes[0])
     labels = [label(m, f) for m in methods for f in finetunes]
     print_finetune_table("Fine-tuning methods, tuning set", tuning, labels, bits)
     print_finetune_table("Fine-tuning methods, held-out set", held, labels, bits)
@@ -280,8 +279,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(budget=base, budget_s=args.budget_s, overrides=args.set, seeds=seeds,
                                         bits=bits, finetune=finetunes, tuning=tuning, held_out=held,
-                                        confirmation=confirmation, fresh=fresh, fresh2=fresh2,
-                                        fresh3=fresh3), indent=2) + "\n")
+                                        confirmation=confirmation, **fresh), indent=2) + "\n")
     print(f"wrote {args.out}")
     return tuning, held
 

@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-import torch  # noqa: E402
+import torch
+from finetune import model_spec, synthetic_source
 
-from finetune import model_spec, synthetic_source  # noqa: E402
-from gzq.augment import jitter_pixels  # noqa: E402
-from gzq.config import SynthConfig  # noqa: E402
-from gzq.models import load_teacher  # noqa: E402
+from gzq.augment import jitter_pixels
+from gzq.config import SynthConfig
+from gzq.models import load_teacher
 
 IMAGES, STEPS, ROLLS = 128, 150, 16
 
@@ -40,7 +40,7 @@ def roll_agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor
         for _ in range(rolls):
             dy, dx = torch.randint(-roll, roll + 1, (2,), generator=g).tolist()
             rolled.append((model(torch.roll(x, (dy, dx), (2, 3))).argmax(1) == labels).float().mean().item())
-    return dict(plain=plain, rolled=sum(rolled) / len(rolled), worst=min(rolled))
+    return {"plain": plain, "rolled": sum(rolled) / len(rolled), "worst": min(rolled)}
 
 
 def main(argv=None) -> None:

@@ -83,6 +83,8 @@ CONFIRMATION = ("mnasnet_96", "mixnet_64")
 FRESH = ("resnet10t_64", "mobilenetv4_96", "rexnet_48", "dla_32")
 FRESH2 = ("vovnet_64", "hgnetv2_96", "cspdarknet_48", "mobileone_48")
 FRESH3 = ("gernet_64", "repvit_64", "dpn_32", "resnest_48")
+#: the fresh sets by their key in benchmarks/zoo.py's results, in the order they were added
+FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3}
 HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + FRESH + FRESH2 + FRESH3)
 
 
