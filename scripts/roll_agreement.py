@@ -5,7 +5,9 @@
 For each zoo model and seed with cached harness images (benchmarks/finetune.py's default 128 x 150 set; seeds
 without one are skipped, nothing is synthesised), the teacher's top-1 agreement with the images' own labels:
 on the images as they are, and under 16 random rolls of the size KD gives each batch (synth.jitter of the
-shorter side, both axes drawn in [-roll, roll] as gzq.augment.augment does), the mean and the worst of them.
+shorter side, drawn by gzq.augment.augment as KD draws it), the mean and the worst of them. The synthesis
+flip check (gzq.synthesis.flip_check) measures one such roll on the images as they form; this is 16 on the
+finished ones.
 A teacher that keeps few labels under the roll is taught by KD mostly on images it reads as other classes
 (README, "The roll in KD"). One line per model and seed.
 """
@@ -23,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch
 from finetune import model_spec, synthetic_source
 
-from gzq.augment import jitter_pixels
+from gzq.augment import augment, jitter_pixels
 from gzq.config import SynthConfig
 from gzq.models import load_teacher
 
@@ -32,14 +34,14 @@ IMAGES, STEPS, ROLLS = 128, 150, 16
 
 def roll_agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, roll: int,
                    rolls: int = ROLLS, seed: int = 0) -> dict[str, float]:
-    """The model's agreement with `labels` on x, and under `rolls` random rolls of up to `roll` pixels."""
+    """The model's agreement with `labels` on x, and under `rolls` random rolls of up to `roll` pixels, each drawn
+    as KD draws its roll (gzq.augment.augment without flips)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         plain = (model(x).argmax(1) == labels).float().mean().item()
         rolled = []
         for _ in range(rolls):
-            dy, dx = torch.randint(-roll, roll + 1, (2,), generator=g).tolist()
-            rolled.append((model(torch.roll(x, (dy, dx), (2, 3))).argmax(1) == labels).float().mean().item())
+            rolled.append((model(augment(x, roll, False, g)).argmax(1) == labels).float().mean().item())
     return {"plain": plain, "rolled": sum(rolled) / len(rolled), "worst": min(rolled)}
 
 
