@@ -89,17 +89,19 @@ HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + FRESH + FRES
 
 
 def ensure_trained(name: str, force: bool = False, threads: int = 2, folder: Path | None = None,
-                   train_images: int | None = None) -> Path:
+                   train_images: int | None = None, epochs: int | None = None) -> Path:
     """The checkpoint of zoo model `name` in `folder` (default ZOO_DIR), trained first when it is not there.
-    train_images overrides the model's subset size (a smoke test trains on a few images)."""
+    train_images overrides the model's subset size (a smoke test trains on a few images, for one epoch);
+    epochs overrides its epoch count (a teacher trained longer than the zoo's, in a folder of its own)."""
     m = ZOO[name]
     folder = folder or ZOO_DIR
     path = folder / f"{name}.safetensors"
     if force or not path.exists() or not path.with_suffix(".json").exists():
         n = train_images or m.train_images
-        train(m.arch, name, folder, m.input_size, m.model_kwargs, flip=m.flip, epochs=m.epochs if n == m.train_images
-              else 1, lr=m.lr, train_images=n, threads=threads,
-              command=f"python scripts/train_zoo.py --models {name}")
+        command = f"python scripts/train_zoo.py --models {name}" + (f" --epochs {epochs}" if epochs else "")
+        train(m.arch, name, folder, m.input_size, m.model_kwargs, flip=m.flip,
+              epochs=epochs or (m.epochs if n == m.train_images else 1), lr=m.lr, train_images=n, threads=threads,
+              command=command)
     return path
 
 
@@ -108,13 +110,17 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, from {', '.join(ZOO)}")
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epochs", type=int, help="train for this many epochs instead of the zoo's (with GZQ_ZOO_DIR set "
+                   "to a folder of its own: a stronger teacher beside the zoo's, for diagnosis)")
     args = p.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs must be at least 1, got {args.epochs}")
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         p.error(f"unknown zoo models {unknown}; known: {', '.join(ZOO)}")
     for n in names:
-        print(ensure_trained(n, args.force, args.threads))
+        print(ensure_trained(n, args.force, args.threads, epochs=args.epochs))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,25 @@ def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
             assert model(torch.zeros(1, *m.input_size)).shape == (1, 10), name
 
 
+def test_train_zoo_epochs_override_trains_longer_and_says_so(tmp_path, monkeypatch):
+    """`--epochs` trains a zoo model for that many epochs (into the folder GZQ_ZOO_DIR names), writes the command
+    into its card, and leaves the zoo's own epoch count alone without it; a bad count is refused."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_zoo
+
+    calls = []
+    monkeypatch.setattr(train_zoo, "train", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(train_zoo, "ZOO_DIR", tmp_path)
+    train_zoo.main(["--models", "mobileone_48", "--epochs", "6", "--threads", "1"])
+    train_zoo.main(["--models", "regnetx_32"])
+    assert [c["epochs"] for c in calls] == [6, train_zoo.ZOO["regnetx_32"].epochs]
+    assert calls[0]["command"] == "python scripts/train_zoo.py --models mobileone_48 --epochs 6"
+    assert calls[0]["train_images"] == train_zoo.ZOO["mobileone_48"].train_images and calls[0]["threads"] == 1
+    with pytest.raises(SystemExit):
+        train_zoo.main(["--models", "regnetx_32", "--epochs", "0"])
+    assert len(calls) == 2
+
+
 def test_finetune_benchmark_quick():
     """KD and block reconstruction on the same images, side by side; a temporary results file."""
     r = subprocess.run([sys.executable, "benchmarks/finetune.py", "--quick", "--models", "default",
