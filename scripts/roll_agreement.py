@@ -3,11 +3,16 @@
     python scripts/roll_agreement.py --models mobileone_48,lcnet_128 --seeds 0,1,2
 
 For each zoo model and seed with cached harness images (benchmarks/finetune.py's default 128 x 150 set; seeds
-without one are skipped, nothing is synthesised), the teacher's top-1 agreement with the images' own labels:
-on the images as they are, and under 16 random rolls of the size KD gives each batch (synth.jitter of the
-shorter side, drawn by gzq.augment.augment as KD draws it), the mean and the worst of them. The synthesis
-flip check (gzq.synthesis.flip_check) measures one such roll on the images as they form; this is 16 on the
-finished ones.
+without one are skipped and nothing is synthesised, unless --set asks for other images), the teacher's top-1
+agreement with the images' own labels: on the images as they are, and under 16 random rolls of the size KD
+gives each batch (synth.jitter of the shorter side, drawn by gzq.augment.augment as KD draws it), the mean and
+the worst of them. The synthesis flip check (gzq.synthesis.flip_check) measures one such roll on the images as
+they form; this is 16 on the finished ones.
+With `--set synth.FIELD=VALUE` (as benchmarks/finetune.py takes it), the images of that synthesis instead, made
+and cached first where the harness has not made them (a few minutes per model and seed):
+
+    python scripts/roll_agreement.py --models mobileone_48 --seeds 0 --set synth.lambda_bn=0
+
 A teacher that keeps few labels under the roll is taught by KD mostly on images it reads as other classes
 (README, "The roll in KD"). One line per model and seed.
 """
@@ -49,8 +54,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", required=True, help="comma-separated zoo model names")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], metavar="synth.FIELD=VALUE",
+                   help="a synthesis override; the images it gives are made and cached where missing")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / "results" / "finetune_cache")
     args = p.parse_args(argv)
+    wrong = [s for s in args.set if not s.startswith("synth.")]
+    if wrong:
+        p.error(f"--set {wrong[0]}: only synthesis fields (synth.FIELD=VALUE) change the images")
     torch.set_num_threads(1)
     for name in args.models.split(","):
         spec = model_spec(name, False, args.cache_dir / "zoo")
@@ -58,13 +68,14 @@ def main(argv=None) -> None:
         teacher.model.eval()
         roll = jitter_pixels(SynthConfig().jitter, teacher.input_size)
         for seed in (int(s) for s in args.seeds.split(",")):
-            if not any(args.cache_dir.glob(f"{name}_{IMAGES}_{STEPS}_{seed}_*.pt")):
+            if not args.set and not any(args.cache_dir.glob(f"{name}_{IMAGES}_{STEPS}_{seed}_*.pt")):
                 print(f"{name} seed {seed}: no cached images, skipped")
                 continue
-            synth = synthetic_source(spec, IMAGES, STEPS, seed, args.cache_dir, name)(teacher, "cpu")
+            synth = synthetic_source(spec, IMAGES, STEPS, seed, args.cache_dir, name, tuple(args.set))(teacher, "cpu")
             x = synth.images(torch.arange(IMAGES), noise=False)
             r = roll_agreement(teacher.model, x, synth.images.labels, roll)
-            print(f"{name:16s} seed {seed} roll {roll:2d} px: plain {r['plain']:.3f}, rolled {r['rolled']:.3f} "
+            what = "".join(f" {s}" for s in args.set)
+            print(f"{name:16s} seed {seed}{what} roll {roll:2d} px: plain {r['plain']:.3f}, rolled {r['rolled']:.3f} "
                   f"(worst of {ROLLS} {r['worst']:.3f})", flush=True)
 
 

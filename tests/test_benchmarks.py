@@ -207,9 +207,13 @@ def test_finetune_benchmark_caches_images_per_synthesis_override(tmp_path):
 def test_roll_agreement_tells_a_shift_invariant_model_from_a_position_bound_one():
     """scripts/roll_agreement.py: a conv net with global average pooling reads a rolled image as it reads the image
     (the roll wraps round, so the pooled sum is the same), and keeps every label; a linear layer on the flattened
-    pixels ties each class to positions, and loses labels under the roll."""
+    pixels ties each class to positions, and loses labels under the roll. An override that cannot change the images
+    (not synth.*) is refused."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from roll_agreement import roll_agreement
+    from roll_agreement import main, roll_agreement
+
+    with pytest.raises(SystemExit):   # only synthesis overrides change the images it reads
+        main(["--models", "mobileone_48", "--set", "train.shift=false"])
 
     torch.manual_seed(0)
     x = torch.randn(64, 1, 16, 16)
