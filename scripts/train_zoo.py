@@ -12,6 +12,7 @@ evidence that they transfer.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -120,6 +121,13 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown zoo models {unknown}; known: {', '.join(ZOO)}")
     for n in names:
+        card = ZOO_DIR / f"{n}.json"
+        if args.epochs and not args.force and card.exists():
+            made_by = json.loads(card.read_text()).get("train_command", "")
+            if made_by != f"python scripts/train_zoo.py --models {n} --epochs {args.epochs}":
+                p.error(f"{n} is already in {ZOO_DIR}, made by `{made_by}`, so --epochs {args.epochs} would not "
+                        f"apply: set GZQ_ZOO_DIR to another folder for the longer-trained teacher (or add --force "
+                        f"to replace this one)")
         print(ensure_trained(n, args.force, args.threads, epochs=args.epochs))
 
 

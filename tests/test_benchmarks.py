@@ -110,7 +110,8 @@ def test_zoo_sets_split_the_zoo_and_every_model_is_a_bn_classifier():
 
 def test_train_zoo_epochs_override_trains_longer_and_says_so(tmp_path, monkeypatch):
     """`--epochs` trains a zoo model for that many epochs (into the folder GZQ_ZOO_DIR names), writes the command
-    into its card, and leaves the zoo's own epoch count alone without it; a bad count is refused."""
+    into its card, and leaves the zoo's own epoch count alone without it; a bad count is refused, and so is a folder
+    that already holds a teacher trained otherwise."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_zoo
 
@@ -124,6 +125,11 @@ def test_train_zoo_epochs_override_trains_longer_and_says_so(tmp_path, monkeypat
     assert calls[0]["train_images"] == train_zoo.ZOO["mobileone_48"].train_images and calls[0]["threads"] == 1
     with pytest.raises(SystemExit):
         train_zoo.main(["--models", "regnetx_32", "--epochs", "0"])
+    (tmp_path / "regnetx_32.json").write_text(json.dumps({"train_command": "python scripts/train_zoo.py --models "
+                                                                          "regnetx_32"}))
+    (tmp_path / "regnetx_32.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):   # the zoo's teacher is there: --epochs would silently not apply
+        train_zoo.main(["--models", "regnetx_32", "--epochs", "6"])
     assert len(calls) == 2
 
 
