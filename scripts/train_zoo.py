@@ -86,7 +86,12 @@ FRESH2 = ("vovnet_64", "hgnetv2_96", "cspdarknet_48", "mobileone_48")
 FRESH3 = ("gernet_64", "repvit_64", "dpn_32", "resnest_48")
 #: the fresh sets by their key in benchmarks/zoo.py's results, in the order they were added
 FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3}
-HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + FRESH + FRESH2 + FRESH3)
+HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + sum(FRESH_SETS.values(), ()))
+
+
+def train_command(name: str, epochs: int | None = None) -> str:
+    """The command that trains zoo model `name` (for `epochs` instead of the zoo's own), as its card records it."""
+    return f"python scripts/train_zoo.py --models {name}" + (f" --epochs {epochs}" if epochs else "")
 
 
 def ensure_trained(name: str, force: bool = False, threads: int = 2, folder: Path | None = None,
@@ -99,10 +104,9 @@ def ensure_trained(name: str, force: bool = False, threads: int = 2, folder: Pat
     path = folder / f"{name}.safetensors"
     if force or not path.exists() or not path.with_suffix(".json").exists():
         n = train_images or m.train_images
-        command = f"python scripts/train_zoo.py --models {name}" + (f" --epochs {epochs}" if epochs else "")
         train(m.arch, name, folder, m.input_size, m.model_kwargs, flip=m.flip,
               epochs=epochs or (m.epochs if n == m.train_images else 1), lr=m.lr, train_images=n, threads=threads,
-              command=command)
+              command=train_command(name, epochs))
     return path
 
 
@@ -124,7 +128,7 @@ def main(argv=None):
         card = ZOO_DIR / f"{n}.json"
         if args.epochs and not args.force and card.exists():
             made_by = json.loads(card.read_text()).get("train_command", "")
-            if made_by != f"python scripts/train_zoo.py --models {n} --epochs {args.epochs}":
+            if made_by != train_command(n, args.epochs):
                 p.error(f"{n} is already in {ZOO_DIR}, made by `{made_by}`, so --epochs {args.epochs} would not "
                         f"apply: set GZQ_ZOO_DIR to another folder for the longer-trained teacher (or add --force "
                         f"to replace this one)")
