@@ -1,7 +1,8 @@
 """Train the benchmark zoo: timm BN classifiers of many families, input sizes, channel counts and training
 augmentations, all on Fashion-MNIST (offline: Debian's dataset-fashion-mnist), deterministically.
 
-    python scripts/train_zoo.py                 # every model missing from the cache (1-7 min per model)
+    python scripts/train_zoo.py                 # every model missing from the cache (1-7 min per model at 2
+                                                # epochs; the fourth fresh set's 6 took 6-26 min at one thread)
     python scripts/train_zoo.py --models regnetx_32 --force
 
 The weights and model cards go to $GZQ_ZOO_DIR (default ~/.cache/gzq/zoo), outside git; benchmarks/zoo.py
