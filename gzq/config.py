@@ -206,9 +206,14 @@ class QuantSpec(_Serialisable):
     w_symmetric: bool = True
     act_init: ActInit = ActInit.AUTO
     act_percentile: float | str = "auto"   # a percentile, or "auto": chosen per run among AUTO_PERCENTILES
+    fuse_branches: bool = False   # re-parameterisable networks (RepVGG, MobileOne, FastViT, RepViT): quantize the
+                                  # fused inference form (timm's reparameterize_model) instead of each training
+                                  # branch; a faster file, at an accuracy cost on some (README, "Re-parameterisable")
 
     def __post_init__(self):
         self.w_bits, self.a_bits = int(self.w_bits), int(self.a_bits)
+        if self.fuse_branches not in (True, False):
+            raise ValueError(f"fuse_branches is true or false, got {self.fuse_branches!r}")
         _check_range("w_bits", self.w_bits, 2, 8)
         _check_range("a_bits", self.a_bits, 2, 8)
         self.protocol = Protocol(self.protocol)

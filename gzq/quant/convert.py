@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+from timm.utils.model import reparameterize_model
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -155,8 +156,12 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     conv with 8-bit weights and an 8-bit input adds its bias as int32 codes (step input scale x weight scale):
     onnxruntime runs such a conv as QLinearConv, which rounds the bias so, and the student computes what the
     ONNX file will.
+
+    With spec.fuse_branches the copy is first re-parameterised (timm's reparameterize_model: the parallel conv + BN
+    branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function); by
+    default each branch keeps its own quantized conv.
     """
-    student = copy.deepcopy(teacher)
+    student = reparameterize_model(teacher) if spec.fuse_branches else copy.deepcopy(teacher)
     fold_bn_(student, example)
     if spec.protocol == Protocol.DEPLOYABLE:
         student = graph.trace(student.eval())

@@ -5,6 +5,7 @@ calls `build_config` and `weights_problem` with the form's values.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import timm
@@ -63,6 +64,10 @@ TIPS: dict[str, str] = {
                 "(the setting of the BRECQ and Genie papers) or get the chosen bits too (GDFQ, SynQ); 'integer "
                 "runtime' also quantizes the input, residual sums and pooling, so that at 8 bit onnxruntime "
                 "runs every layer on integer kernels (what the download is measured on).",
+    "fuse_branches": "For networks trained with parallel branches (RepVGG, MobileOne, FastViT, RepViT): quantize "
+                     "the fused form they run in after training, one layer per block. The download runs 1.4 to 7 "
+                     "times faster; at 8 bits it keeps the accuracy on some of these networks and loses 4 to 7 "
+                     "points on others, at 4 bits it can lose most of it. Other networks are unchanged.",
     "steps": "How many times the synthetic images are improved; more steps, more natural images.",
     "num_images": "How many synthetic images are made to train the small model on.",
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
@@ -131,14 +136,15 @@ def _as_int(name: str, value, lo: int | None = None, hi: int | None = None) -> i
     return v
 
 
-def parse_students(w_bits, a_bits, protocol: str, extra: str | None) -> list[QuantSpec]:
-    """The main student (w_bits/a_bits) then the extra ones ('w8a8, w3a3'), all with one protocol, no repeats."""
+def parse_students(w_bits, a_bits, protocol: str, extra: str | None, fuse_branches: bool = False) -> list[QuantSpec]:
+    """The main student (w_bits/a_bits) then the extra ones ('w8a8, w3a3'), all with one protocol and one
+    fuse_branches, no repeats."""
     main = QuantSpec(w_bits=_as_int("weight bits", w_bits, 2, 8), a_bits=_as_int("activation bits", a_bits, 2, 8),
-                     protocol=protocol or "all_layers")
+                     protocol=protocol or "all_layers", fuse_branches=bool(fuse_branches))
     out = [main]
     for tok in (extra or "").replace(";", ",").replace(" ", ",").split(","):
         if tok.strip():
-            spec = QuantSpec.parse(tok, protocol=main.protocol)
+            spec = dataclasses.replace(QuantSpec.parse(tok, protocol=main.protocol), fuse_branches=main.fuse_branches)
             if spec.name not in {s.name for s in out}:
                 out.append(spec)
     return out
@@ -153,11 +159,10 @@ def model_name(model: str | None) -> str:
 
 def build_config(model: str | None, checkpoint: str | None = None, num_classes=None, in_chans=None,
                  pretrained: bool = False, w_bits=4, a_bits=4, protocol: str = "all_layers",
-                 extra_students: str | None = "", preset: str = "quick CPU", steps=None, num_images=None,
-                 epochs=None, finetune=None, shift=None, num_students=None, seed=None, lambda_bn=None, lambda_ce=None,
-                 lambda_adv=None,
-                 lambda_tv=None, lambda_l2=None, bn_loss=None, image_param=None, data_dir: str | None = None,
-                 device: str = "auto", **_ignored) -> RunConfig:
+                 extra_students: str | None = "", fuse_branches: bool = False, preset: str = "quick CPU", steps=None,
+                 num_images=None, epochs=None, finetune=None, shift=None, num_students=None, seed=None, lambda_bn=None,
+                 lambda_ce=None, lambda_adv=None, lambda_tv=None, lambda_l2=None, bn_loss=None, image_param=None,
+                 data_dir: str | None = None, device: str = "auto", **_ignored) -> RunConfig:
     """The RunConfig for the form's values. Raises ValueError with a message meant for the user.
 
     Advanced values left empty take the preset's. When the image count or steps differ from the preset,
@@ -200,7 +205,7 @@ def build_config(model: str | None, checkpoint: str | None = None, num_classes=N
     eval_section = {"data": data_dir, "max_real_images": None} if data_dir else {}
     lib_preset, overrides = UI_PRESETS[preset]
     cfg = make_config(lib_preset, device=device, model=model_spec,
-                      students=parse_students(w_bits, a_bits, protocol, extra_students),
+                      students=parse_students(w_bits, a_bits, protocol, extra_students, fuse_branches),
                       synth={**overrides.get("synth", {}), **synth}, train={**overrides.get("train", {}), **train},
                       eval={**overrides.get("eval", {}), **eval_section},
                       seed=_as_int("seed", seed, 0) if seed not in (None, "") else base.seed)

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 #: the form's values, by the names the run event takes them (also its API parameter names)
 FORM_KEYS = ["model", "pretrained", "random_weights", "checkpoint", "num_classes", "in_chans", "w_bits", "a_bits",
-             "extra_students", "protocol", "preset", "steps", "num_images", "epochs", "finetune", "shift",
-             "num_students", "seed", "lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2", "bn_loss",
-             "image_param", "labelled_zip"]
+             "extra_students", "protocol", "fuse_branches", "preset", "steps", "num_images", "epochs", "finetune",
+             "shift", "num_students", "seed", "lambda_bn", "lambda_ce", "lambda_adv", "lambda_tv", "lambda_l2",
+             "bn_loss", "image_param", "labelled_zip"]
 #: what the run event updates, in the order API clients receive it (buttons and browser state are not sent)
 RUN_OUTPUTS = ["status", "progress", "gallery", "class_filter", "bn_plot", "kl_plot", "recon_plot", "losses",
                "log", "results_section", "downloads", "results", "technical", "files_list", "files", "run", "stop",

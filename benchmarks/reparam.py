@@ -1,0 +1,133 @@
+"""Re-parameterisable networks: quantize the training form (each branch its own conv) or the fused one?
+
+    python benchmarks/reparam.py                                  # the zoo's four such models, ~10 min
+    python benchmarks/reparam.py --models repvgg_32 --json ''     # one model, no results file
+
+RepVGG, MobileOne, FastViT and RepViT train with parallel conv + BN branches that timm's
+`reparameterize_model` fuses into one conv for inference (same function, fewer and cheaper layers). GZQ
+builds its students from the model as loaded, so a re-parameterisable network is quantized, trained and
+exported in its training form. This benchmark measures what fusing first would give instead, on the zoo's
+trained models (scripts/train_zoo.py): for each bit-width a student of each form is calibrated on the same
+real training images (post-training quantization, no synthesis or KD, so that only the form differs) and
+scored on real test images; then the W8A8 deployable ONNX files of both forms are timed in onnxruntime,
+interleaved, and the fused file's latency is given as a ratio to the branched one. Writes
+benchmarks/results/reparam.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch
+from export import latency_samples, session
+from timm.utils.model import reparameterize_model
+
+from gzq.config import ModelSpec, Protocol, QuantSpec
+from gzq.data import load_dataset, to_model_input
+from gzq.evaluate import predict_logits, top1
+from gzq.export import export_onnx
+from gzq.models import load_teacher
+from gzq.quant import calibrate_, create_student
+
+MODELS = ("repvgg_32", "mobileone_48", "repvit_64", "fastvit_64")
+BITS = ("w8a8", "w4a4")
+
+
+def n_convs(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def measure(model: torch.nn.Module, input_size, classifier, calib: torch.Tensor, test: torch.Tensor,
+            labels: torch.Tensor, work: Path, bits=BITS, seconds: float = 2.0) -> dict:
+    """Top-1 of the FP model and of each form's calibrated student at each of `bits`, and the W8A8
+    deployable files' batch-1 latency (fused / branched, one thread)."""
+    model = model.eval()
+    fused = reparameterize_model(model).eval()
+    forms = {"branches": model, "fused": fused}
+    dev = torch.device("cpu")
+    row = {"convs": n_convs(model), "fused_convs": n_convs(fused),
+           "fp": top1(predict_logits(model, test, dev), labels),
+           "fused_fp": top1(predict_logits(fused, test, dev), labels)}
+    example = torch.zeros(2, *input_size)
+    for b in bits:
+        for form, m in forms.items():
+            s = create_student(m, QuantSpec.parse(b), example, classifier)
+            with torch.no_grad():
+                calibrate_(s, calib.split(64))
+                row[f"{b}_{form}"] = top1(predict_logits(s, test, dev), labels)
+    paths = {}
+    for form, m in forms.items():
+        s = create_student(m, QuantSpec.parse("w8a8", Protocol.DEPLOYABLE), example, classifier)
+        with torch.no_grad():
+            calibrate_(s, calib.split(64))
+        paths[form] = Path(export_onnx(s.eval(), work / f"{form}.onnx", input_size)["path"])
+    sessions = {form: session(p, 1) for form, p in paths.items()}
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    samples = {form: [] for form in sessions}
+    for _ in range(3):                      # interleaved, so load from other processes falls on both alike
+        for form, sess in sessions.items():
+            samples[form] += latency_samples(sess, x, 5, seconds / 3)
+    for form in sessions:
+        row[f"ms_{form}"] = statistics.median(samples[form])
+    row["fused_latency_ratio"] = row["ms_fused"] / row["ms_branches"]
+    return row
+
+
+def format_table(rows: list[dict], bits=BITS) -> str:
+    acc = "".join(f"{f'{b} branch':>13}{f'{b} fused':>12}" for b in bits)
+    head = f"{'model':<14}{'arch':<14}{'convs':>10}{'FP':>8}{'fused FP':>10}{acc}{'W8A8 file ms':>15}{'fused x':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        a = "".join(f"{r[f'{b}_branches']:>13.2f}{r[f'{b}_fused']:>12.2f}" for b in bits)
+        lines.append(f"{r['model']:<14}{r['arch']:<14}{r['convs']:>5}->{r['fused_convs']:<3}{r['fp']:>8.2f}"
+                     f"{r['fused_fp']:>10.2f}{a}{r['ms_branches']:>15.2f}{r['fused_latency_ratio']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from train_zoo import ZOO, ensure_trained
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--calib-images", type=int, default=256, help="real training images the students calibrate on")
+    p.add_argument("--test-images", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "reparam.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        if name not in ZOO:
+            raise SystemExit(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}")
+        t = load_teacher(ModelSpec(name=ZOO[name].arch, checkpoint=str(ensure_trained(name))))
+        xs, ys = load_dataset(t.dataset, "train")
+        idx = torch.randperm(len(ys), generator=torch.Generator().manual_seed(0))[:args.calib_images]
+        calib = to_model_input(xs[idx], t.mean, t.std, t.input_size)
+        xt, yt = load_dataset(t.dataset, "test")
+        test = to_model_input(xt[:args.test_images], t.mean, t.std, t.input_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            row = measure(t.model, t.input_size, t.classifier, calib, test, yt[:args.test_images], Path(tmp))
+        rows.append(dict(model=name, arch=ZOO[name].arch, **row))
+        print(f"  {name} done", flush=True)
+    print(f"post-training quantization on {args.calib_images} real training images, top-1 % on "
+          f"{args.test_images} test images; W8A8 deployable ONNX, batch 1, {args.threads} thread(s), median ms")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
