@@ -16,6 +16,7 @@ benchmarks/results/reparam.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,6 +43,7 @@ from gzq.quant import calibrate_, create_student
 
 MODELS = ("repvgg_32", "mobileone_48", "repvit_64", "fastvit_64")
 BITS = ("w8a8", "w4a4")
+FORMS = {"branches": False, "fused": True}   # students.fuse_branches of each form
 
 
 def n_convs(model: torch.nn.Module) -> int:
@@ -54,34 +56,52 @@ def measure(model: torch.nn.Module, input_size, classifier, calib: torch.Tensor,
     deployable files' batch-1 latency (fused / branched, one thread)."""
     model = model.eval()
     fused = reparameterize_model(model).eval()
-    forms = {"branches": model, "fused": fused}
     dev = torch.device("cpu")
     row = {"convs": n_convs(model), "fused_convs": n_convs(fused),
            "fp": top1(predict_logits(model, test, dev), labels),
            "fused_fp": top1(predict_logits(fused, test, dev), labels)}
     example = torch.zeros(2, *input_size)
     for b in bits:
-        for form, m in forms.items():
-            s = create_student(m, QuantSpec.parse(b), example, classifier)
+        for form, fuse in FORMS.items():
+            s = create_student(model, dataclasses.replace(QuantSpec.parse(b), fuse_branches=fuse), example, classifier)
             with torch.no_grad():
                 calibrate_(s, calib.split(64))
                 row[f"{b}_{form}"] = top1(predict_logits(s, test, dev), labels)
-    paths = {}
-    for form, m in forms.items():
-        s = create_student(m, QuantSpec.parse("w8a8", Protocol.DEPLOYABLE), example, classifier)
+    row.update(file_latency(model, input_size, classifier, calib, work, seconds))
+    return row
+
+
+def file_latency(model: torch.nn.Module, input_size, classifier, calib: torch.Tensor, work: Path,
+                 seconds: float = 2.0) -> dict:
+    """Batch-1 latency (median ms, one thread) of each form's W8A8 deployable ONNX file, timed interleaved so that
+    load from other processes falls on both alike, and the fused file's as a ratio to the branched one's."""
+    example, paths = torch.zeros(2, *input_size), {}
+    for form, fuse in FORMS.items():
+        s = create_student(model, QuantSpec(8, 8, Protocol.DEPLOYABLE, fuse_branches=fuse), example, classifier)
         with torch.no_grad():
             calibrate_(s, calib.split(64))
         paths[form] = Path(export_onnx(s.eval(), work / f"{form}.onnx", input_size)["path"])
     sessions = {form: session(p, 1) for form, p in paths.items()}
     x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
     samples = {form: [] for form in sessions}
-    for _ in range(3):                      # interleaved, so load from other processes falls on both alike
+    for _ in range(3):
         for form, sess in sessions.items():
             samples[form] += latency_samples(sess, x, 5, seconds / 3)
-    for form in sessions:
-        row[f"ms_{form}"] = statistics.median(samples[form])
-    row["fused_latency_ratio"] = row["ms_fused"] / row["ms_branches"]
-    return row
+    out = {f"ms_{form}": statistics.median(samples[form]) for form in sessions}
+    return {**out, "fused_latency_ratio": out["ms_fused"] / out["ms_branches"]}
+
+
+def random_timm(arch: str, size=(3, 224, 224)) -> torch.nn.Module:
+    """timm `arch` with random weights and BN statistics from Gaussian images (latency needs no training)."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model(arch)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+        m.train()(torch.randn(8, *size))
+    return m.eval()
 
 
 def format_table(rows: list[dict], bits=BITS) -> str:
@@ -101,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--calib-images", type=int, default=256, help="real training images the students calibrate on")
     p.add_argument("--test-images", type=int, default=5000)
+    p.add_argument("--timm", default="", help="also these timm architectures at 224 px, random weights: the files' "
+                                              "latency only, e.g. repvgg_a0,mobileone_s0")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "reparam.json"))
     args = p.parse_args(argv)
@@ -120,12 +142,26 @@ def main(argv=None) -> int:
             row = measure(t.model, t.input_size, t.classifier, calib, test, yt[:args.test_images], Path(tmp))
         rows.append(dict(model=name, arch=ZOO[name].arch, **row))
         print(f"  {name} done", flush=True)
+    lat = []
+    for arch in [a for a in args.timm.split(",") if a]:
+        m = random_timm(arch)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = file_latency(m, (3, 224, 224), m.pretrained_cfg["classifier"], torch.randn(32, 3, 224, 224),
+                             Path(tmp), seconds=4.0)
+        lat.append(dict(model=f"{arch} (224 px)", convs=n_convs(m), fused_convs=n_convs(reparameterize_model(m)), **r))
+        print(f"  {arch} done", flush=True)
     print(f"post-training quantization on {args.calib_images} real training images, top-1 % on "
           f"{args.test_images} test images; W8A8 deployable ONNX, batch 1, {args.threads} thread(s), median ms")
     print(format_table(rows))
+    if lat:
+        print("\nW8A8 deployable ONNX at 224 px, random weights, batch 1, median ms")
+        print(f"{'model':<26}{'convs':>10}{'branches ms':>13}{'fused ms':>10}{'fused x':>9}")
+        for r in lat:
+            print(f"{r['model']:<26}{r['convs']:>5}->{r['fused_convs']:<3}{r['ms_branches']:>14.2f}"
+                  f"{r['ms_fused']:>10.2f}{r['fused_latency_ratio']:>8.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"zoo": rows, "timm_224": lat}, indent=2) + "\n")
     return 0
 
 
