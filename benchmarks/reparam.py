@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch
-from export import latency_samples, session
+from export import _random_timm, latency_samples, session
 from timm.utils.model import reparameterize_model
 
 from gzq.config import ModelSpec, Protocol, QuantSpec
@@ -91,19 +91,6 @@ def file_latency(model: torch.nn.Module, input_size, classifier, calib: torch.Te
     return {**out, "fused_latency_ratio": out["ms_fused"] / out["ms_branches"]}
 
 
-def random_timm(arch: str, size=(3, 224, 224)) -> torch.nn.Module:
-    """timm `arch` with random weights and BN statistics from Gaussian images (latency needs no training)."""
-    import timm
-    torch.manual_seed(0)
-    m = timm.create_model(arch)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-                mod.weight.uniform_(0.5, 1.5)
-        m.train()(torch.randn(8, *size))
-    return m.eval()
-
-
 def format_table(rows: list[dict], bits=BITS) -> str:
     acc = "".join(f"{f'{b} branch':>13}{f'{b} fused':>12}" for b in bits)
     head = f"{'model':<14}{'arch':<14}{'convs':>10}{'FP':>8}{'fused FP':>10}{acc}{'W8A8 file ms':>15}{'fused x':>9}"
@@ -144,7 +131,7 @@ def main(argv=None) -> int:
         print(f"  {name} done", flush=True)
     lat = []
     for arch in [a for a in args.timm.split(",") if a]:
-        m = random_timm(arch)
+        m, _ = _random_timm(arch)
         with tempfile.TemporaryDirectory() as tmp:
             r = file_latency(m, (3, 224, 224), m.pretrained_cfg["classifier"], torch.randn(32, 3, 224, 224),
                              Path(tmp), seconds=4.0)

@@ -29,13 +29,13 @@ from .accel import channels_last_
 from .augment import augment, finetune_jitter, jitter_pixels
 from .budget import measure_costs, plan_run
 from .checkpoint import save_student
-from .config import AUTO_PERCENTILE_FALLBACK, FlipMode, RunConfig, student_specs
+from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_RATIO, FlipMode, RunConfig, student_specs
 from .distill import iter_distill
 from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
-from .quant.convert import calibrate_, create_student, fold_bn_
+from .quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
 from .reconstruct import find_units, iter_reconstruct, recon_settings
 from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
@@ -238,6 +238,12 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         timings["synthesis"] = time.perf_counter() - t
         if synth_source is None and synth.steps_done < cfg.synth.steps:
             return
+        fusion: dict[str, dict] = {}   # students.fuse_branches=auto: the KLs it chose by
+        auto_fuse = set()
+        for n in students:   # resolved below where it is chosen; students calibrated during synthesis keep branches
+            if specs[n].fuse_branches == "auto":
+                specs[n] = dataclasses.replace(specs[n], fuse_branches=False)
+                auto_fuse.add(n)
         if not synth.students_calibrated:
             t = time.perf_counter()
             yield StageStarted("calibration", 0)
@@ -253,6 +259,18 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
+            for n, (student, chosen, kl) in _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse,
+                                                           batches, synth, example, score).items():
+                fusion[n] = kl
+                if student is not None:
+                    students[n] = channels_last_(student) if cfg.channels_last else student
+                    stop_hooks.add(student)
+                    synth.calibration.pop(n, None)
+                    if chosen and chosen["scores"]:
+                        synth.calibration[n] = chosen
+                yield Message(f"{n}: {'fused' if specs[n].fuse_branches else 'kept'} the re-parameterisable branches "
+                              f"(KL to the teacher on held-out synthetic images: branches {kl['branches']:.5f}, "
+                              f"fused {kl['fused']:.5f})")
             timings["calibration"] = time.perf_counter() - t
         for n, chosen in synth.calibration.items():
             kls = ", ".join(f"{p:g}: {v:.4f}" for p, v in chosen["scores"].items())
@@ -296,6 +314,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                     chosen = synth.calibration[row["name"]]
                     row.update(act_percentile=chosen["percentile"],
                                act_percentile_kl={f"{p:g}": round(v, 5) for p, v in chosen["scores"].items()})
+                if row["name"] in fusion:   # students.fuse_branches=auto
+                    row.update(fuse_branches=specs[row["name"]].fuse_branches, fuse_branches_kl=fusion[row["name"]])
         report = dist.broadcast_object(report)
         timings["evaluate"] = time.perf_counter() - t
 
@@ -335,6 +355,39 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict, methods: dict, names: set,
+                   batches: list, synth: SynthResult, example: torch.Tensor, score=None) -> dict:
+    """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
+    (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
+    on the held-out synthetic images is at most FUSE_KL_RATIO times the branched student's it takes its place (specs[n]
+    then says fuse_branches=True). Students of a network with nothing to fuse, and those that block reconstruction
+    or KD's unit terms fit (they match the branched modules by name), keep the branches unscored.
+
+    Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
+    "fused": KL})} for every student scored.
+    """
+    out = {}
+    unit_terms = cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
+    for n in sorted(names):
+        if methods[n].recon or unit_terms:
+            continue
+        spec = dataclasses.replace(specs[n], fuse_branches=True)
+        fused = create_student(teacher.model, spec, example, teacher.classifier)
+        if len(quant_wrappers(fused)) == len(quant_wrappers(students[n])):
+            continue   # nothing re-parameterisable
+        if score is None:
+            held = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
+            with torch.no_grad():
+                score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(example.device), noise=False))
+        chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
+        kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
+        keep = kl["fused"] <= FUSE_KL_RATIO * kl["branches"]
+        if keep:
+            specs[n] = spec
+        out[n] = (fused if keep else None, chosen, kl)
+    return out
+
+
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:
     """How many blocks block reconstruction will fit (0 when no student is reconstructed), for the estimate."""
     if not students or not any(cfg.train.method_for(s).recon for s in cfg.students):
@@ -367,6 +420,10 @@ class StopHooks:
         self.stop_fn = stop_fn
         self.handles = [m.register_forward_hook(self._forward) for model in models if model is not None
                         for m in model.modules()]
+
+    def add(self, model: torch.nn.Module) -> None:
+        """Hook a model made after the others (a student that replaces one)."""
+        self.handles += [m.register_forward_hook(self._forward) for m in model.modules()]
 
     def _check(self, *_) -> None:
         check_stop(self.stop_fn)

@@ -410,3 +410,41 @@ def test_counting_the_kept_bytes_leaves_no_graph_alive():
         return (y * y).sum()
     assert _kept_bytes(fn, 4) >= 4 * 8 * 4
     assert refs[0]() is None, "a reference cycle kept the measured graph alive"
+
+
+@pytest.mark.parametrize("ratio", [1e9, 0.0])
+def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_path, monkeypatch, ratio):
+    """students.fuse_branches=auto on a RepVGG: each student's fused copy is calibrated and scored on the held-out
+    synthetic images beside it; the report and log give both KLs, the saved spec says which form won, and the saved
+    student rebuilds in that form. FUSE_KL_RATIO is forced here so that each outcome is exercised: a huge ratio
+    always fuses, zero never does."""
+    from safetensors.torch import save_file
+
+    from gzq.checkpoint import load_student
+    from gzq.pipeline import iter_run
+    monkeypatch.setattr("gzq.pipeline.FUSE_KL_RATIO", ratio)
+    torch.manual_seed(0)
+    m = timm.create_model("repvgg_a0", num_classes=10, in_chans=1).train()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+        for _ in range(3):
+            m(torch.randn(16, 1, 32, 32))
+    save_file(m.state_dict(), str(tmp_path / "repvgg.safetensors"))
+    cfg = make_config("cpu", "cpu", model={"name": "repvgg_a0", "checkpoint": str(tmp_path / "repvgg.safetensors"),
+                                           "num_classes": 10, "in_chans": 1, "input_size": (1, 32, 32)},
+                      students=[{"w_bits": 8, "a_bits": 8, "fuse_branches": "auto"}], time_budget_s=None,
+                      export={"formats": []},
+                      synth={"num_images": 16, "holdout_images": 8, "batch_size": 16, "steps": 2, "warmup_steps": 1,
+                             "band": 1}, train={"epochs": 0})
+    events = list(iter_run(cfg, tmp_path / "run"))
+    (row,) = json.loads((tmp_path / "run" / "report.json").read_text())["students"]
+    fused = ratio > 1
+    assert row["fuse_branches"] is fused and set(row["fuse_branches_kl"]) == {"branches", "fused"}
+    (msg,) = [e.text for e in events if isinstance(e, Message) and "re-parameterisable branches" in e.text]
+    assert msg.startswith(f"w8a8: {'fused' if fused else 'kept'} the re-parameterisable branches")
+    student, spec, _ = load_student(tmp_path / "run" / "students" / "w8a8.safetensors")
+    assert spec.fuse_branches is fused
+    convs = sum(isinstance(x, torch.nn.Conv2d) for x in student.modules())
+    assert convs == (22 if fused else 44)

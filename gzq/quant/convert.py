@@ -159,9 +159,9 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
 
     With spec.fuse_branches the copy is first re-parameterised (timm's reparameterize_model: the parallel conv + BN
     branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function); by
-    default each branch keeps its own quantized conv.
+    default, and with "auto" until the pipeline chooses, each branch keeps its own quantized conv.
     """
-    student = reparameterize_model(teacher) if spec.fuse_branches else copy.deepcopy(teacher)
+    student = reparameterize_model(teacher) if spec.fuse_branches is True else copy.deepcopy(teacher)
     fold_bn_(student, example)
     if spec.protocol == Protocol.DEPLOYABLE:
         student = graph.trace(student.eval())

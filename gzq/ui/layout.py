@@ -122,8 +122,9 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                                                      elem_id="gzq-extra")
                     c["protocol"] = gr.Radio(PROTOCOLS, value="all_layers", label="which layers get the bits",
                                              info=TIPS["protocol"], elem_id="gzq-protocol")
-                    c["fuse_branches"] = gr.Checkbox(value=False, label="fuse re-parameterisable branches (a faster "
-                                                     "download)", info=TIPS["fuse_branches"], elem_id="gzq-fuse")
+                    c["fuse_branches"] = gr.Checkbox(
+                        value=False, label="fuse re-parameterisable branches where the accuracy allows (a faster "
+                        "download)", info=TIPS["fuse_branches"], elem_id="gzq-fuse")
                     with gr.Row():
                         c["steps"] = _number("steps", f0["steps"], "synthesis steps")
                         c["num_images"] = _number("num_images", f0["num_images"], "synthetic images")
