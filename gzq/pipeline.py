@@ -29,7 +29,7 @@ from .accel import channels_last_
 from .augment import augment, finetune_jitter, jitter_pixels
 from .budget import measure_costs, plan_run
 from .checkpoint import save_student
-from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_RATIO, FlipMode, RunConfig, student_specs
+from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_SLACK, FlipMode, RunConfig, student_specs
 from .distill import iter_distill
 from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
@@ -359,7 +359,7 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
                    batches: list, synth: SynthResult, example: torch.Tensor, score=None) -> dict:
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
-    on the held-out synthetic images is at most FUSE_KL_RATIO times the branched student's it takes its place (specs[n]
+    on the held-out synthetic images exceeds the branched student's by at most FUSE_KL_SLACK it takes its place (specs[n]
     then says fuse_branches=True). Students of a network with nothing to fuse, and those that block reconstruction
     or KD's unit terms fit (they match the branched modules by name), keep the branches unscored.
 
@@ -381,7 +381,7 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
                 score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(example.device), noise=False))
         chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
         kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
-        keep = kl["fused"] <= FUSE_KL_RATIO * kl["branches"]
+        keep = kl["fused"] - kl["branches"] <= FUSE_KL_SLACK
         if keep:
             specs[n] = spec
         out[n] = (fused if keep else None, chosen, kl)

@@ -412,17 +412,17 @@ def test_counting_the_kept_bytes_leaves_no_graph_alive():
     assert refs[0]() is None, "a reference cycle kept the measured graph alive"
 
 
-@pytest.mark.parametrize("ratio", [1e9, 0.0])
-def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_path, monkeypatch, ratio):
+@pytest.mark.parametrize("slack", [1e9, -1e9])
+def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_path, monkeypatch, slack):
     """students.fuse_branches=auto on a RepVGG: each student's fused copy is calibrated and scored on the held-out
     synthetic images beside it; the report and log give both KLs, the saved spec says which form won, and the saved
-    student rebuilds in that form. FUSE_KL_RATIO is forced here so that each outcome is exercised: a huge ratio
-    always fuses, zero never does."""
+    student rebuilds in that form. FUSE_KL_SLACK is forced here so that each outcome is exercised: a huge slack
+    always fuses, a hugely negative one never does."""
     from safetensors.torch import save_file
 
     from gzq.checkpoint import load_student
     from gzq.pipeline import iter_run
-    monkeypatch.setattr("gzq.pipeline.FUSE_KL_RATIO", ratio)
+    monkeypatch.setattr("gzq.pipeline.FUSE_KL_SLACK", slack)
     torch.manual_seed(0)
     m = timm.create_model("repvgg_a0", num_classes=10, in_chans=1).train()
     with torch.no_grad():
@@ -440,7 +440,7 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_
                              "band": 1}, train={"epochs": 0})
     events = list(iter_run(cfg, tmp_path / "run"))
     (row,) = json.loads((tmp_path / "run" / "report.json").read_text())["students"]
-    fused = ratio > 1
+    fused = slack > 0
     assert row["fuse_branches"] is fused and set(row["fuse_branches_kl"]) == {"branches", "fused"}
     (msg,) = [e.text for e in events if isinstance(e, Message) and "re-parameterisable branches" in e.text]
     assert msg.startswith(f"w8a8: {'fused' if fused else 'kept'} the re-parameterisable branches")
