@@ -359,8 +359,8 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
                    batches: list, synth: SynthResult, example: torch.Tensor, score=None) -> dict:
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
-    on the held-out synthetic images exceeds the branched student's by at most FUSE_KL_SLACK it takes its place (specs[n]
-    then says fuse_branches=True). Students of a network with nothing to fuse, and those that block reconstruction
+    on the held-out synthetic images exceeds the branched student's by at most FUSE_KL_SLACK it takes its place
+    (specs[n] then says fuse_branches=True). Students of a network with nothing to fuse, and those that block reconstruction
     or KD's unit terms fit (they match the branched modules by name), keep the branches unscored.
 
     Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
