@@ -19,6 +19,22 @@ def _coarse_weight_grid():
 
 
 @pytest.fixture(scope="session")
+def repvgg():
+    """timm's RepVGG-A0 for 1x32x32 inputs and 10 classes with random weights, its BN scales drawn from U(0.5, 1.5)
+    and running statistics from three batches of noise, so that fusing its branches has work to do."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("repvgg_a0", num_classes=10, in_chans=1).train()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+        for _ in range(3):
+            m(torch.randn(16, 1, 32, 32))
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
 def default_teacher():
     from gzq.models import load_teacher
     return load_teacher("default")

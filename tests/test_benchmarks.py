@@ -234,21 +234,14 @@ def test_roll_agreement_tells_a_shift_invariant_model_from_a_position_bound_one(
         assert (r["rolled"] == 1.0) is invariant, r
 
 
-def test_reparam_benchmark_compares_the_branched_and_fused_forms(tmp_path):
+def test_reparam_benchmark_compares_the_branched_and_fused_forms(repvgg, tmp_path):
     """benchmarks/reparam.py on a RepVGG with random weights: the fused form computes the same function with half
     the convs, each form gets a calibrated student per bit-width, and both W8A8 files are timed."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import timm
     from reparam import format_table, measure
 
+    model = repvgg
     torch.manual_seed(0)
-    model = timm.create_model("repvgg_a0", num_classes=10, in_chans=1)
-    with torch.no_grad():      # BN statistics and scales away from their initial values, so fusing has work to do
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-        model.train()(torch.randn(16, 1, 32, 32))
-    model.eval()
     calib, test = torch.randn(64, 1, 32, 32), torch.randn(128, 1, 32, 32)
     with torch.no_grad():
         labels = model(test).argmax(1)

@@ -668,21 +668,11 @@ def test_4bit_codes_after_a_maxpool_load_in_onnxruntime(tmp_path):
     assert {n.op_type for n in g.node} >= {"MaxPool", "QuantizeLinear"}
 
 
-def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(tmp_path):
+def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg, tmp_path):
     """students.fuse_branches on a RepVGG: the student is the fused inference form (one conv per block instead of
     3x3 + 1x1 + identity BN), its integer file rebuilds it bit for bit (the spec carries the choice, so the
     rebuild fuses too), and its ONNX file holds half the convs of the branched student's and runs in onnxruntime."""
-    import timm
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10, "in_chans": 1}
-    m = timm.create_model("repvgg_a0", **kwargs).train()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-        for _ in range(3):
-            m(torch.randn(16, 1, 32, 32))
-    m.eval()
+    m, kwargs = repvgg, {"num_classes": 10, "in_chans": 1}
     dc = {"architecture": "repvgg_a0", "model_kwargs": kwargs, "input_size": [1, 32, 32], "mean": [0.5], "std": [0.25],
           "num_classes": 10, "class_names": None, "first_conv": "stem.conv_kxk.conv", "classifier": "head.fc"}
     calib, x = torch.randn(64, 1, 32, 32), torch.randn(32, 1, 32, 32)

@@ -413,7 +413,7 @@ def test_counting_the_kept_bytes_leaves_no_graph_alive():
 
 
 @pytest.mark.parametrize("slack", [1e9, -1e9])
-def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_path, monkeypatch, slack):
+def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repvgg, tmp_path, monkeypatch, slack):
     """students.fuse_branches=auto on a RepVGG: each student's fused copy is calibrated and scored on the held-out
     synthetic images beside it; the report and log give both KLs, the saved spec says which form won, and the saved
     student rebuilds in that form. FUSE_KL_SLACK is forced here so that each outcome is exercised: a huge slack
@@ -423,15 +423,7 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(tmp_
     from gzq.checkpoint import load_student
     from gzq.pipeline import iter_run
     monkeypatch.setattr("gzq.pipeline.FUSE_KL_SLACK", slack)
-    torch.manual_seed(0)
-    m = timm.create_model("repvgg_a0", num_classes=10, in_chans=1).train()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-        for _ in range(3):
-            m(torch.randn(16, 1, 32, 32))
-    save_file(m.state_dict(), str(tmp_path / "repvgg.safetensors"))
+    save_file(repvgg.state_dict(), str(tmp_path / "repvgg.safetensors"))
     cfg = make_config("cpu", "cpu", model={"name": "repvgg_a0", "checkpoint": str(tmp_path / "repvgg.safetensors"),
                                            "num_classes": 10, "in_chans": 1, "input_size": (1, 32, 32)},
                       students=[{"w_bits": 8, "a_bits": 8, "fuse_branches": "auto"}], time_budget_s=None,
