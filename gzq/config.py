@@ -221,7 +221,7 @@ class QuantSpec(_Serialisable):
         self.w_bits, self.a_bits = int(self.w_bits), int(self.a_bits)
         if isinstance(self.fuse_branches, str) and self.fuse_branches.strip().lower() == "auto":
             self.fuse_branches = "auto"
-        elif self.fuse_branches not in (True, False):
+        elif type(self.fuse_branches) is not bool:
             raise ValueError(f"fuse_branches is true, false or auto, got {self.fuse_branches!r}")
         _check_range("w_bits", self.w_bits, 2, 8)
         _check_range("a_bits", self.a_bits, 2, 8)

@@ -11,6 +11,7 @@ fails or dies fails the others at their next collective, and nothing is left on 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -259,12 +260,15 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
-            for n, (student, chosen, kl) in _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse,
-                                                           batches, synth, example, score).items():
+            with stop_hooks.paused():   # the fused copies are made from the teacher, which must not carry hooks
+                chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, synth,
+                                              example, score)
+            for n, (student, chosen, kl) in chosen_forms.items():
                 fusion[n] = kl
                 if student is not None:
-                    students[n] = channels_last_(student) if cfg.channels_last else student
-                    stop_hooks.add(student)
+                    student = channels_last_(student) if cfg.channels_last else student
+                    stop_hooks.swap(students[n], student)
+                    students[n] = student
                     synth.calibration.pop(n, None)
                     if chosen and chosen["scores"]:
                         synth.calibration[n] = chosen
@@ -360,14 +364,17 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
     on the held-out synthetic images exceeds the branched student's by at most FUSE_KL_SLACK it takes its place
-    (specs[n] then says fuse_branches=True). Students of a network with nothing to fuse, and those that block reconstruction
-    or KD's unit terms fit (they match the branched modules by name), keep the branches unscored.
+    (specs[n] then says fuse_branches=True). Students of a network with nothing to fuse, and those that block
+    reconstruction or KD's unit terms fit (they are matched to the branched network), keep the branches unscored.
+    Call it with no hooks on the teacher: its copies would carry them.
 
     Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
     "fused": KL})} for every student scored.
     """
     out = {}
     unit_terms = cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
+    if not any(hasattr(m, a) for m in teacher.model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy")):
+        return out   # what timm's reparameterize_model looks for: nothing to fuse
     for n in sorted(names):
         if methods[n].recon or unit_terms:
             continue
@@ -418,12 +425,26 @@ class StopHooks:
 
     def __init__(self, stop_fn: Callable[[], bool], *models: torch.nn.Module):
         self.stop_fn = stop_fn
-        self.handles = [m.register_forward_hook(self._forward) for model in models if model is not None
-                        for m in model.modules()]
+        self.models = [m for m in models if m is not None]
+        self.handles = []
+        self._hook(self.models)
 
-    def add(self, model: torch.nn.Module) -> None:
-        """Hook a model made after the others (a student that replaces one)."""
-        self.handles += [m.register_forward_hook(self._forward) for m in model.modules()]
+    def _hook(self, models) -> None:
+        self.handles += [m.register_forward_hook(self._forward) for model in models for m in model.modules()]
+
+    def swap(self, old: torch.nn.Module, new: torch.nn.Module) -> None:
+        """Hook `new`, a model made after the others that replaces `old`."""
+        self.models = [m for m in self.models if m is not old] + [new]
+        self._hook([new])
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No hooks inside the block: a deep copy made there (a fused student) copies no hooks, and no stop flag."""
+        self._unhook()
+        try:
+            yield
+        finally:
+            self._hook(self.models)
 
     def _check(self, *_) -> None:
         check_stop(self.stop_fn)
@@ -433,10 +454,15 @@ class StopHooks:
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._check)
 
-    def remove(self) -> None:
+    def _unhook(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def remove(self) -> None:
+        """Remove every hook, for good (the models are let go)."""
+        self._unhook()
+        self.models = []
 
 
 def save_run(folder: Path, cfg: RunConfig, report: dict, teacher: Teacher, students: dict, specs: dict,

@@ -2,6 +2,7 @@
 the teacher tolerates them; budgets follow the model's measured cost; unhealthy images are reported."""
 
 import json
+import threading
 
 import pytest
 import timm
@@ -416,8 +417,9 @@ def test_counting_the_kept_bytes_leaves_no_graph_alive():
 def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repvgg, tmp_path, monkeypatch, slack):
     """students.fuse_branches=auto on a RepVGG: each student's fused copy is calibrated and scored on the held-out
     synthetic images beside it; the report and log give both KLs, the saved spec says which form won, and the saved
-    student rebuilds in that form. FUSE_KL_SLACK is forced here so that each outcome is exercised: a huge slack
-    always fuses, a hugely negative one never does."""
+    student rebuilds in that form. The run gets a threading.Event for its stop flag, as the app's runs do: the fused
+    copies are made from a teacher that carries no stop hooks (a copied Event cannot be). FUSE_KL_SLACK is forced
+    here so that each outcome is exercised: a huge slack always fuses, a hugely negative one never does."""
     from safetensors.torch import save_file
 
     from gzq.checkpoint import load_student
@@ -430,7 +432,7 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repv
                       export={"formats": []},
                       synth={"num_images": 16, "holdout_images": 8, "batch_size": 16, "steps": 2, "warmup_steps": 1,
                              "band": 1}, train={"epochs": 0})
-    events = list(iter_run(cfg, tmp_path / "run"))
+    events = list(iter_run(cfg, tmp_path / "run", threading.Event()))   # a stop flag as the app passes it
     (row,) = json.loads((tmp_path / "run" / "report.json").read_text())["students"]
     fused = slack > 0
     assert row["fuse_branches"] is fused and set(row["fuse_branches_kl"]) == {"branches", "fused"}
