@@ -253,7 +253,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 batches = [synth.images(i.to(device), noise=False)   # each rank its share; calibrate_ reduces
                            for i in torch.split(dist.local_slice(synth.train_idx), 64)]
                 score = None
-                if any(specs[n].probes_percentile for n in students):   # judged on the held-out images
+                if auto_fuse or any(specs[n].probes_percentile for n in students):   # judged on the held-out images
                     held = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
                     score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(device), noise=False))
             for n, s in students.items():
@@ -261,8 +261,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
             with stop_hooks.paused():   # the fused copies are made from the teacher, which must not carry hooks
-                chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, synth,
-                                              example, score)
+                chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, example,
+                                              score)
             for n, (student, chosen, kl) in chosen_forms.items():
                 fusion[n] = kl
                 if student is not None:
@@ -360,13 +360,13 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
 
 
 def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict, methods: dict, names: set,
-                   batches: list, synth: SynthResult, example: torch.Tensor, score=None) -> dict:
+                   batches: list, example: torch.Tensor, score: Callable[[torch.nn.Module], float] | None) -> dict:
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
-    on the held-out synthetic images exceeds the branched student's by at most FUSE_KL_SLACK it takes its place
-    (specs[n] then says fuse_branches=True). Students of a network with nothing to fuse, and those that block
-    reconstruction or KD's unit terms fit (they are matched to the branched network), keep the branches unscored.
-    Call it with no hooks on the teacher: its copies would carry them.
+    on the held-out synthetic images (`score`, the calibration's kl_score) exceeds the branched student's by at most
+    FUSE_KL_SLACK it takes its place (specs[n] then says fuse_branches=True). Students of a network with nothing to
+    fuse, and those that block reconstruction or KD's unit terms fit (they are matched to the branched network), keep
+    the branches unscored. Call it with no hooks on the teacher: its copies would carry them.
 
     Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
     "fused": KL})} for every student scored.
@@ -382,10 +382,6 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
         fused = create_student(teacher.model, spec, example, teacher.classifier)
         if len(quant_wrappers(fused)) == len(quant_wrappers(students[n])):
             continue   # nothing re-parameterisable
-        if score is None:
-            held = synth.holdout_idx if len(synth.holdout_idx) else synth.train_idx
-            with torch.no_grad():
-                score = kl_score(teacher.model, synth.images(dist.local_slice(held).to(example.device), noise=False))
         chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
         kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
         keep = kl["fused"] - kl["branches"] <= FUSE_KL_SLACK
