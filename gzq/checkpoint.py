@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import Protocol, QuantSpec
-from .quant.convert import create_student, quant_wrappers
+from .quant.convert import create_student, quant_wrappers, split_names
 from .quant.graph import tensor_quantizers
 from .quant.integer import find_layer_quants, find_tensor_quants
 from .quant.primitives import dequantize
@@ -31,14 +31,16 @@ from .quant.primitives import dequantize
 INT_FORMAT_VERSION = 1
 
 
-def rebuild_student(data_config: dict, spec: QuantSpec) -> nn.Module:
+def rebuild_student(data_config: dict, spec: QuantSpec, split: list[str] | None = None) -> nn.Module:
     """The fake-quant student of `spec` for a teacher's saved data config (Teacher.data_config()): the
-    architecture from timm with random weights, BN folded, quantizers in place, ready for saved tensors."""
+    architecture from timm with random weights, BN folded, quantizers in place, ready for saved tensors.
+    `split`: the fused convs that kept their diagonal taps apart (gzq.quant.convert.split_names of the saved
+    student; chosen from the teacher's weights, so not re-chosen from random ones)."""
     import timm
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config["model_kwargs"].items()}
     model = timm.create_model(data_config["architecture"], pretrained=False, **kwargs).eval()
     example = torch.zeros(1, *data_config["input_size"])
-    return create_student(model, spec, example, data_config.get("classifier"))
+    return create_student(model, spec, example, data_config.get("classifier"), split=split or [])
 
 
 def save_student(path: str | Path, student: nn.Module, spec: QuantSpec, data_config: dict,
@@ -49,7 +51,8 @@ def save_student(path: str | Path, student: nn.Module, spec: QuantSpec, data_con
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, str(path))
     meta = {"quant_spec": spec.to_dict(), "teacher": data_config, "teacher_name": teacher_name,
-            "int_bias_layers": [n for n, w in quant_wrappers(student) if w.has_int_bias]}
+            "int_bias_layers": [n for n, w in quant_wrappers(student) if w.has_int_bias],
+            "split_taps": split_names(student)}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -64,7 +67,7 @@ def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     meta = json.loads(path.with_suffix(".json").read_text())
     spec = QuantSpec.from_dict(meta["quant_spec"])
     dc = meta["teacher"]
-    student = rebuild_student(dc, spec)
+    student = rebuild_student(dc, spec, meta.get("split_taps"))
     _keep_int_biases(student, meta.get("int_bias_layers"), spec)
     sd = load_file(str(path))
     _check_same_tensors(path, dc, sd, student.state_dict())
@@ -127,7 +130,7 @@ def save_int_weights(student: nn.Module, path: str | Path, spec: QuantSpec, data
             tensors[f"{n}.input_scale"] = lq.a_scale.reshape(()).contiguous()
             tensors[f"{n}.input_zero_point"] = torch.tensor(lq.a_zero_point, dtype=torch.int32)
     meta = dict(format="gzq-int", version=INT_FORMAT_VERSION, quant_spec=spec.to_dict(), data_config=data_config,
-                layers={lq.name: lq.meta() for lq in layers},
+                layers={lq.name: lq.meta() for lq in layers}, split_taps=split_names(student),
                 tensors={a.prefix[:-1]: dict(bits=a.bits, qmin=a.qmin, qmax=a.qmax, numel=a.numel)
                          for a in find_tensor_quants(student)},
                 formula="x_hat = (q - zero_point) * scale; q = clamp(round_half_even(x / scale) + zero_point, "
@@ -155,7 +158,7 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
         raise ValueError(f"{path} is not a gzq integer-weights file (its JSON has no format 'gzq-int')")
     spec = QuantSpec.from_dict(meta["quant_spec"])
     dc = meta["data_config"]
-    student = rebuild_student(dc, spec)
+    student = rebuild_student(dc, spec, meta.get("split_taps"))
     tensors = load_file(str(path))
     wrappers = dict(quant_wrappers(student))
     if set(wrappers) != set(meta["layers"]):

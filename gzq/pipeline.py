@@ -36,7 +36,7 @@ from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_dat
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
-from .quant.convert import calibrate_, create_student, fold_bn_, quant_wrappers
+from .quant.convert import IdentityTaps, calibrate_, create_student, fold_bn_, quant_wrappers
 from .reconstruct import find_units, iter_reconstruct, recon_settings
 from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
@@ -380,7 +380,7 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
             continue
         spec = dataclasses.replace(specs[n], fuse_branches=True)
         fused = create_student(teacher.model, spec, example, teacher.classifier)
-        if len(quant_wrappers(fused)) == len(quant_wrappers(students[n])):
+        if _n_layers(fused) == _n_layers(students[n]):
             continue   # nothing re-parameterisable
         chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
         kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
@@ -389,6 +389,11 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
             specs[n] = spec
         out[n] = (fused if keep else None, chosen, kl)
     return out
+
+
+def _n_layers(student: torch.nn.Module) -> int:
+    """Quantized layers, not counting the diagonal taps a fused conv keeps apart."""
+    return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student))
 
 
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:

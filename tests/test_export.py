@@ -18,7 +18,7 @@ from gzq.config import ExportConfig, ExportFormat, ModelSpec, Protocol, QuantSpe
 from gzq.checkpoint import load_int_weights, save_int_weights
 from gzq.export import _after_op, export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
 from gzq.quant.integer import effective_scale, find_layer_quants
-from gzq.quant.convert import calibrate_, create_student, quant_wrappers
+from gzq.quant.convert import IdentityTaps, calibrate_, create_student, quant_wrappers
 from gzq.quant.primitives import fake_quantize
 
 SPECS = [QuantSpec(8, 8), QuantSpec(4, 4), QuantSpec(3, 5)]
@@ -671,7 +671,8 @@ def test_4bit_codes_after_a_maxpool_load_in_onnxruntime(tmp_path):
 def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg, tmp_path):
     """students.fuse_branches on a RepVGG: the student is the fused inference form (one conv per block instead of
     3x3 + 1x1 + identity BN), its integer file rebuilds it bit for bit (the spec carries the choice, so the
-    rebuild fuses too), and its ONNX file holds half the convs of the branched student's and runs in onnxruntime."""
+    rebuild fuses too), and its ONNX file holds half the convs of the branched student's, plus one depthwise 1x1
+    conv per identity block (its taps kept apart), and runs in onnxruntime."""
     m, kwargs = repvgg, {"num_classes": 10, "in_chans": 1}
     dc = {"architecture": "repvgg_a0", "model_kwargs": kwargs, "input_size": [1, 32, 32], "mean": [0.5], "std": [0.25],
           "num_classes": 10, "class_names": None, "first_conv": "stem.conv_kxk.conv", "classifier": "head.fc"}
@@ -684,7 +685,8 @@ def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg,
         info = export_onnx(s.eval(), tmp_path / f"fuse{fuse}.onnx", (1, 32, 32), 21, dc)
         convs[fuse] = sum(n.op_type == "Conv" for n in onnx.load(info["path"]).graph.node)
         assert run_onnx(_session(info["path"]), x).shape == (32, 10)
-    assert convs[True] * 2 == convs[False] == 44
+    taps = sum(isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(s))   # the identity blocks' taps apart
+    assert convs[True] - taps == convs[False] // 2 == 22 and taps == 17
     info = save_int_weights(s, tmp_path / "fused_int.safetensors", spec, dc)
     rebuilt, spec2, _ = load_int_weights(info["path"])
     assert spec2.fuse_branches

@@ -8,7 +8,7 @@ from torch import nn
 from gzq.config import ActInit, Protocol, QuantSpec
 from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, dequantize, fake_quantize, fold_bn_,
                        quant_range, quantize)
-from gzq.quant.convert import model_size_bytes, quant_wrappers
+from gzq.quant.convert import IdentityTaps, SplitConv, model_size_bytes, quant_wrappers, split_identity_
 from gzq.quant.graph import tensor_quantizers
 from gzq.quant.primitives import fake_quantize_ste
 
@@ -343,3 +343,41 @@ def test_bn_ranges_match_data_ranges_where_the_data_follow_the_bn_statistics(arc
     assert steps[first] == pytest.approx(data_steps[first], rel=0.1), (steps[first], data_steps[first])
     assert all(steps[n] == data_steps[n] for n in steps if n not in found)
     assert any(steps[n] != data_steps[n] for n in found)
+
+
+def test_split_identity_keeps_the_function_and_splits_only_dominant_diagonals():
+    """A conv whose centre tap of input channel o in output channel o dominates (what fusing an identity BN gives),
+    dense, grouped or depthwise, becomes conv(W - D) + depthwise-1x1(D) computing the same; a conv without such a
+    diagonal, or one where channels do not pair up (stride 2), stays as it is."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+             nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1)]
+    with torch.no_grad():
+        for c in convs[:3] + convs[4:]:
+            c.weight[torch.arange(8), torch.arange(8) % c.weight.shape[1], 1, 1] += 3.0
+    model, x = nn.Sequential(*convs), torch.randn(2, 8, 16, 16)
+    o = torch.arange(8)
+    diag = convs[1].weight[o, o % 4, 1, 1].detach().clone()
+    with torch.no_grad():
+        ref = model(x)
+        assert split_identity_(model, 8) == ["0", "1", "2"]
+        assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
+    assert isinstance(model[1], SplitConv) and isinstance(model[1].taps, IdentityTaps) and model[1].conv.groups == 2
+    assert torch.equal(model[1].taps.weight.flatten(), diag) and not model[1].conv.weight[o, o % 4, 1, 1].any()
+    assert type(model[3]) is nn.Conv2d and type(model[4]) is nn.Conv2d
+
+
+def test_fused_student_keeps_identity_taps_apart_and_is_nearer_its_teacher(repvgg):
+    """students.fuse_branches on a RepVGG: the fused convs of the blocks with an identity BN keep its taps apart, and
+    the W8A8 student computes nearer the teacher than the one that fuses everything into each conv."""
+    calib, x = torch.randn(64, 1, 32, 32), torch.randn(128, 1, 32, 32)
+    ref, err, taps = repvgg(x), {}, {}
+    for gain in (float("inf"), None):
+        kw = {} if gain is None else {"split_min_gain": gain}
+        s = create_student(repvgg, QuantSpec(8, 8, Protocol.DEPLOYABLE, fuse_branches=True), x[:2], "head.fc", **kw)
+        with torch.no_grad():
+            calibrate_(s, [calib])
+            err[gain] = float((s(x) - ref).norm() / ref.norm())
+        taps[gain] = sum(isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(s))
+    assert taps[float("inf")] == 0 and taps[None] == 17      # RepVGG-A0's blocks with an identity branch
+    assert err[None] < 0.6 * err[float("inf")], err

@@ -24,12 +24,13 @@ from ..config import (
     AUTO_PERCENTILE_FALLBACK,
     AUTO_PERCENTILE_MARGIN,
     AUTO_PERCENTILES,
+    SPLIT_MIN_GAIN,
     ActInit,
     Protocol,
     QuantSpec,
 )
 from . import graph
-from .modules import ActQuantizer, QuantWrapper, reduce_calibration_
+from .modules import ActQuantizer, QuantWrapper, WeightQuantizer, reduce_calibration_
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,74 @@ def fold_bn_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     return info.conv_bn_pairs
 
 
+class IdentityTaps(nn.Conv2d):
+    """The diagonal centre taps kept apart from a fused conv (`split_identity_`): a depthwise 1x1 conv, no bias."""
+
+
+class SplitConv(nn.Module):
+    """conv(x) + taps(x): a conv whose identity-like diagonal centre taps run as their own depthwise 1x1 conv."""
+
+    def __init__(self, conv: nn.Conv2d, taps: IdentityTaps):
+        super().__init__()
+        self.conv, self.taps = conv, taps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.taps(x)
+
+
+def _diagonal_taps(conv: nn.Module) -> torch.Tensor | None:
+    """(C,) centre tap of input channel o in output channel o of a stride-1, size-keeping conv whose inputs and
+    outputs pair up (dense, depthwise or grouped with as many inputs as outputs per group); None for any other."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.stride != (1, 1) \
+            or conv.dilation != (1, 1) or conv.in_channels != conv.out_channels:
+        return None
+    out, per_group, kh, kw = conv.weight.shape
+    if kh % 2 == 0 or kw % 2 == 0 or conv.padding != (kh // 2, kw // 2) or per_group != out // conv.groups:
+        return None
+    o = torch.arange(out)
+    return conv.weight.detach()[o, o % per_group, kh // 2, kw // 2]
+
+
+def _weight_error(w: torch.Tensor, bits: int, symmetric: bool) -> float:
+    return float((WeightQuantizer(w, bits, symmetric)(w) - w).pow(2).sum())
+
+
+@torch.no_grad()
+def split_identity_(model: nn.Module, bits: int, symmetric: bool = True, min_gain: float = SPLIT_MIN_GAIN,
+                    names: list[str] | None = None) -> list[str]:
+    """Keep the identity-like diagonal centre taps of fused convs apart (in place): conv(W) becomes
+    conv(W - D) + depthwise-1x1(D), the same function, where that lowers the conv's weight quantization error
+    at `bits` by at least `min_gain` (SPLIT_MIN_GAIN), or exactly the convs `names` where given (a saved
+    student's, rebuilt on other weights). Fusing a RepVGG or MobileOne block adds its identity BN to one centre
+    tap per output channel, far above the others, and a per-channel weight grid would spend its range on it;
+    D alone (one weight per channel) quantizes exactly. Returns the names of the split convs.
+    """
+    split = []
+    for name, conv in list(model.named_modules()):
+        taps = _diagonal_taps(conv)
+        if taps is None or (names is not None and name not in names):
+            continue
+        w, o = conv.weight.detach(), torch.arange(conv.out_channels)
+        rest = w.clone()
+        rest[o, o % w.shape[1], w.shape[2] // 2, w.shape[3] // 2] = 0
+        if names is None and _weight_error(w, bits, symmetric) < min_gain * _weight_error(rest, bits, symmetric):
+            continue
+        conv.weight = nn.Parameter(rest)
+        ident = IdentityTaps(conv.out_channels, conv.out_channels, 1, groups=conv.out_channels, bias=False)
+        ident.weight = nn.Parameter(taps.view(-1, 1, 1, 1).clone().to(w))
+        model.set_submodule(name, SplitConv(conv, ident))
+        split.append(name)
+    if names is not None and set(names) - set(split):
+        raise ValueError(f"no conv with diagonal taps to keep apart at {sorted(set(names) - set(split))[:3]}")
+    log.debug("kept the diagonal taps of %d fused convs apart", len(split))
+    return split
+
+
+def split_names(student: nn.Module) -> list[str]:
+    """The convs of `student` that keep their diagonal taps apart (SplitConv; also in an fx-traced student)."""
+    return [n[:-len(".taps")] for n, w in quant_wrappers(student) if isinstance(w.module, IdentityTaps)]
+
+
 def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
     """Swap every Conv2d / Linear of `model` (in place) for a QuantWrapper following `spec`.
 
@@ -148,7 +217,8 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
     return model
 
 
-def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None) -> nn.Module:
+def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None,
+                   split_min_gain: float = SPLIT_MIN_GAIN, split: list[str] | None = None) -> nn.Module:
     """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate).
 
     With the deployable protocol the copy is an fx.GraphModule (same submodule names) with one activation
@@ -158,11 +228,15 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     ONNX file will.
 
     With spec.fuse_branches the copy is first re-parameterised (timm's reparameterize_model: the parallel conv + BN
-    branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function); by
-    default, and with "auto" until the pipeline chooses, each branch keeps its own quantized conv.
+    branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function), and a fused
+    conv whose identity-like diagonal taps dominate its weight grid keeps them apart (`split_identity_`,
+    `split_min_gain`, math.inf never splits; `split` names them instead); by default, and with "auto" until the pipeline chooses, each branch
+    keeps its own quantized conv.
     """
     student = reparameterize_model(teacher) if spec.fuse_branches is True else copy.deepcopy(teacher)
     fold_bn_(student, example)
+    if spec.fuse_branches is True:
+        split_identity_(student, spec.w_bits, spec.w_symmetric, split_min_gain, split)
     if spec.protocol == Protocol.DEPLOYABLE:
         student = graph.trace(student.eval())
     quantize_(student, spec, example, classifier)
