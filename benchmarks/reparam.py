@@ -104,12 +104,12 @@ def file_latency(model: torch.nn.Module, input_size, classifier, calib: torch.Te
 
 def format_table(rows: list[dict], bits=BITS) -> str:
     acc = "".join(f"{f'{b} ' + form:>16}" for b in bits for form in FORMS)
-    head = (f"{'model':<14}{'arch':<15}{'convs':>13}{'FP':>7}{'fused FP':>10}{acc}{'W8A8 file ms':>14}"
+    head = (f"{'model':<14}{'arch':<15}{'convs':>14}{'FP':>7}{'fused FP':>10}{acc}{'W8A8 file ms':>14}"
             f"{'fused x':>9}{'plain x':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         a = "".join(f"{r[f'{b}_{form}']:>16.2f}" for b in bits for form in FORMS)
-        lines.append(f"{r['model']:<14}{r['arch']:<15}{r['convs']:>5}->{r['fused_convs']:<3}({r['split_convs']:>2})"
+        lines.append(f"{r['model']:<14}{r['arch']:<15}{r['convs']:>5}->{r['fused_convs']:<4}({r['split_convs']:>2})"
                      f"{r['fp']:>7.2f}{r['fused_fp']:>10.2f}{a}{r['ms_branches']:>14.2f}"
                      f"{r['fused_latency_ratio']:>8.2f}x{r['plain_latency_ratio']:>8.2f}x")
     return "\n".join(lines)

@@ -348,23 +348,25 @@ def test_bn_ranges_match_data_ranges_where_the_data_follow_the_bn_statistics(arc
 def test_split_identity_keeps_the_function_and_splits_only_dominant_diagonals():
     """A conv whose centre tap of input channel o in output channel o dominates (what fusing an identity BN gives),
     dense, grouped or depthwise, becomes conv(W - D) + depthwise-1x1(D) computing the same; a conv without such a
-    diagonal, or one where channels do not pair up (stride 2), stays as it is."""
+    diagonal, one where channels do not pair up (stride 2) or one that is all diagonal stays as it is."""
     torch.manual_seed(0)
     convs = [nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-             nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1)]
+             nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1),
+             nn.Conv2d(8, 8, 1, groups=8)]   # the last is all diagonal: nothing would be left to split from
     with torch.no_grad():
-        for c in convs[:3] + convs[4:]:
+        for c in convs[:3] + convs[4:5]:
             c.weight[torch.arange(8), torch.arange(8) % c.weight.shape[1], 1, 1] += 3.0
     model, x = nn.Sequential(*convs), torch.randn(2, 8, 16, 16)
     o = torch.arange(8)
     diag = convs[1].weight[o, o % 4, 1, 1].detach().clone()
     with torch.no_grad():
         ref = model(x)
+        assert split_identity_(copy.deepcopy(model), 8, min_gain=float("inf")) == []
         assert split_identity_(model, 8) == ["0", "1", "2"]
         assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-4)
     assert isinstance(model[1], SplitConv) and isinstance(model[1].taps, IdentityTaps) and model[1].conv.groups == 2
     assert torch.equal(model[1].taps.weight.flatten(), diag) and not model[1].conv.weight[o, o % 4, 1, 1].any()
-    assert type(model[3]) is nn.Conv2d and type(model[4]) is nn.Conv2d
+    assert all(type(model[i]) is nn.Conv2d for i in (3, 4, 5))
 
 
 def test_fused_student_keeps_identity_taps_apart_and_is_nearer_its_teacher(repvgg):

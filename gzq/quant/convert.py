@@ -142,13 +142,14 @@ class SplitConv(nn.Module):
 
 
 def _diagonal_taps(conv: nn.Module) -> torch.Tensor | None:
-    """(C,) centre tap of input channel o in output channel o of a stride-1, size-keeping conv whose inputs and
-    outputs pair up (dense, depthwise or grouped with as many inputs as outputs per group); None for any other."""
+    """(C,) centre tap of input channel o in output channel o of a stride-1, size-keeping conv with as many outputs
+    as inputs (dense, depthwise or grouped: then the o-th output's group reads it as input o % per_group); None for
+    any other."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or conv.stride != (1, 1) \
             or conv.dilation != (1, 1) or conv.in_channels != conv.out_channels:
         return None
     out, per_group, kh, kw = conv.weight.shape
-    if kh % 2 == 0 or kw % 2 == 0 or conv.padding != (kh // 2, kw // 2) or per_group != out // conv.groups:
+    if kh % 2 == 0 or kw % 2 == 0 or conv.padding != (kh // 2, kw // 2):
         return None
     o = torch.arange(out)
     return conv.weight.detach()[o, o % per_group, kh // 2, kw // 2]
@@ -161,10 +162,11 @@ def _weight_error(w: torch.Tensor, bits: int, symmetric: bool) -> float:
 @torch.no_grad()
 def split_identity_(model: nn.Module, bits: int, symmetric: bool = True, min_gain: float = SPLIT_MIN_GAIN,
                     names: list[str] | None = None) -> list[str]:
-    """Keep the identity-like diagonal centre taps of fused convs apart (in place): conv(W) becomes
-    conv(W - D) + depthwise-1x1(D), the same function, where that lowers the conv's weight quantization error
-    at `bits` by at least `min_gain` (SPLIT_MIN_GAIN), or exactly the convs `names` where given (a saved
-    student's, rebuilt on other weights). Fusing a RepVGG or MobileOne block adds its identity BN to one centre
+    """Keep the identity-like diagonal centre taps of convs apart (in place; create_student calls it on fused
+    networks): conv(W) becomes conv(W - D) + depthwise-1x1(D), the same function, where that lowers the conv's
+    weight quantization error at `bits` by at least `min_gain` (SPLIT_MIN_GAIN; math.inf: never) and leaves every
+    channel of W - D a weight, or exactly the convs `names` where given (a saved student's, rebuilt on other
+    weights). Fusing a RepVGG or MobileOne block adds its identity BN to one centre
     tap per output channel, far above the others, and a per-channel weight grid would spend its range on it;
     D alone (one weight per channel) quantizes exactly. Returns the names of the split convs.
     """
@@ -176,7 +178,8 @@ def split_identity_(model: nn.Module, bits: int, symmetric: bool = True, min_gai
         w, o = conv.weight.detach(), torch.arange(conv.out_channels)
         rest = w.clone()
         rest[o, o % w.shape[1], w.shape[2] // 2, w.shape[3] // 2] = 0
-        if names is None and _weight_error(w, bits, symmetric) < min_gain * _weight_error(rest, bits, symmetric):
+        if names is None and (math.isinf(min_gain) or not rest.flatten(1).any(1).all()   # nothing left in a channel
+                              or _weight_error(w, bits, symmetric) < min_gain * _weight_error(rest, bits, symmetric)):
             continue
         conv.weight = nn.Parameter(rest)
         ident = IdentityTaps(conv.out_channels, conv.out_channels, 1, groups=conv.out_channels, bias=False)
@@ -230,8 +233,8 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     With spec.fuse_branches the copy is first re-parameterised (timm's reparameterize_model: the parallel conv + BN
     branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function), and a fused
     conv whose identity-like diagonal taps dominate its weight grid keeps them apart (`split_identity_`,
-    `split_min_gain`, math.inf never splits; `split` names them instead); by default, and with "auto" until the pipeline chooses, each branch
-    keeps its own quantized conv.
+    `split_min_gain`, math.inf never splits; `split` names them instead); by default, and with "auto" until the
+    pipeline chooses, each branch keeps its own quantized conv.
     """
     student = reparameterize_model(teacher) if spec.fuse_branches is True else copy.deepcopy(teacher)
     fold_bn_(student, example)

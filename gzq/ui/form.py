@@ -67,7 +67,7 @@ TIPS: dict[str, str] = {
     "fuse_branches": "For networks trained with parallel branches (RepVGG, MobileOne, FastViT, RepViT): quantize "
                      "the fused form they run in after training, one layer per block, where that keeps the small "
                      "model's answers as close to the original's on test images made for the run; the download then "
-                     "runs 1.2 to 6.7 times faster. The log says which form was kept. Other networks are unchanged.",
+                     "runs 1.1 to 5.4 times faster. The log says which form was kept. Other networks are unchanged.",
     "steps": "How many times the synthetic images are improved; more steps, more natural images.",
     "num_images": "How many synthetic images are made to train the small model on.",
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
