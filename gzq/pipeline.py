@@ -392,8 +392,10 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
 
 
 def _n_layers(student: torch.nn.Module) -> int:
-    """Quantized layers, not counting the diagonal taps a fused conv keeps apart."""
-    return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student))
+    """Quantized layers, not counting the diagonal taps a fused conv keeps apart, plus the BN layers left unfolded
+    (a RepGhost block's identity BN: fusing removes those and keeps the number of convs)."""
+    return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student)) \
+        + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
 
 
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:

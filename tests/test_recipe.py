@@ -442,3 +442,20 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repv
     assert spec.fuse_branches is fused
     convs = sum(isinstance(x, torch.nn.Conv2d) for x in student.modules())
     assert convs == (22 + 17 if fused else 44)   # fused: the 17 identity blocks keep their taps apart
+
+
+def test_fuse_branches_auto_sees_a_fusion_that_keeps_the_conv_count():
+    """RepGhost fuses an identity BN into its depthwise conv: as many convs after fusing as before, yet a different
+    student, which the pipeline's check for "nothing re-parameterisable" must not take for an unchanged one."""
+    import dataclasses
+
+    from gzq.config import QuantSpec
+    from gzq.pipeline import _n_layers
+    from gzq.quant import create_student
+    torch.manual_seed(0)
+    m = timm.create_model("repghostnet_050", num_classes=10, in_chans=1).eval()
+    x, spec = torch.zeros(2, 1, 32, 32), QuantSpec.parse("w8a8")
+    fused = create_student(m, dataclasses.replace(spec, fuse_branches=True), x, "classifier", split=[])
+    branched = create_student(m, spec, x, "classifier")
+    convs = [sum(isinstance(q, nn.Conv2d) for q in s.modules()) for s in (fused, branched)]
+    assert convs[0] == convs[1] and _n_layers(fused) < _n_layers(branched)
