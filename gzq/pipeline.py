@@ -245,6 +245,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             if specs[n].fuse_branches == "auto":
                 specs[n] = dataclasses.replace(specs[n], fuse_branches=False)
                 auto_fuse.add(n)
+        if not _has_branches(teacher.model):
+            auto_fuse = set()
         if not synth.students_calibrated:
             t = time.perf_counter()
             yield StageStarted("calibration", 0)
@@ -373,8 +375,8 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
     """
     out = {}
     unit_terms = cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
-    if not any(hasattr(m, a) for m in teacher.model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy")):
-        return out   # what timm's reparameterize_model looks for: nothing to fuse
+    if not _has_branches(teacher.model):
+        return out
     for n in sorted(names):
         if methods[n].recon or unit_terms:
             continue
@@ -389,6 +391,11 @@ def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict
             specs[n] = spec
         out[n] = (fused if keep else None, chosen, kl)
     return out
+
+
+def _has_branches(model: torch.nn.Module) -> bool:
+    """Whether `model` has modules timm's reparameterize_model acts on (without them there is nothing to fuse)."""
+    return any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
 
 
 def _n_layers(student: torch.nn.Module) -> int:

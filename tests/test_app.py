@@ -234,9 +234,10 @@ def test_build_config_scales_with_advanced_values():
     # the shift checkbox: unticked turns off the roll fine-tuning gives each batch; left as None, the preset's
     assert form.build_config("resnet18", shift=False).train.shift is False
     assert form.build_config("resnet18", shift=None).train.shift is form.preset_fields("quick CPU")["shift"] is True
-    # fusing re-parameterisable branches: off unless ticked, and then chosen per run for every student of it
-    assert not any(s.fuse_branches for s in form.build_config("repvgg_a0", extra_students="w8a8").students)
-    fused = form.build_config("repvgg_a0", extra_students="w8a8, w3a3", fuse_branches=True).students
+    # fusing re-parameterisable branches: ticked by default, chosen per run for every student; unticked, never
+    assert not any(s.fuse_branches for s in form.build_config("repvgg_a0", extra_students="w8a8",
+                                                              fuse_branches=False).students)
+    fused = form.build_config("repvgg_a0", extra_students="w8a8, w3a3").students   # ticked by default
     assert [s.name for s in fused] == ["w4a4", "w8a8", "w3a3"] and all(s.fuse_branches == "auto" for s in fused)
 
 

@@ -64,7 +64,8 @@ TIPS: dict[str, str] = {
                 "(the setting of the BRECQ and Genie papers) or get the chosen bits too (GDFQ, SynQ); 'integer "
                 "runtime' also quantizes the input, residual sums and pooling, so that at 8 bit onnxruntime "
                 "runs every layer on integer kernels (what the download is measured on).",
-    "fuse_branches": "For networks trained with parallel branches (RepVGG, MobileOne, FastViT, RepViT): quantize "
+    "fuse_branches": "For networks trained with parallel branches (RepVGG, MobileOne, FastViT, RepViT, RepGhost): "
+                     "quantize "
                      "the fused form they run in after training, one layer per block, where that keeps the small "
                      "model's answers as close to the original's on test images made for the run; the download then "
                      "runs 1.1 to 5.4 times faster. The log says which form was kept. Other networks are unchanged.",
@@ -136,7 +137,7 @@ def _as_int(name: str, value, lo: int | None = None, hi: int | None = None) -> i
     return v
 
 
-def parse_students(w_bits, a_bits, protocol: str, extra: str | None, fuse_branches: bool = False) -> list[QuantSpec]:
+def parse_students(w_bits, a_bits, protocol: str, extra: str | None, fuse_branches: bool = True) -> list[QuantSpec]:
     """The main student (w_bits/a_bits) then the extra ones ('w8a8, w3a3'), all with one protocol, no repeats;
     fuse_branches ticked lets the run fuse re-parameterisable branches where the held-out KL allows ("auto")."""
     main = QuantSpec(w_bits=_as_int("weight bits", w_bits, 2, 8), a_bits=_as_int("activation bits", a_bits, 2, 8),
@@ -159,7 +160,7 @@ def model_name(model: str | None) -> str:
 
 def build_config(model: str | None, checkpoint: str | None = None, num_classes=None, in_chans=None,
                  pretrained: bool = False, w_bits=4, a_bits=4, protocol: str = "all_layers",
-                 extra_students: str | None = "", fuse_branches: bool = False, preset: str = "quick CPU", steps=None,
+                 extra_students: str | None = "", fuse_branches: bool = True, preset: str = "quick CPU", steps=None,
                  num_images=None, epochs=None, finetune=None, shift=None, num_students=None, seed=None, lambda_bn=None,
                  lambda_ce=None, lambda_adv=None, lambda_tv=None, lambda_l2=None, bn_loss=None, image_param=None,
                  data_dir: str | None = None, device: str = "auto", **_ignored) -> RunConfig:

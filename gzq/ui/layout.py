@@ -123,7 +123,7 @@ def create_ui(max_queue: int = MAX_QUEUE) -> gr.Blocks:
                     c["protocol"] = gr.Radio(PROTOCOLS, value="all_layers", label="which layers get the bits",
                                              info=TIPS["protocol"], elem_id="gzq-protocol")
                     c["fuse_branches"] = gr.Checkbox(
-                        value=False, label="fuse re-parameterisable branches where the accuracy allows (a faster "
+                        value=True, label="fuse re-parameterisable branches where the accuracy allows (a faster "
                         "download)", info=TIPS["fuse_branches"], elem_id="gzq-fuse")
                     with gr.Row():
                         c["steps"] = _number("steps", f0["steps"], "synthesis steps")
