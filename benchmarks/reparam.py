@@ -5,15 +5,15 @@
     python benchmarks/reparam.py --models '' --checkpoint ghostnetv3_050:DIR/ghostnetv3_48.safetensors --json ''
 
 RepVGG, MobileOne, FastViT and RepViT train with parallel conv + BN branches that timm's
-`reparameterize_model` fuses into one conv for inference (same function, fewer and cheaper layers). GZQ
-builds its students from the model as loaded, so a re-parameterisable network is quantized, trained and
-exported in its training form. This benchmark measures what fusing first would give instead, on the zoo's
-trained models (scripts/train_zoo.py): for each bit-width a student of each form is calibrated on the same
-real training images (post-training quantization, no synthesis or KD, so that only the form differs) and
-scored on real test images; then the W8A8 deployable ONNX files of both forms are timed in onnxruntime,
-interleaved, and the fused file's latency is given as a ratio to the branched one. Two fused forms: "fused" is what
-students.fuse_branches=true builds (a fused conv whose identity-like diagonal taps would dominate its weight grid keeps
-them apart as a depthwise 1x1 conv, gzq.quant.convert.split_identity_), "plain" fuses everything into one conv each.
+`reparameterize_model` fuses into one conv for inference (same function, fewer and cheaper layers). A GZQ run
+quantizes either form (students.fuse_branches: false keeps the branches, true fuses, auto, the default, picks
+per student by the held-out KL). This benchmark measures what each form gives on the zoo's trained models
+(scripts/train_zoo.py): for each bit-width a student of each form is calibrated on the same real training images
+(post-training quantization, no synthesis or KD, so that only the form differs) and scored on real test images;
+then the W8A8 deployable ONNX files of every form are timed in onnxruntime, interleaved, and each fused file's
+latency is given as a ratio to the branched one. Two fused forms: "fused" is what students.fuse_branches=true
+builds (a fused conv whose identity-like diagonal taps would dominate its weight grid keeps them apart as a
+depthwise 1x1 conv, gzq.quant.convert.split_identity_), "plain" fuses everything into one conv each.
 Writes benchmarks/results/reparam.json.
 """
 from __future__ import annotations
@@ -133,8 +133,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = []
     models = [(name, ZOO[name].arch, None) for name in args.models.split(",") if name in ZOO]
-    for name in [m for m in args.models.split(",") if m and m not in ZOO]:
-        raise SystemExit(f"unknown zoo model {name!r}; the zoo has {', '.join(ZOO)}")
+    unknown = [m for m in args.models.split(",") if m and m not in ZOO]
+    if unknown:
+        raise SystemExit(f"unknown zoo model {unknown[0]!r}; the zoo has {', '.join(ZOO)}")
     for c in args.checkpoint:
         arch, _, path = c.partition(":")
         if not path or not Path(path).is_file():

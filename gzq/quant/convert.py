@@ -166,9 +166,9 @@ def split_identity_(model: nn.Module, bits: int, symmetric: bool = True, min_gai
     networks): conv(W) becomes conv(W - D) + depthwise-1x1(D), the same function, where that lowers the conv's
     weight quantization error at `bits` by at least `min_gain` (SPLIT_MIN_GAIN; math.inf: never) and leaves every
     channel of W - D a weight, or exactly the convs `names` where given (a saved student's, rebuilt on other
-    weights). Fusing a RepVGG or MobileOne block adds its identity BN to one centre
-    tap per output channel, far above the others, and a per-channel weight grid would spend its range on it;
-    D alone (one weight per channel) quantizes exactly. Returns the names of the split convs.
+    weights). Fusing a RepVGG or MobileOne block adds its identity BN to one centre tap per output channel, far
+    above the others, and a per-channel weight grid would spend its range on it; D alone (one weight per channel)
+    quantizes exactly. Returns the names of the split convs.
     """
     split = []
     for name, conv in list(model.named_modules()):
@@ -231,10 +231,10 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     ONNX file will.
 
     With spec.fuse_branches the copy is first re-parameterised (timm's reparameterize_model: the parallel conv + BN
-    branches of RepVGG, MobileOne, FastViT or RepViT blocks fused into one conv each, the same function), and a fused
+    branches of RepVGG, MobileOne, FastViT, RepViT or RepGhost blocks fused, the same function), and a fused
     conv whose identity-like diagonal taps dominate its weight grid keeps them apart (`split_identity_`,
-    `split_min_gain`, math.inf never splits; `split` names them instead); by default, and with "auto" until the
-    pipeline chooses, each branch keeps its own quantized conv.
+    `split_min_gain`, math.inf never splits; `split` names them instead). With False, and with "auto" (the
+    default) until the pipeline chooses, each branch keeps its own quantized conv.
     """
     student = reparameterize_model(teacher) if spec.fuse_branches is True else copy.deepcopy(teacher)
     fold_bn_(student, example)
