@@ -124,6 +124,7 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
                               train=dict(epochs=1, batch_size=8))
         report = gzq.run(dataclasses.replace(cfg, time_budget_s=None), folder / "run")   # the budget as given
         x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(1))
+        row["fused"] = [s["name"] for s in report["students"] if s.get("fuse_branches")]   # fuse_branches=auto's pick
         stage = "files"
         for s in report["students"]:
             s = {**s, "name": s["name"].removesuffix("_dep").removesuffix("_fl8"), "file": s["name"]}
