@@ -177,8 +177,8 @@ def main(argv=None):
                                           synth=dict(num_images=args.images, holdout_images=max(args.images // 8, 1)),
                                           train=dict(method=ft, epochs=args.epochs), export=dict(formats=[]),
                                           eval=dict(max_real_images=200 if args.quick else 5000))
-                        cfg.time_budget_s = None
-                        cfg = override(cfg, *args.set)
+                        cfg.time_budget_s = None   # every method on the branched network (recon fits it)
+                        cfg = override(cfg, "students.fuse_branches=false", *args.set)
                         rep = run(cfg, synth_source=make)
                         secs = sum(rep["timings"].get(k, 0.0) for k in ("reconstruct", "finetune"))
                         row = dict(model=name, source=source, seed=seed, bits=bits, finetune=ft,

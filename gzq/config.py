@@ -222,7 +222,7 @@ class QuantSpec(_Serialisable):
     w_symmetric: bool = True
     act_init: ActInit = ActInit.AUTO
     act_percentile: float | str = "auto"   # a percentile, or "auto": chosen per run among AUTO_PERCENTILES
-    fuse_branches: bool | str = "auto"   # re-parameterisable networks (RepVGG, MobileOne, FastViT, RepViT, RepGhost):
+    fuse_branches: bool | str = "auto"   # networks timm re-parameterises (RepVGG, MobileOne, FastViT, RepGhost...):
                                   # True quantizes the fused inference form (timm's reparameterize_model) instead of
                                   # each training branch, a faster file; "auto" (the pipeline) fuses where the
                                   # held-out synthetic KL allows (FUSE_KL_SLACK; README, "Re-parameterisable");

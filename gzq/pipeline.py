@@ -262,9 +262,12 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
-            with stop_hooks.paused():   # the fused copies are made from the teacher, which must not carry hooks
-                chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, example,
-                                              score)
+            for n in sorted(auto_fuse):
+                if _fits_branches(cfg, methods[n]):
+                    yield Message(f"{n}: kept the re-parameterisable branches (block reconstruction or KD's unit "
+                                  f"terms fit the branched network)")
+            chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, example,
+                                          score, stop_hooks)
             for n, (student, chosen, kl) in chosen_forms.items():
                 fusion[n] = kl
                 if student is not None:
@@ -362,35 +365,44 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
 
 
 def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict, methods: dict, names: set,
-                   batches: list, example: torch.Tensor, score: Callable[[torch.nn.Module], float] | None) -> dict:
+                   batches: list, example: torch.Tensor, score: Callable[[torch.nn.Module], float] | None,
+                   stop_hooks: StopHooks) -> dict:
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
     on the held-out synthetic images (`score`, the calibration's kl_score) exceeds the branched student's by at most
     FUSE_KL_SLACK it takes its place (specs[n] then says fuse_branches=True). Students of a network with nothing to
     fuse, and those that block reconstruction or KD's unit terms fit (they are matched to the branched network), keep
-    the branches unscored. Call it with no hooks on the teacher: its copies would carry them.
+    the branches unscored. Each fused copy is made with `stop_hooks` paused (a copy of the hooked teacher would carry
+    them) and calibrated and scored watched by them.
 
     Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
     "fused": KL})} for every student scored.
     """
     out = {}
-    unit_terms = cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
     if not _has_branches(teacher.model):
         return out
     for n in sorted(names):
-        if methods[n].recon or unit_terms:
+        if _fits_branches(cfg, methods[n]):
             continue
         spec = dataclasses.replace(specs[n], fuse_branches=True)
-        fused = create_student(teacher.model, spec, example, teacher.classifier)
+        with stop_hooks.paused():
+            fused = create_student(teacher.model, spec, example, teacher.classifier)
         if _n_layers(fused) == _n_layers(students[n]):
             continue   # nothing re-parameterisable
-        chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
-        kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
+        with stop_hooks.watching(fused):
+            chosen = calibrate_(fused, batches, spec.act_init, spec.act_percentile, score=score)
+            kl = {"branches": round(score(students[n]), 6), "fused": round(score(fused), 6)}
         keep = kl["fused"] - kl["branches"] <= FUSE_KL_SLACK
         if keep:
             specs[n] = spec
         out[n] = (fused if keep else None, chosen, kl)
     return out
+
+
+def _fits_branches(cfg: RunConfig, method) -> bool:
+    """Whether a student is fitted to the branched network unit by unit (block reconstruction, KD's unit terms),
+    so that it keeps the branches."""
+    return method.recon or cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
 
 
 def _has_branches(model: torch.nn.Module) -> bool:
@@ -455,6 +467,16 @@ class StopHooks:
             yield
         finally:
             self._hook(self.models)
+
+    @contextlib.contextmanager
+    def watching(self, model: torch.nn.Module):
+        """`model` hooked too inside the block (a model made there, which may be let go after it)."""
+        handles = [m.register_forward_hook(self._forward) for m in model.modules()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _check(self, *_) -> None:
         check_stop(self.stop_fn)

@@ -428,7 +428,7 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repv
     save_file(repvgg.state_dict(), str(tmp_path / "repvgg.safetensors"))
     cfg = make_config("cpu", "cpu", model={"name": "repvgg_a0", "checkpoint": str(tmp_path / "repvgg.safetensors"),
                                            "num_classes": 10, "in_chans": 1, "input_size": (1, 32, 32)},
-                      students=[{"w_bits": 8, "a_bits": 8, "fuse_branches": "auto"}], time_budget_s=None,
+                      students=[{"w_bits": 8, "a_bits": 8}], time_budget_s=None,   # fuse_branches: auto by default
                       export={"formats": []},
                       synth={"num_images": 16, "holdout_images": 8, "batch_size": 16, "steps": 2, "warmup_steps": 1,
                              "band": 1}, train={"epochs": 0})

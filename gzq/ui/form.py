@@ -65,10 +65,10 @@ TIPS: dict[str, str] = {
                 "runtime' also quantizes the input, residual sums and pooling, so that at 8 bit onnxruntime "
                 "runs every layer on integer kernels (what the download is measured on).",
     "fuse_branches": "For networks trained with parallel branches (RepVGG, MobileOne, FastViT, RepViT, RepGhost): "
-                     "quantize "
-                     "the fused form they run in after training, one layer per block, where that keeps the small "
-                     "model's answers as close to the original's on test images made for the run; the download then "
-                     "runs 1.1 to 5.4 times faster. The log says which form was kept. Other networks are unchanged.",
+                     "quantize the fused form they run in after training, one layer per block, where that keeps the "
+                     "small model's answers as close to the original's on test images made for the run; the download "
+                     "then runs 1.1 to 5.4 times faster. The log says which form was kept. Networks timm cannot "
+                     "re-parameterise are unchanged.",
     "steps": "How many times the synthetic images are improved; more steps, more natural images.",
     "num_images": "How many synthetic images are made to train the small model on.",
     "epochs": "How many passes the small model makes over the synthetic images while it learns.",
