@@ -262,12 +262,11 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
-            for n in sorted(auto_fuse):
-                if _fits_branches(cfg, methods[n]):
-                    yield Message(f"{n}: kept the re-parameterisable branches (block reconstruction or KD's unit "
-                                  f"terms fit the branched network)")
-            chosen_forms = _choose_fusion(cfg, teacher, students, specs, methods, auto_fuse, batches, example,
-                                          score, stop_hooks)
+            for n in sorted(n for n in auto_fuse if _fits_branches(cfg, methods[n])):
+                auto_fuse.discard(n)
+                yield Message(f"{n}: kept the re-parameterisable branches (block reconstruction or KD's unit "
+                              f"terms fit the branched network)")
+            chosen_forms = _choose_fusion(teacher, students, specs, auto_fuse, batches, example, score, stop_hooks)
             for n, (student, chosen, kl) in chosen_forms.items():
                 fusion[n] = kl
                 if student is not None:
@@ -364,26 +363,20 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _choose_fusion(cfg: RunConfig, teacher: Teacher, students: dict, specs: dict, methods: dict, names: set,
-                   batches: list, example: torch.Tensor, score: Callable[[torch.nn.Module], float] | None,
-                   stop_hooks: StopHooks) -> dict:
+def _choose_fusion(teacher: Teacher, students: dict, specs: dict, names: set, batches: list, example: torch.Tensor,
+                   score: Callable[[torch.nn.Module], float], stop_hooks: StopHooks) -> dict:
     """students.fuse_branches=auto, for the students `names` (calibrated, with the branches): a fused copy of each
     (the re-parameterised network, create_student) is calibrated on the same batches, and where its KL to the teacher
     on the held-out synthetic images (`score`, the calibration's kl_score) exceeds the branched student's by at most
-    FUSE_KL_SLACK it takes its place (specs[n] then says fuse_branches=True). Students of a network with nothing to
-    fuse, and those that block reconstruction or KD's unit terms fit (they are matched to the branched network), keep
-    the branches unscored. Each fused copy is made with `stop_hooks` paused (a copy of the hooked teacher would carry
-    them) and calibrated and scored watched by them.
+    FUSE_KL_SLACK it takes its place (specs[n] then says fuse_branches=True). A student whose fused copy has the
+    same layers (nothing re-parameterisable) keeps the branches unscored. Each fused copy is made with `stop_hooks`
+    paused (a copy of the hooked teacher would carry them) and calibrated and scored watched by them.
 
     Returns {name: (the fused student where it was chosen, else None; its calibrate_ result; {"branches": KL,
     "fused": KL})} for every student scored.
     """
     out = {}
-    if not _has_branches(teacher.model):
-        return out
     for n in sorted(names):
-        if _fits_branches(cfg, methods[n]):
-            continue
         spec = dataclasses.replace(specs[n], fuse_branches=True)
         with stop_hooks.paused():
             fused = create_student(teacher.model, spec, example, teacher.classifier)
