@@ -54,6 +54,7 @@ class StepCosts:
     student_forward_image: float = 0.0   # one image through every student (no grad)
     recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
                            # gzq.reconstruct.find_units)
+    fused_copies: int = 0  # students.fuse_branches=auto: students whose fused copy is calibrated beside them
     warmup_image: float | None = None   # one warm-up step per image: the teacher alone, at the coarse size where
                                         # synthesis uses one (SynthConfig.coarse_scale); None = as synth_image
     update_image: float = 0.0    # the images' own update in a synthesis step (Adam and clamp over every image,
@@ -318,7 +319,7 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     stages = {
         "synthesis": probe_seconds(s, costs) + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
         + s.steps * s.num_images * costs.update_image,
-        "calibration": 2 * train_images * costs.forward_image * num_students,
+        "calibration": 2 * train_images * costs.forward_image * (num_students + costs.fused_copies),
         "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * kd_batch * costs.kd_image,
         "evaluate": (fresh + real_images) * costs.forward_image * (1 + num_students),

@@ -71,6 +71,7 @@ def estimate_run(cfg: RunConfig):
     load_s = time.perf_counter() - t
     costs = measure_costs(teacher, students, cfg, device)
     costs.recon_units = _recon_units(cfg, students, example)
+    costs.fused_copies = _fused_copies(cfg, teacher.model)
     n_real = len(labelled.labels) if labelled else 0
     _, est = plan_run(cfg, costs, len(students), cfg.time_budget_s, n_real)
     est.per_stage = {"load": load_s, **est.per_stage}
@@ -195,6 +196,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device)
         costs.recon_units = _recon_units(cfg, students, example)
+        costs.fused_copies = _fused_copies(cfg, teacher.model)
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None
         fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
@@ -408,6 +410,14 @@ def _n_layers(student: torch.nn.Module) -> int:
     (a RepGhost block's identity BN: fusing removes those and keeps the number of convs)."""
     return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student)) \
         + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
+
+
+def _fused_copies(cfg: RunConfig, teacher: torch.nn.Module) -> int:
+    """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
+    estimate: those left to choose on a teacher with something to fuse, not fitted to the branched network."""
+    if not _has_branches(teacher):
+        return 0
+    return sum(s.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(s)) for s in cfg.students)
 
 
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:

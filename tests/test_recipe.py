@@ -444,6 +444,26 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repv
     assert convs == (22 + 17 if fused else 44)   # fused: the 17 identity blocks keep their taps apart
 
 
+def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
+    """students.fuse_branches=auto calibrates a fused copy beside each student it may fuse: the estimate's
+    calibration stage counts them (none without anything to fuse, for block reconstruction, or with the branches
+    kept), and no other stage changes."""
+    from gzq.budget import StepCosts, estimate
+    from gzq.pipeline import _fused_copies
+    cfg = make_config("cpu", students=["w4a4", "w8a8"])
+    plain = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    assert _fused_copies(cfg, repvgg) == 2 and _fused_copies(cfg, plain) == 0
+    assert _fused_copies(override(cfg, "train.method=recon"), repvgg) == 0
+    assert _fused_copies(override(cfg, "students.fuse_branches=false"), repvgg) == 0
+    costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
+    alone = estimate(cfg, costs, 2).per_stage
+    costs.fused_copies = 2
+    both = estimate(cfg, costs, 2).per_stage
+    assert alone["calibration"] > 0 and both["calibration"] == pytest.approx(2 * alone["calibration"])
+    del both["calibration"], alone["calibration"]
+    assert both == alone
+
+
 def test_fuse_branches_auto_sees_a_fusion_that_keeps_the_conv_count():
     """RepGhost fuses an identity BN into its depthwise conv: as many convs after fusing as before, yet a different
     student, which the pipeline's check for "nothing re-parameterisable" must not take for an unchanged one."""
