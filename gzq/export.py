@@ -36,14 +36,17 @@ gzq.quant.integer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -51,7 +54,7 @@ from .checkpoint import save_int_weights
 from .config import ExportConfig, ExportFormat, QuantSpec
 from .quant.graph import CONTAINER
 from .quant.integer import ActQuant, LayerQuant, find_layer_quants, find_tensor_quants
-from .quant.modules import QuantWrapper
+from .quant.modules import QuantWrapper, WrapsLayer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def _mark(x: torch.Tensor, key: str, dynamo: bool) -> torch.Tensor:
     return _Mark.apply(x, key)
 
 
-class _ExportLayer(nn.Module):
+class _ExportLayer(WrapsLayer, nn.Module):
     """Stands in for a QuantWrapper while tracing: marks its input (if quantized) and its weight."""
 
     def __init__(self, module: nn.Module, key: int, weight: torch.Tensor, quant_input: bool, dynamo: bool = False):
@@ -94,6 +97,7 @@ class _ExportLayer(nn.Module):
         self.register_buffer("qweight", weight)
         if not dynamo:
             del module._parameters["weight"]  # set per call below (TorchScript cannot trace torch.func.functional_call)
+            module.weight = weight            # until then, for a model that reads it (WrapsLayer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_input:
@@ -336,10 +340,9 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     "dynamo": torch.export + onnxscript (the maintained exporter; needs the onnxscript package). It lowers
     global average pooling to ReduceMean, which `_global_pools_` turns back into GlobalAveragePool.
     """
-    import warnings
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _exportable_adaptive_pools():
         warnings.filterwarnings("ignore", category=DeprecationWarning)   # legacy exporter: needs no onnxscript
         warnings.filterwarnings("ignore", message=".*[Oo]pset.*")
         if exporter == "torchscript":
@@ -347,13 +350,46 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
             return
-        import contextlib
         import io
         with contextlib.redirect_stdout(io.StringIO()):               # its progress lines
             torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=max(opset, 18),
                               input_names=["input"], output_names=["logits"],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), optimize=True,
                               verify=False, report=False)
+
+
+def _pool_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i averages the inputs adaptive average pooling puts in bin i, those from
+    floor(i n_in / n_out) up to ceil((i + 1) n_in / n_out)."""
+    m = torch.zeros(n_out, n_in, dtype=like.dtype, device=like.device)
+    for i in range(n_out):
+        lo, hi = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+@contextlib.contextmanager
+def _exportable_adaptive_pools():
+    """While exporting, F.adaptive_avg_pool2d to a size that does not divide its input (timm's VGG head pools a
+    small input up to 7 x 7) is two averaging MatMuls: the same values, where the tracing exporter has no pool to
+    write. Sizes that divide keep the pool."""
+    original = F.adaptive_avg_pool2d
+
+    def pool(x: torch.Tensor, output_size) -> torch.Tensor:
+        with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+        oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+        oh, ow = oh or h, ow or w   # None keeps that side
+        if h % oh == 0 and w % ow == 0:
+            return original(x, output_size)
+        return _pool_matrix(oh, h, x) @ x @ _pool_matrix(ow, w, x).T
+
+    F.adaptive_avg_pool2d = pool
+    try:
+        yield
+    finally:
+        F.adaptive_avg_pool2d = original
 
 
 def _global_pools_(m) -> None:

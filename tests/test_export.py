@@ -19,6 +19,7 @@ from gzq.checkpoint import load_int_weights, save_int_weights
 from gzq.export import _after_op, export_fp32_onnx, export_onnx, export_run, onnx_session, run_onnx
 from gzq.quant.integer import effective_scale, find_layer_quants
 from gzq.quant.convert import IdentityTaps, calibrate_, create_student, quant_wrappers
+from gzq.quant.modules import QuantWrapper
 from gzq.quant.primitives import fake_quantize
 
 SPECS = [QuantSpec(8, 8), QuantSpec(4, 4), QuantSpec(3, 5)]
@@ -666,6 +667,71 @@ def test_4bit_codes_after_a_maxpool_load_in_onnxruntime(tmp_path):
     _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
     g = onnx.load(info["path"]).graph
     assert {n.op_type for n in g.node} >= {"MaxPool", "QuantizeLinear"}
+
+
+def test_adaptive_pools_to_sizes_their_input_does_not_divide_export(tmp_path):
+    """timm's VGG head pools an input under 224 px up to 7 x 7 with adaptive average pooling, which torch's
+    tracing exporter cannot write where the sizes do not divide: the export writes it as averaging MatMuls with
+    the same values (up or down, either side), keeps the pool where they divide, and leaves torch as it was."""
+    from torch import nn
+
+    from gzq.export import _exportable_adaptive_pools
+    original = torch.nn.functional.adaptive_avg_pool2d
+    x = torch.randn(2, 3, 10, 6)
+    for size in [(3, 5), (7, 7), 4, (None, 4), (5, 3), 1]:
+        with _exportable_adaptive_pools():
+            y = torch.nn.functional.adaptive_avg_pool2d(x, size)
+        torch.testing.assert_close(y, original(x, size), rtol=1e-6, atol=1e-6)
+    assert torch.nn.functional.adaptive_avg_pool2d is original
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+                      nn.AdaptiveAvgPool2d(7), nn.Conv2d(8, 8, 7), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8, 10)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 8, 8))
+    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "9")
+    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    dc = dict(architecture="sequential", model_kwargs={}, input_size=[1, 8, 8], mean=[0.5], std=[0.25],
+              num_classes=10, class_names=None, first_conv="0", classifier="9")
+    info = export_onnx(s.eval(), tmp_path / "pool.onnx", (1, 8, 8), 21, dc)
+    assert torch.nn.functional.adaptive_avg_pool2d is original
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
+    assert "MatMul" in {n.op_type for n in onnx.load(info["path"]).graph.node}
+
+
+def test_a_model_that_reads_its_layers_attributes_is_quantized_and_exported(tmp_path):
+    """Some models read a layer's attributes in their own forward (XCiT's positional encoding reads its conv's
+    weight.device): the wrappers that stand in for the layer in the student and in the export pass them on."""
+    from torch import nn
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            w = self.conv.weight
+            pos = torch.linspace(0, 1, self.conv.out_channels, device=w.device, dtype=w.dtype).view(1, -1, 1, 1)
+            return self.fc(torch.relu(self.bn(self.conv(x)) + pos).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Reads().train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8))
+    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
+    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    assert isinstance(s.conv, QuantWrapper) and s.conv.out_channels == 8 and s.conv.weight is s.conv.module.weight
+    dc = dict(architecture="reads", model_kwargs={}, input_size=[1, 8, 8], mean=[0.5], std=[0.25],
+              num_classes=10, class_names=None, first_conv="conv", classifier="fc")
+    info = export_onnx(s.eval(), tmp_path / "reads.onnx", (1, 8, 8), 21, dc)
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
 
 
 def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg, tmp_path):

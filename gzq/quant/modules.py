@@ -170,7 +170,21 @@ def reduce_calibration_(quantizers: list[ActQuantizer]) -> None:
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
 
 
-class QuantWrapper(nn.Module):
+class WrapsLayer:
+    """Mixed into a module that wraps a layer as `self.module`: attributes it lacks come from that layer
+    (`weight`, `bias`, `out_channels`...), which some models read in their own forward (XCiT's positional encoding
+    reads its conv's `weight.device`)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module" or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+
+class QuantWrapper(WrapsLayer, nn.Module):
     """A conv or linear layer with its weight (and optionally its input) fake-quantized.
 
     The wrapped module runs unchanged with the quantized weight substituted, so every Conv2d subclass
