@@ -692,8 +692,8 @@ def test_adaptive_pools_to_sizes_their_input_does_not_divide_export(tmp_path):
             m(torch.randn(16, 1, 8, 8))
     s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "9")
     calibrate_(s, [torch.randn(32, 1, 8, 8)])
-    dc = dict(architecture="sequential", model_kwargs={}, input_size=[1, 8, 8], mean=[0.5], std=[0.25],
-              num_classes=10, class_names=None, first_conv="0", classifier="9")
+    dc = {"architecture": "sequential", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
+          "num_classes": 10, "class_names": None, "first_conv": "0", "classifier": "9"}
     info = export_onnx(s.eval(), tmp_path / "pool.onnx", (1, 8, 8), 21, dc)
     assert torch.nn.functional.adaptive_avg_pool2d is original
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -725,8 +725,8 @@ def test_a_model_that_reads_its_layers_attributes_is_quantized_and_exported(tmp_
     s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
     calibrate_(s, [torch.randn(32, 1, 8, 8)])
     assert isinstance(s.conv, QuantWrapper) and s.conv.out_channels == 8 and s.conv.weight is s.conv.module.weight
-    dc = dict(architecture="reads", model_kwargs={}, input_size=[1, 8, 8], mean=[0.5], std=[0.25],
-              num_classes=10, class_names=None, first_conv="conv", classifier="fc")
+    dc = {"architecture": "reads", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
+          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
     info = export_onnx(s.eval(), tmp_path / "reads.onnx", (1, 8, 8), 21, dc)
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
