@@ -383,3 +383,28 @@ def test_fused_student_keeps_identity_taps_apart_and_is_nearer_its_teacher(repvg
         taps[gain] = sum(isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(s))
     assert taps[float("inf")] == 0 and taps[None] == 17      # RepVGG-A0's blocks with an identity branch
     assert err[None] < 0.6 * err[float("inf")], err
+
+
+@pytest.mark.parametrize("protocol", [Protocol.ALL_LAYERS, Protocol.DEPLOYABLE])
+def test_students_of_nets_that_cache_attention_biases_train_and_stay_current(protocol):
+    """LeViT (like TinyViT, EfficientFormer and MSRA's EfficientViT) caches its attention bias table in eval mode,
+    the mode a student is trained in: the student recomputes it each forward, so a second backward works and a
+    forward after an update reads the updated biases (the deployable student's traced graph computes the table
+    from the biases in every forward)."""
+    torch.manual_seed(0)
+    m = timm.create_model("levit_128s", img_size=64, num_classes=10).eval().requires_grad_(False)
+    x = torch.randn(4, 3, 64, 64)
+    s = create_student(m, QuantSpec(8, 8, protocol), x[:2], "head")
+    calibrate_(s, [x])
+    opt = torch.optim.SGD([p for n, p in s.named_parameters() if "attention_biases" in n], lr=10.0)
+    for _ in range(2):
+        opt.zero_grad()
+        s(x).square().mean().backward()
+        opt.step()
+    if protocol == Protocol.DEPLOYABLE:
+        return
+    with torch.no_grad():
+        before = s(x)
+        for p in opt.param_groups[0]["params"]:
+            p.copy_(5 * torch.randn_like(p))
+        assert not torch.allclose(s(x), before)   # not the table cached before the change

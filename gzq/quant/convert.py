@@ -220,6 +220,22 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
     return model
 
 
+def _clear_attention_bias_cache(module: nn.Module, args) -> None:
+    module.attention_bias_cache.clear()
+
+
+def uncache_attention_biases_(model: nn.Module) -> int:
+    """timm's LeViT, TinyViT, EfficientFormer (V1, V2) and EfficientViT (MSRA) cache each attention's bias table in
+    eval mode. A student is trained in eval mode: the cached table would keep an autograd graph that a second
+    backward cannot go through, and after an update it would be stale. Each forward recomputes it instead (one
+    gather). Returns how many modules were so changed."""
+    mods = [m for m in model.modules() if isinstance(getattr(m, "attention_bias_cache", None), dict)]
+    for m in mods:
+        m.attention_bias_cache.clear()
+        m.register_forward_pre_hook(_clear_attention_bias_cache)
+    return len(mods)
+
+
 def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None,
                    split_min_gain: float = SPLIT_MIN_GAIN, split: list[str] | None = None) -> nn.Module:
     """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate).
@@ -250,6 +266,7 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
             if isinstance(w.module, nn.Conv2d) and w.w_quant.bits == 8 and w.a_quant is not None \
                     and w.a_quant.bits == 8:
                 w.set_int_bias_input(w.a_quant)
+    uncache_attention_biases_(student)
     student.to(example.device).eval().requires_grad_(True)   # new quantizer tensors follow the model's device
     return student
 
