@@ -87,6 +87,11 @@ ZOO: dict[str, ZooModel] = {
                            note="star operation (element-wise product of two branches), depthwise"),
     "fastvit_64": ZooModel("fastvit_t8", (3, 64, 64), False, 6, 10000, lr=0.05,
                            note="RepMixer, re-parameterisable MobileOne-style stem and blocks, RGB"),
+    # fifth fresh set: the same rules as the fourth (6-epoch teachers), families none of the sets above has
+    "shvit_64": ZooModel("shvit_s1", (1, 64, 64), False, 6, 10000, lr=0.05,
+                         note="single-head attention hybrid, BN throughout"),
+    "fasternet_48": ZooModel("fasternet_t0", (3, 48, 48), True, 6, 10000, lr=0.05,
+                             note="partial convolutions (a quarter of the channels), RGB"),
 }
 TUNING = ("mobilenetv2_64", "regnetx_32", "ghostnet_48")
 CONFIRMATION = ("mnasnet_96", "mixnet_64")
@@ -94,8 +99,9 @@ FRESH = ("resnet10t_64", "mobilenetv4_96", "rexnet_48", "dla_32")
 FRESH2 = ("vovnet_64", "hgnetv2_96", "cspdarknet_48", "mobileone_48")
 FRESH3 = ("gernet_64", "repvit_64", "dpn_32", "resnest_48")
 FRESH4 = ("skresnet18_32", "starnet_48", "fastvit_64")
+FRESH5 = ("shvit_64", "fasternet_48")
 #: the fresh sets by their key in benchmarks/zoo.py's results, in the order they were added
-FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3, "fresh4": FRESH4}
+FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3, "fresh4": FRESH4, "fresh5": FRESH5}
 HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + sum(FRESH_SETS.values(), ()))
 
 
