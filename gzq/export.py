@@ -41,6 +41,7 @@ import copy
 import itertools
 import json
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -368,28 +369,38 @@ def _pool_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
     return m
 
 
+_ADAPTIVE_AVG_POOL2D = F.adaptive_avg_pool2d
+_pool_lock, _pool_exports = threading.Lock(), 0
+
+
+def _exportable_adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d, as two averaging MatMuls where the output size does not divide the input's."""
+    with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    oh, ow = oh or h, ow or w   # None keeps that side
+    if h % oh == 0 and w % ow == 0:
+        return _ADAPTIVE_AVG_POOL2D(x, output_size)
+    return _pool_matrix(oh, h, x) @ x @ _pool_matrix(ow, w, x).T
+
+
 @contextlib.contextmanager
 def _exportable_adaptive_pools():
     """While exporting, F.adaptive_avg_pool2d to a size that does not divide its input (timm's VGG head pools a
     small input up to 7 x 7) is two averaging MatMuls: the same values, where the tracing exporter has no pool to
-    write. Sizes that divide keep the pool."""
-    original = F.adaptive_avg_pool2d
-
-    def pool(x: torch.Tensor, output_size) -> torch.Tensor:
-        with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            h, w = int(x.shape[-2]), int(x.shape[-1])
-        oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
-        oh, ow = oh or h, ow or w   # None keeps that side
-        if h % oh == 0 and w % ow == 0:
-            return original(x, output_size)
-        return _pool_matrix(oh, h, x) @ x @ _pool_matrix(ow, w, x).T
-
-    F.adaptive_avg_pool2d = pool
+    write. Sizes that divide keep the pool. Exports in other threads share the patch; the last one out undoes it."""
+    global _pool_exports
+    with _pool_lock:
+        _pool_exports += 1
+        F.adaptive_avg_pool2d = _exportable_adaptive_avg_pool2d
     try:
         yield
     finally:
-        F.adaptive_avg_pool2d = original
+        with _pool_lock:
+            _pool_exports -= 1
+            if not _pool_exports:
+                F.adaptive_avg_pool2d = _ADAPTIVE_AVG_POOL2D
 
 
 def _global_pools_(m) -> None:
