@@ -361,42 +361,48 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
 
 def _pool_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in): row i averages the inputs adaptive average pooling puts in bin i, those from
-    floor(i n_in / n_out) up to ceil((i + 1) n_in / n_out)."""
-    m = torch.zeros(n_out, n_in, dtype=like.dtype, device=like.device)
+    floor(i n_in / n_out) up to ceil((i + 1) n_in / n_out). Built from Python numbers: one constant in the file."""
+    rows = []
     for i in range(n_out):
         lo, hi = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
-        m[i, lo:hi] = 1.0 / (hi - lo)
-    return m
+        rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 _ADAPTIVE_AVG_POOL2D = F.adaptive_avg_pool2d
-_pool_lock, _pool_exports = threading.Lock(), 0
+_pool_lock, _pool_exports, _exporting = threading.Lock(), 0, threading.local()
 
 
-def _exportable_adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
-    """F.adaptive_avg_pool2d, as two averaging MatMuls where the output size does not divide the input's."""
-    with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
-    oh, ow = oh or h, ow or w   # None keeps that side
-    if h % oh == 0 and w % ow == 0:
-        return _ADAPTIVE_AVG_POOL2D(x, output_size)
-    return _pool_matrix(oh, h, x) @ x @ _pool_matrix(ow, w, x).T
+def _exportable_adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d; in a thread that is exporting, two averaging MatMuls where the output size does not
+    divide the input's."""
+    if not getattr(_exporting, "depth", 0) or not isinstance(input, torch.Tensor):
+        return _ADAPTIVE_AVG_POOL2D(input, output_size)
+    with warnings.catch_warnings():   # the sides, and so the matrices, are fixed in the file (only the batch axis
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # is dynamic)
+        h, w = int(input.shape[-2]), int(input.shape[-1])
+        oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list, torch.Size)) else (output_size,) * 2
+        oh, ow = int(oh or h), int(ow or w)   # None keeps that side
+        if h % oh == 0 and w % ow == 0:
+            return _ADAPTIVE_AVG_POOL2D(input, output_size)
+        return _pool_matrix(oh, h, input) @ input @ _pool_matrix(ow, w, input).T
 
 
 @contextlib.contextmanager
 def _exportable_adaptive_pools():
-    """While exporting, F.adaptive_avg_pool2d to a size that does not divide its input (timm's VGG head pools a
-    small input up to 7 x 7) is two averaging MatMuls: the same values, where the tracing exporter has no pool to
-    write. Sizes that divide keep the pool. Exports in other threads share the patch; the last one out undoes it."""
+    """While this thread exports, F.adaptive_avg_pool2d to a size that does not divide its input (timm's VGG head
+    pools a small input up to 7 x 7) is two averaging MatMuls: the same values, where the tracing exporter has no
+    pool to write. Sizes that divide keep the pool, and other threads get torch's own function throughout. The
+    last export out restores it."""
     global _pool_exports
     with _pool_lock:
         _pool_exports += 1
         F.adaptive_avg_pool2d = _exportable_adaptive_avg_pool2d
+    _exporting.depth = getattr(_exporting, "depth", 0) + 1
     try:
         yield
     finally:
+        _exporting.depth -= 1
         with _pool_lock:
             _pool_exports -= 1
             if not _pool_exports:

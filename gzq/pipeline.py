@@ -414,10 +414,14 @@ def _n_layers(student: torch.nn.Module) -> int:
 
 def _fused_copies(cfg: RunConfig, teacher: torch.nn.Module) -> int:
     """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
-    estimate: those left to choose on a teacher with something to fuse, not fitted to the branched network."""
-    if not _has_branches(teacher):
+    estimate: those left to choose on a teacher with something to fuse, not fitted to the branched network, among
+    the students calibrated after synthesis (adversarial synthesis ends the extra seeds, and students it keeps
+    were calibrated during it and keep their branches)."""
+    s = cfg.synth
+    if not _has_branches(teacher) or (s.adversarial and s.keep_students):
         return 0
-    return sum(s.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(s)) for s in cfg.students)
+    specs = cfg.students if s.adversarial else [spec for _, spec in student_specs(cfg)]
+    return sum(q.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(q)) for q in specs)
 
 
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:

@@ -455,6 +455,10 @@ def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     assert _fused_copies(cfg, repvgg) == 2 and _fused_copies(cfg, plain) == 0
     assert _fused_copies(override(cfg, "train.method=recon"), repvgg) == 0
     assert _fused_copies(override(cfg, "students.fuse_branches=false"), repvgg) == 0
+    # students kept from adversarial synthesis were calibrated there; extra seeds outlive plain synthesis only
+    assert _fused_copies(override(cfg, "synth.keep_students=true"), repvgg) == 0
+    assert _fused_copies(override(cfg, "synth.num_students=3"), repvgg) == 2
+    assert _fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), repvgg) == 3
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     alone = estimate(cfg, costs, 2).per_stage
     costs.fused_copies = 2

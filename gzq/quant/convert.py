@@ -220,19 +220,20 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
     return model
 
 
-def _clear_attention_bias_cache(module: nn.Module, args) -> None:
+def _clear_attention_bias_cache(module: nn.Module, *_) -> None:
     module.attention_bias_cache.clear()
 
 
 def uncache_attention_biases_(model: nn.Module) -> int:
     """timm's LeViT, TinyViT, EfficientFormer (V1, V2) and EfficientViT (MSRA) cache each attention's bias table in
     eval mode. A student is trained in eval mode: the cached table would keep an autograd graph that a second
-    backward cannot go through, and after an update it would be stale. Each forward recomputes it instead (one
-    gather). Returns how many modules were so changed."""
+    backward cannot go through (nor a deepcopy), and after an update it would be stale. The table now lives for
+    one forward only (one gather each). Returns how many modules were so changed."""
     mods = [m for m in model.modules() if isinstance(getattr(m, "attention_bias_cache", None), dict)]
     for m in mods:
         m.attention_bias_cache.clear()
         m.register_forward_pre_hook(_clear_attention_bias_cache)
+        m.register_forward_hook(_clear_attention_bias_cache, always_call=True)
     return len(mods)
 
 
