@@ -369,35 +369,55 @@ def _pool_matrix(n_out: int, n_in: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
-_ADAPTIVE_AVG_POOL2D = F.adaptive_avg_pool2d
+_ADAPTIVE_AVG_POOL2D, _ADAPTIVE_MAX_POOL2D = F.adaptive_avg_pool2d, F.adaptive_max_pool2d
 _pool_lock, _pool_exports, _exporting = threading.Lock(), 0, threading.local()
 
 
-def _exportable_adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
-    """F.adaptive_avg_pool2d; in a thread that is exporting, two averaging MatMuls where the output size does not
-    divide the input's."""
+def _pool_sides(input: torch.Tensor, output_size) -> tuple[int, int, int, int] | None:
+    """(h, w, out h, out w) of an adaptive pool while this thread exports (None otherwise, or for an fx Proxy)."""
     if not getattr(_exporting, "depth", 0) or not isinstance(input, torch.Tensor):
-        return _ADAPTIVE_AVG_POOL2D(input, output_size)
-    with warnings.catch_warnings():   # the sides, and so the matrices, are fixed in the file (only the batch axis
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)   # is dynamic)
+        return None
+    with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         h, w = int(input.shape[-2]), int(input.shape[-1])
-        oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list, torch.Size)) else (output_size,) * 2
-        oh, ow = int(oh or h), int(ow or w)   # None keeps that side
-        if h % oh == 0 and w % ow == 0:
-            return _ADAPTIVE_AVG_POOL2D(input, output_size)
+    oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list, torch.Size)) else (output_size,) * 2
+    return h, w, int(oh or h), int(ow or w)   # None keeps that side
+
+
+def _exportable_adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d; while this thread exports, a fixed-kernel AveragePool where the output size divides
+    the input's, else two averaging MatMuls."""
+    sides = _pool_sides(input, output_size)
+    if sides is None or sides[2:] == (1, 1):
+        return _ADAPTIVE_AVG_POOL2D(input, output_size)
+    h, w, oh, ow = sides
+    if h % oh == 0 and w % ow == 0:
+        return F.avg_pool2d(input, (h // oh, w // ow))
+    with warnings.catch_warnings():   # the matrices are constants of the file
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return _pool_matrix(oh, h, input) @ input @ _pool_matrix(ow, w, input).T
+
+
+def _exportable_adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool = False):
+    """F.adaptive_max_pool2d; while this thread exports, a fixed-kernel MaxPool where the output size divides the
+    input's (the tracing exporter needs the input's size for an adaptive one, and loses it after some reshapes)."""
+    sides = _pool_sides(input, output_size)
+    if sides is None or return_indices or sides[2:] == (1, 1) or sides[0] % sides[2] or sides[1] % sides[3]:
+        return _ADAPTIVE_MAX_POOL2D(input, output_size, return_indices)
+    h, w, oh, ow = sides
+    return F.max_pool2d(input, (h // oh, w // ow))
 
 
 @contextlib.contextmanager
 def _exportable_adaptive_pools():
-    """While this thread exports, F.adaptive_avg_pool2d to a size that does not divide its input (timm's VGG head
-    pools a small input up to 7 x 7) is two averaging MatMuls: the same values, where the tracing exporter has no
-    pool to write. Sizes that divide keep the pool, and other threads get torch's own function throughout. The
-    last export out restores it."""
+    """While this thread exports, adaptive pools become pools the tracing exporter can write: average pooling to a
+    size that does not divide its input (timm's VGG head pools a small input up to 7 x 7) two averaging MatMuls,
+    and pools to a size that divides it fixed-kernel pools (global ones stay global). The same values; other threads
+    get torch's own functions throughout, and the last export out restores them."""
     global _pool_exports
     with _pool_lock:
         _pool_exports += 1
-        F.adaptive_avg_pool2d = _exportable_adaptive_avg_pool2d
+        F.adaptive_avg_pool2d, F.adaptive_max_pool2d = _exportable_adaptive_avg_pool2d, _exportable_adaptive_max_pool2d
     _exporting.depth = getattr(_exporting, "depth", 0) + 1
     try:
         yield
@@ -406,7 +426,7 @@ def _exportable_adaptive_pools():
         with _pool_lock:
             _pool_exports -= 1
             if not _pool_exports:
-                F.adaptive_avg_pool2d = _ADAPTIVE_AVG_POOL2D
+                F.adaptive_avg_pool2d, F.adaptive_max_pool2d = _ADAPTIVE_AVG_POOL2D, _ADAPTIVE_MAX_POOL2D
 
 
 def _global_pools_(m) -> None:

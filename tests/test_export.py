@@ -673,17 +673,22 @@ def test_4bit_codes_after_a_maxpool_load_in_onnxruntime(tmp_path):
 def test_adaptive_pools_to_sizes_their_input_does_not_divide_export(tmp_path):
     """timm's VGG head pools an input under 224 px up to 7 x 7 with adaptive average pooling, which torch's
     tracing exporter cannot write where the sizes do not divide: the export writes it as averaging MatMuls with
-    the same values (up or down, either side), keeps the pool where they divide, and leaves torch as it was."""
+    the same values (up or down, either side), and pools (average or max) to sizes that divide as fixed-kernel
+    pools, and leaves torch as it was."""
     from torch import nn
 
     from gzq.export import _exportable_adaptive_pools
     original = torch.nn.functional.adaptive_avg_pool2d
     x = torch.randn(2, 3, 10, 6)
-    for size in [(3, 5), (7, 7), 4, (None, 4), (5, 3), 1]:
+    original_max = torch.nn.functional.adaptive_max_pool2d
+    for size in [(3, 5), (7, 7), 4, (None, 4), (5, 3), (2, 1), 1]:
         with _exportable_adaptive_pools():
             y = torch.nn.functional.adaptive_avg_pool2d(x, size)
+            y_max = torch.nn.functional.adaptive_max_pool2d(x, size)
         torch.testing.assert_close(y, original(x, size), rtol=1e-6, atol=1e-6)
+        assert torch.equal(y_max, original_max(x, size))
     assert torch.nn.functional.adaptive_avg_pool2d is original
+    assert torch.nn.functional.adaptive_max_pool2d is original_max
     # another thread, meanwhile, gets torch's own pool: an fx trace of it (the deployable protocol's) still works
     pooled = nn.Sequential(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(1))
     with _exportable_adaptive_pools(), concurrent.futures.ThreadPoolExecutor(1) as ex:
