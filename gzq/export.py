@@ -38,11 +38,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import functools
+import importlib.util
 import itertools
 import json
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -710,6 +713,27 @@ def _rel(folder: Path, info: dict) -> dict:
     return {**info, "path": str(Path(info["path"]).relative_to(folder))}
 
 
+def _with_fallback(write: Callable[..., dict], exporter: str, what: str) -> dict:
+    """write(exporter=exporter); where torch's tracing exporter cannot write the model (HaloNet's halo attention,
+    say) the dynamo exporter tries once more if onnxscript is installed. The info says which one wrote the file; if both
+    fail, or onnxscript is missing, the tracing exporter's error is raised, with what to try."""
+    try:
+        return {**write(exporter=exporter), "exporter": exporter}
+    except Exception as e:
+        if exporter != "torchscript":
+            raise
+        if importlib.util.find_spec("onnxscript") is None:
+            raise RuntimeError(f"{type(e).__name__}: {e} (the dynamo exporter may write it: pip install "
+                               "onnxscript)") from e
+        log.warning("ONNX export of %s: the tracing exporter failed (%s); trying the dynamo exporter", what,
+                    str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        try:
+            return {**write(exporter="dynamo"), "exporter": "dynamo"}
+        except Exception as e2:  # noqa: BLE001 - reported with the first error
+            raise RuntimeError(f"{type(e).__name__}: {e} (the dynamo exporter failed too: {type(e2).__name__}: "
+                               f"{e2})") from e
+
+
 def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, students: dict, specs: dict) -> None:
     """Write the downloads of a run into `folder` and record them in `report` (in place).
 
@@ -723,8 +747,8 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
     rows = {r["name"]: r for r in report.get("students", [])}
     if ExportFormat.ONNX in formats:
         try:
-            info = export_fp32_onnx(teacher.model, folder / "teacher_fp32.onnx", teacher.input_size, cfg.opset, dc,
-                                    exporter=cfg.exporter)
+            info = _with_fallback(functools.partial(export_fp32_onnx, teacher.model, folder / "teacher_fp32.onnx",
+                                                    teacher.input_size, cfg.opset, dc), cfg.exporter, "the teacher")
             report.setdefault("teacher", {})["files"] = {"onnx": _rel(folder, info)}
         except Exception as e:  # noqa: BLE001 - recorded in the report
             log.warning("FP32 ONNX export of the teacher failed: %s", e)
@@ -733,8 +757,9 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
         files: dict[str, Any] = {}
         if ExportFormat.ONNX in formats:
             try:
-                info = export_onnx(s, folder / "students" / f"{name}.onnx", teacher.input_size, cfg.opset, dc,
-                                   specs[name], exporter=cfg.exporter)
+                info = _with_fallback(functools.partial(export_onnx, s, folder / "students" / f"{name}.onnx",
+                                                        teacher.input_size, cfg.opset, dc, specs[name]),
+                                      cfg.exporter, name)
                 info.pop("layers"), info.pop("tensors")
                 files["onnx"] = _rel(folder, info)
             except Exception as e:  # noqa: BLE001

@@ -746,6 +746,47 @@ def test_a_model_that_reads_its_layers_attributes_is_quantized_and_exported(tmp_
     _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
 
 
+def test_a_model_the_tracing_exporter_cannot_write_falls_back_to_dynamo(tmp_path, monkeypatch):
+    """HaloNet-style blocks (an Unfold after a Pad) lose their shape in torch's tracing exporter: a run's export
+    then tries the dynamo exporter (onnxscript installed), whose file matches the student; without onnxscript the
+    error says what to install."""
+    import functools
+
+    from torch import nn
+
+    from gzq.export import _with_fallback
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+        def forward(self, x):
+            x = torch.nn.functional.pad(torch.relu(self.bn(self.conv(x))), [1, 1, 1, 1])
+            return self.fc(x.unfold(2, 4, 2).unfold(3, 4, 2).mean((2, 3, 4, 5)))
+
+    torch.manual_seed(0)
+    m = Blocks().train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8))
+    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
+    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    dc = {"architecture": "blocks", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
+          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
+    write = functools.partial(export_onnx, s.eval(), tmp_path / "blocks.onnx", (1, 8, 8), 21, dc)
+    with pytest.raises(Exception, match="Unfold"):
+        write(exporter="torchscript")
+    info = _with_fallback(write, "torchscript", "blocks")
+    assert info["exporter"] == "dynamo"
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = s(x)
+    _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="pip install onnxscript"):
+        _with_fallback(write, "torchscript", "blocks")
+
+
 def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg, tmp_path):
     """students.fuse_branches on a RepVGG: the student is the fused inference form (one conv per block instead of
     3x3 + 1x1 + identity BN), its integer file rebuilds it bit for bit (the spec carries the choice, so the
