@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from .checkpoint import save_int_weights
 from .config import ExportConfig, ExportFormat, QuantSpec
@@ -337,6 +338,10 @@ def _rewrite_biases(nodes, layers: list[LayerQuant], w_types: dict, act_outs: di
 EXPORTERS = ("torchscript", "dynamo")
 
 
+class TracingExportError(RuntimeError):
+    """torch's tracing (TorchScript) exporter could not write the model."""
+
+
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str, **kw) -> None:
     """torch.onnx.export with a dynamic batch axis, input "input", output "logits".
 
@@ -350,9 +355,12 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
         warnings.filterwarnings("ignore", category=DeprecationWarning)   # legacy exporter: needs no onnxscript
         warnings.filterwarnings("ignore", message=".*[Oo]pset.*")
         if exporter == "torchscript":
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+            try:
+                torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
+            except Exception as e:
+                raise TracingExportError(f"{type(e).__name__}: {e}") from e
             return
         import io
         with contextlib.redirect_stdout(io.StringIO()):               # its progress lines
@@ -377,7 +385,7 @@ _pool_lock, _pool_exports, _exporting = threading.Lock(), 0, threading.local()
 
 
 def _pool_sides(input: torch.Tensor, output_size) -> tuple[int, int, int, int] | None:
-    """(h, w, out h, out w) of an adaptive pool while this thread exports (None otherwise, or for an fx Proxy)."""
+    """(h, w, out h, out w) of an adaptive pool on a tensor while this thread exports, else None."""
     if not getattr(_exporting, "depth", 0) or not isinstance(input, torch.Tensor):
         return None
     with warnings.catch_warnings():   # the sides are fixed in the file (only the batch axis is dynamic)
@@ -390,6 +398,8 @@ def _pool_sides(input: torch.Tensor, output_size) -> tuple[int, int, int, int] |
 def _exportable_adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
     """F.adaptive_avg_pool2d; while this thread exports, a fixed-kernel AveragePool where the output size divides
     the input's, else two averaging MatMuls."""
+    if has_torch_function_unary(input):   # an fx Proxy or a tensor subclass: torch's own function is the target
+        return handle_torch_function(_ADAPTIVE_AVG_POOL2D, (input,), input, output_size)
     sides = _pool_sides(input, output_size)
     if sides is None or sides[2:] == (1, 1):
         return _ADAPTIVE_AVG_POOL2D(input, output_size)
@@ -404,6 +414,8 @@ def _exportable_adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.T
 def _exportable_adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool = False):
     """F.adaptive_max_pool2d; while this thread exports, a fixed-kernel MaxPool where the output size divides the
     input's (the tracing exporter needs the input's size for an adaptive one, and loses it after some reshapes)."""
+    if has_torch_function_unary(input):
+        return handle_torch_function(_ADAPTIVE_MAX_POOL2D, (input,), input, output_size, return_indices=return_indices)
     sides = _pool_sides(input, output_size)
     if sides is None or return_indices or sides[2:] == (1, 1) or sides[0] % sides[2] or sides[1] % sides[3]:
         return _ADAPTIVE_MAX_POOL2D(input, output_size, return_indices)
@@ -713,25 +725,30 @@ def _rel(folder: Path, info: dict) -> dict:
     return {**info, "path": str(Path(info["path"]).relative_to(folder))}
 
 
-def _with_fallback(write: Callable[..., dict], exporter: str, what: str) -> dict:
-    """write(exporter=exporter); where torch's tracing exporter cannot write the model (HaloNet's halo attention,
-    say) the dynamo exporter tries once more if onnxscript is installed. The info says which one wrote the file; if both
-    fail, or onnxscript is missing, the tracing exporter's error is raised, with what to try."""
+def _with_fallback(write: Callable[..., dict], path: Path, exporter: str, opset: int, what: str) -> dict:
+    """write(exporter=exporter) to `path`; where torch's tracing exporter cannot write the model (HaloNet's halo
+    attention, say) the dynamo exporter tries once more (it needs onnxscript and writes opset >= 18). The info says
+    which one wrote the file. Any other failure, or the retry's, is raised with the tracing exporter's error and
+    leaves no file behind."""
     try:
-        return {**write(exporter=exporter), "exporter": exporter}
-    except Exception as e:
-        if exporter != "torchscript":
-            raise
-        if importlib.util.find_spec("onnxscript") is None:
-            raise RuntimeError(f"{type(e).__name__}: {e} (the dynamo exporter may write it: pip install "
-                               "onnxscript)") from e
-        log.warning("ONNX export of %s: the tracing exporter failed (%s); trying the dynamo exporter", what,
-                    str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         try:
-            return {**write(exporter="dynamo"), "exporter": "dynamo"}
-        except Exception as e2:  # noqa: BLE001 - reported with the first error
-            raise RuntimeError(f"{type(e).__name__}: {e} (the dynamo exporter failed too: {type(e2).__name__}: "
-                               f"{e2})") from e
+            return {**write(exporter=exporter), "exporter": exporter}
+        except TracingExportError as e:
+            if exporter != "torchscript":
+                raise
+            if importlib.util.find_spec("onnxscript") is None or opset < 18:
+                raise TracingExportError(f"{e} (the dynamo exporter may write it: pip install onnxscript, opset "
+                                         f">= 18)") from e
+            log.warning("ONNX export of %s: the tracing exporter failed (%s); trying the dynamo exporter", what,
+                        str(e).splitlines()[0][:200])
+            try:
+                return {**write(exporter="dynamo"), "exporter": "dynamo"}
+            except Exception as e2:  # noqa: BLE001 - reported with the first error
+                raise TracingExportError(f"{e} (the dynamo exporter failed too: {type(e2).__name__}: "
+                                         f"{str(e2).splitlines()[0][:300] if str(e2) else ''})") from e
+    except Exception:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, students: dict, specs: dict) -> None:
@@ -747,8 +764,9 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
     rows = {r["name"]: r for r in report.get("students", [])}
     if ExportFormat.ONNX in formats:
         try:
-            info = _with_fallback(functools.partial(export_fp32_onnx, teacher.model, folder / "teacher_fp32.onnx",
-                                                    teacher.input_size, cfg.opset, dc), cfg.exporter, "the teacher")
+            path = folder / "teacher_fp32.onnx"
+            info = _with_fallback(functools.partial(export_fp32_onnx, teacher.model, path, teacher.input_size,
+                                                    cfg.opset, dc), path, cfg.exporter, cfg.opset, "the teacher")
             report.setdefault("teacher", {})["files"] = {"onnx": _rel(folder, info)}
         except Exception as e:  # noqa: BLE001 - recorded in the report
             log.warning("FP32 ONNX export of the teacher failed: %s", e)
@@ -757,9 +775,9 @@ def export_run(folder: str | Path, cfg: ExportConfig, report: dict, teacher, stu
         files: dict[str, Any] = {}
         if ExportFormat.ONNX in formats:
             try:
-                info = _with_fallback(functools.partial(export_onnx, s, folder / "students" / f"{name}.onnx",
-                                                        teacher.input_size, cfg.opset, dc, specs[name]),
-                                      cfg.exporter, name)
+                path = folder / "students" / f"{name}.onnx"
+                info = _with_fallback(functools.partial(export_onnx, s, path, teacher.input_size, cfg.opset, dc,
+                                                        specs[name]), path, cfg.exporter, cfg.opset, name)
                 info.pop("layers"), info.pop("tensors")
                 files["onnx"] = _rel(folder, info)
             except Exception as e:  # noqa: BLE001

@@ -690,9 +690,13 @@ def test_adaptive_pools_to_sizes_their_input_does_not_divide_export(tmp_path):
     assert torch.nn.functional.adaptive_avg_pool2d is original
     assert torch.nn.functional.adaptive_max_pool2d is original_max
     # another thread, meanwhile, gets torch's own pool: an fx trace of it (the deployable protocol's) still works
-    pooled = nn.Sequential(nn.Conv2d(1, 2, 1), nn.AdaptiveAvgPool2d(1))
+    class Pooled(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 1) + torch.nn.functional.adaptive_max_pool2d(x, 2)
+
     with _exportable_adaptive_pools(), concurrent.futures.ThreadPoolExecutor(1) as ex:
-        assert ex.submit(torch.fx.symbolic_trace, pooled).result() is not None
+        traced = ex.submit(torch.fx.symbolic_trace, Pooled()).result()
+        assert {n.target for n in traced.graph.nodes if n.op == "call_function"} >= {original, original_max}
         assert torch.equal(ex.submit(torch.nn.functional.adaptive_avg_pool2d, x, (3, 5)).result(), original(x, (3, 5)))
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
@@ -776,15 +780,19 @@ def test_a_model_the_tracing_exporter_cannot_write_falls_back_to_dynamo(tmp_path
     write = functools.partial(export_onnx, s.eval(), tmp_path / "blocks.onnx", (1, 8, 8), 21, dc)
     with pytest.raises(Exception, match="Unfold"):
         write(exporter="torchscript")
-    info = _with_fallback(write, "torchscript", "blocks")
+    info = _with_fallback(write, tmp_path / "blocks.onnx", "torchscript", 21, "blocks")
     assert info["exporter"] == "dynamo"
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = s(x)
     _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.95, p95_rel=0.02)
+    path = tmp_path / "blocks.onnx"
+    with pytest.raises(RuntimeError, match="opset >= 18"):
+        _with_fallback(functools.partial(export_onnx, s.eval(), path, (1, 8, 8), 17, dc), path, "torchscript", 17, "b")
+    assert not path.exists()   # nothing half-written is left behind
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(RuntimeError, match="pip install onnxscript"):
-        _with_fallback(write, "torchscript", "blocks")
+        _with_fallback(write, path, "torchscript", 21, "blocks")
 
 
 def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg, tmp_path):
