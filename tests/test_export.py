@@ -719,6 +719,20 @@ def test_adaptive_pools_to_sizes_their_input_does_not_divide_export(tmp_path):
     assert ops["MatMul"] == 2 and not ops["ScatterND"]   # the averaging matrices are constants in the file
 
 
+def _calibrated_w8a8(model_cls, name: str) -> tuple:
+    """A calibrated W8A8 student of a small 1x8x8 model (a `conv`, a BN, a classifier `fc`; BN statistics from a
+    train-mode batch of noise) and its data config."""
+    torch.manual_seed(0)
+    m = model_cls().train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8))
+    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
+    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    dc = {"architecture": name, "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
+          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
+    return s, dc
+
+
 def test_a_model_that_reads_its_layers_attributes_is_quantized_and_exported(tmp_path):
     """Some models read a layer's attributes in their own forward (XCiT's positional encoding reads its conv's
     weight.device): the wrappers that stand in for the layer in the student and in the export pass them on."""
@@ -734,15 +748,8 @@ def test_a_model_that_reads_its_layers_attributes_is_quantized_and_exported(tmp_
             pos = torch.linspace(0, 1, self.conv.out_channels, device=w.device, dtype=w.dtype).view(1, -1, 1, 1)
             return self.fc(torch.relu(self.bn(self.conv(x)) + pos).mean((2, 3)))
 
-    torch.manual_seed(0)
-    m = Reads().train()
-    with torch.no_grad():
-        m(torch.randn(16, 1, 8, 8))
-    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
-    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    s, dc = _calibrated_w8a8(Reads, "reads")
     assert isinstance(s.conv, QuantWrapper) and s.conv.out_channels == 8 and s.conv.weight is s.conv.module.weight
-    dc = {"architecture": "reads", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
-          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
     info = export_onnx(s.eval(), tmp_path / "reads.onnx", (1, 8, 8), 21, dc)
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -769,14 +776,7 @@ def test_a_model_the_tracing_exporter_cannot_write_falls_back_to_dynamo(tmp_path
             x = torch.nn.functional.pad(torch.relu(self.bn(self.conv(x))), [1, 1, 1, 1])
             return self.fc(x.unfold(2, 4, 2).unfold(3, 4, 2).mean((2, 3, 4, 5)))
 
-    torch.manual_seed(0)
-    m = Blocks().train()
-    with torch.no_grad():
-        m(torch.randn(16, 1, 8, 8))
-    s = create_student(m.eval(), QuantSpec(8, 8), torch.zeros(2, 1, 8, 8), "fc")
-    calibrate_(s, [torch.randn(32, 1, 8, 8)])
-    dc = {"architecture": "blocks", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
-          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
+    s, dc = _calibrated_w8a8(Blocks, "blocks")
     write = functools.partial(export_onnx, s.eval(), tmp_path / "blocks.onnx", (1, 8, 8), 21, dc)
     with pytest.raises(Exception, match="Unfold"):
         write(exporter="torchscript")
