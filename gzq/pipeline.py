@@ -71,7 +71,7 @@ def estimate_run(cfg: RunConfig):
     load_s = time.perf_counter() - t
     costs = measure_costs(teacher, students, cfg, device)
     costs.recon_units = _recon_units(cfg, students, example)
-    costs.fused_copies = _fused_copies(cfg, teacher.model)
+    costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model))
     n_real = len(labelled.labels) if labelled else 0
     _, est = plan_run(cfg, costs, len(students), cfg.time_budget_s, n_real)
     est.per_stage = {"load": load_s, **est.per_stage}
@@ -196,7 +196,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device)
         costs.recon_units = _recon_units(cfg, students, example)
-        costs.fused_copies = _fused_copies(cfg, teacher.model)
+        costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model))
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None
         fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
@@ -412,13 +412,13 @@ def _n_layers(student: torch.nn.Module) -> int:
         + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
 
 
-def _fused_copies(cfg: RunConfig, teacher: torch.nn.Module) -> int:
+def _fused_copies(cfg: RunConfig, branches: bool) -> int:
     """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
-    estimate: those left to choose on a teacher with something to fuse, not fitted to the branched network, among
+    estimate: those left to choose on a teacher with something to fuse (`branches`, _has_branches), not fitted to the branched network, among
     the students calibrated after synthesis (adversarial synthesis ends the extra seeds, and students it keeps
     were calibrated during it and keep their branches)."""
     s = cfg.synth
-    if not _has_branches(teacher) or (s.adversarial and s.keep_students):
+    if not branches or (s.adversarial and s.keep_students):
         return 0
     specs = cfg.students if s.adversarial else [spec for _, spec in student_specs(cfg)]
     return sum(q.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(q)) for q in specs)

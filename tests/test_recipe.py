@@ -449,16 +449,17 @@ def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     calibration stage counts them (none without anything to fuse, for block reconstruction, or with the branches
     kept), and no other stage changes."""
     from gzq.budget import StepCosts, estimate
-    from gzq.pipeline import _fused_copies
+    from gzq.pipeline import _fused_copies, _has_branches
     cfg = make_config("cpu", students=["w4a4", "w8a8"])
     plain = timm.create_model("resnet18", num_classes=10, in_chans=1)
-    assert _fused_copies(cfg, repvgg) == 2 and _fused_copies(cfg, plain) == 0
-    assert _fused_copies(override(cfg, "train.method=recon"), repvgg) == 0
-    assert _fused_copies(override(cfg, "students.fuse_branches=false"), repvgg) == 0
+    assert _has_branches(repvgg) and not _has_branches(plain)
+    assert _fused_copies(cfg, True) == 2 and _fused_copies(cfg, False) == 0
+    assert _fused_copies(override(cfg, "train.method=recon"), True) == 0
+    assert _fused_copies(override(cfg, "students.fuse_branches=false"), True) == 0
     # students kept from adversarial synthesis were calibrated there; extra seeds outlive plain synthesis only
-    assert _fused_copies(override(cfg, "synth.keep_students=true"), repvgg) == 0
-    assert _fused_copies(override(cfg, "synth.num_students=3"), repvgg) == 2
-    assert _fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), repvgg) == 3
+    assert _fused_copies(override(cfg, "synth.keep_students=true"), True) == 0
+    assert _fused_copies(override(cfg, "synth.num_students=3"), True) == 2
+    assert _fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), True) == 3
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     alone = estimate(cfg, costs, 2).per_stage
     costs.fused_copies = 2

@@ -15,6 +15,7 @@ import torch
 
 from ..augment import coarse_size
 from ..config import EvalConfig, RunConfig
+from ..pipeline import _fused_copies, _has_branches
 from ..presets import resolve_device
 
 RECON_BLOCKS = 20   # typical number of reconstruction units, for the estimate before the model is traced
@@ -31,6 +32,7 @@ class Probe:
     student_step: float      # forward + backward of one fake-quant student, per image
     real_images: int         # labelled images the evaluation will run (the default model's test set)
     input_size: tuple = ()   # (C, H, W) of the teacher's input
+    branches: bool = False   # re-parameterisable branches (students.fuse_branches=auto calibrates fused copies)
 
 
 @dataclass
@@ -40,14 +42,19 @@ class Estimate:
     text: str
 
 
+def probe_key(cfg: RunConfig) -> tuple:
+    """What a probe depends on: the model and the device."""
+    spec = cfg.model
+    return spec.name, spec.checkpoint, spec.num_classes, spec.in_chans, spec.input_size, str(resolve_device(cfg.device))
+
+
 def _probe(cfg: RunConfig) -> Probe:
     from ..evaluate import load_labelled_data
     from ..models import load_teacher
     from ..quant.convert import create_student
 
     device = resolve_device(cfg.device)
-    spec = cfg.model
-    key = (spec.name, spec.checkpoint, spec.num_classes, spec.in_chans, spec.input_size, str(device))
+    spec, key = cfg.model, probe_key(cfg)
     with _PROBE_LOCK:
         if key in _PROBES:
             return _PROBES[key]
@@ -72,7 +79,7 @@ def _probe(cfg: RunConfig) -> Probe:
             return min(times[1:]) / n
 
         probe = Probe(load, per_image(teacher.model), per_image(student.train()),
-                      len(labelled.labels) if labelled else 0, tuple(teacher.input_size))
+                      len(labelled.labels) if labelled else 0, tuple(teacher.input_size), _has_branches(teacher.model))
         del teacher, student, x
         _PROBES[key] = probe
         return probe
@@ -95,6 +102,9 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     synthesis = batch * ((s.steps - warm + warm * area) * 1.5 * p.teacher_step + joined * 3 * m_all * p.student_step)
     synthesis += s.band_probe_image_steps() * 1.5 * p.teacher_step   # synth.band=auto: teacher-only probe steps
     n_train = s.num_images - s.holdout_images
+    # observers see the training images twice (ranges, then histograms): forward passes without gradients, a
+    # third of a training pass, through every student and each fused copy auto-fusion weighs against one
+    calibration = 2 * n_train * (m_all + _fused_copies(cfg, p.branches)) * p.student_step / 3
     methods = [tr.method_for(spec) for spec in cfg.students]
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
@@ -107,7 +117,8 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     # forward passes only, without gradients and in large batches: about a tenth of a training pass
     evaluate = (s.holdout_images * cfg.eval.fresh_draws + n_real) * (p.teacher_step + m * p.student_step) / 10
     save = p.load * (1 + m) / 2 if cfg.export.formats else 0.0    # export traces each model once
-    return dict(load=p.load, synthesis=synthesis, finetune=fine_tune, evaluate=evaluate, save=save)
+    return dict(load=p.load, synthesis=synthesis, calibration=calibration, finetune=fine_tune, evaluate=evaluate,
+                save=save)
 
 
 def estimate(cfg: RunConfig) -> Estimate:
@@ -126,5 +137,5 @@ def estimate(cfg: RunConfig) -> Estimate:
         return Estimate(fitted, per_stage, text)
     text = (f"about {format_seconds(total)} (measured on this device: loading {format_seconds(per_stage['load'])}, "
             f"making images {format_seconds(per_stage['synthesis'])}, training "
-            f"{format_seconds(per_stage['finetune'])})")
+            f"{format_seconds(per_stage['calibration'] + per_stage['finetune'])})")
     return Estimate(total, per_stage, text)
