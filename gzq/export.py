@@ -57,6 +57,7 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from .checkpoint import save_int_weights
 from .config import ExportConfig, ExportFormat, QuantSpec
+from .quant.convert import expand_cond_convs_
 from .quant.graph import CONTAINER
 from .quant.integer import ActQuant, LayerQuant, find_layer_quants, find_tensor_quants
 from .quant.modules import QuantWrapper, WrapsLayer
@@ -669,6 +670,7 @@ def export_fp32_onnx(model: nn.Module, path: str | Path, input_size, opset: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).cpu().float().eval()
+    expand_cond_convs_(model)   # the same function, with kernels of a fixed shape
     kw = {} if exporter == "dynamo" else dict(do_constant_folding=True)
     _torch_export(model, torch.zeros(1, *input_size), path, min(opset, _TORCHSCRIPT_MAX_OPSET), exporter, **kw)
     m = onnx.load(str(path))

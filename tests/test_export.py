@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import json
 
 import onnx
@@ -819,3 +820,60 @@ def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg,
     assert spec2.fuse_branches
     with torch.no_grad():
         assert torch.equal(rebuilt(x), s(x))
+
+
+@pytest.mark.parametrize("protocol", [Protocol.ALL_LAYERS, Protocol.DEPLOYABLE])
+def test_cond_conv_blocks_are_quantized_and_exported(protocol, tmp_path):
+    """timm's CondConv (each image convolved with its own mix of expert kernels, EfficientNet-CondConv) is no
+    Conv2d, and its per-image kernel has no fixed shape for an exporter: a student holds the experts as one
+    ordinary conv and mixes their outputs instead (the same function), which quantizes, exports, and runs as an
+    integer conv in the deployable file."""
+    from timm.layers import CondConv2d
+    from timm.models._efficientnet_blocks import CondConvResidual
+    from torch import nn
+
+    from gzq.quant.convert import expand_cond_convs_
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.block = CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.block(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Cond().train()
+    for c in m.modules():   # experts that differ, so that the mix matters
+        if isinstance(c, CondConv2d):
+            nn.init.normal_(c.weight, std=0.3)
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8))
+    m.eval()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    expanded = copy.deepcopy(m)
+    assert expand_cond_convs_(expanded) == 3
+    with torch.no_grad():
+        assert torch.allclose(expanded(x), m(x), atol=1e-5)   # the same function
+    s = create_student(m, QuantSpec(8, 8, protocol=protocol), torch.zeros(2, 1, 8, 8), "fc")
+    convs = {n: w.module for n, w in quant_wrappers(s) if n.startswith("block.")}
+    assert sorted(convs) == ["block.conv_dw.conv", "block.conv_pw.conv", "block.conv_pwl.conv", "block.routing_fn"]
+    assert convs["block.conv_dw.conv"].out_channels == 3 * 16   # depthwise: 16 channels x 3 experts
+    calibrate_(s, [torch.randn(32, 1, 8, 8)])
+    dc = {"architecture": "cond", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
+          "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}
+    info = export_onnx(s.eval(), tmp_path / "cond.onnx", (1, 8, 8), 21, dc)
+    with torch.no_grad():
+        ref = s(x)
+        assert (s(x).argmax(1) == m(x).argmax(1)).float().mean() > 0.9
+    _assert_logits_match(run_onnx(_session(info["path"]), x), ref, exact_frac=0.0 if protocol == Protocol.DEPLOYABLE
+                         else 0.95, p95_rel=0.03)
+    if protocol == Protocol.DEPLOYABLE:
+        ops = _optimised_ops(info["path"], tmp_path)
+        assert ops["QLinearConv"] == 4 and not ops["Conv"], ops
+    else:   # the float teacher's file too
+        fp = export_fp32_onnx(m, tmp_path / "cond_fp32.onnx", (1, 8, 8), 21, dc)
+        with torch.no_grad():
+            assert torch.allclose(run_onnx(_session(fp["path"]), x), m(x), atol=1e-4)

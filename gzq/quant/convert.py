@@ -2,7 +2,8 @@
 
 `fold_bn_` folds every BatchNorm that directly consumes a conv's output into that conv; `quantize_`
 swaps each Conv2d / Linear for a QuantWrapper according to a QuantSpec and protocol; `calibrate_`
-initialises activation ranges from (synthetic) data. Which BN follows which conv, and which layer
+initialises activation ranges from (synthetic) data; `expand_cond_convs_` first gives timm's CondConv layers
+(per-image kernels) an ordinary conv to quantize. Which BN follows which conv, and which layer
 reads the network input, is found by tracing one forward with hooks, so it works on any timm CNN.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+from timm.layers import CondConv2d, Conv2dSame
 from timm.utils.model import reparameterize_model
 from torch import nn
 from torch.nn import functional as F
@@ -141,6 +143,41 @@ class SplitConv(nn.Module):
         return self.conv(x) + self.taps(x)
 
 
+class ExpertConv(nn.Module):
+    """timm's CondConv2d as an ordinary conv: CondConv convolves each image with its own mix of E expert kernels,
+    sum_e r_e W_e (r: the block's routing weights), which is the same as mixing the E experts' outputs,
+    sum_e r_e conv(x, W_e), since a conv is linear in its kernel. `conv` holds every expert's kernel as its own
+    output channels (grouped by the conv's groups, then expert), so it quantizes per channel like any conv, and
+    a file writes one conv with a fixed kernel (an integer one where its input is quantized) and the mix."""
+
+    def __init__(self, cond: nn.Module):
+        super().__init__()
+        e, out, g = cond.num_experts, cond.out_channels, cond.groups
+        conv_cls = Conv2dSame if cond.dynamic_padding else nn.Conv2d
+        self.conv = conv_cls(cond.in_channels, g * e * (out // g), cond.kernel_size, cond.stride,
+                             0 if cond.dynamic_padding else cond.padding, cond.dilation, g,
+                             bias=cond.bias is not None).to(cond.weight)
+        self.experts, self.groups = e, g
+        with torch.no_grad():   # expert e's output channel o (in group o // (out / g)) -> (group, e, o % (out / g))
+            w = cond.weight.view(e, g, out // g, *cond.weight_shape[1:]).transpose(0, 1)
+            self.conv.weight.copy_(w.reshape(self.conv.weight.shape))
+            if cond.bias is not None:
+                self.conv.bias.copy_(cond.bias.view(e, g, out // g).transpose(0, 1).reshape(-1))
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).unflatten(1, (self.groups, self.experts, -1))   # (B, g, E, out / g, H, W)
+        return (y * routing_weights[:, None, :, None, None, None]).sum(2).flatten(1, 2)
+
+
+def expand_cond_convs_(model: nn.Module) -> int:
+    """Replace each timm CondConv2d of `model` (in place) by its ExpertConv, the same function with an ordinary
+    conv inside for the quantizer and the export. Returns how many were replaced."""
+    names = [n for n, m in model.named_modules() if isinstance(m, CondConv2d)]
+    for n in names:
+        model.set_submodule(n, ExpertConv(model.get_submodule(n)))
+    return len(names)
+
+
 def _diagonal_taps(conv: nn.Module) -> torch.Tensor | None:
     """(C,) centre tap of input channel o in output channel o of a stride-1, size-keeping conv with as many outputs
     as inputs (dense, depthwise or grouped: then the o-th output's group reads it as input o % per_group); None for
@@ -254,6 +291,7 @@ def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, c
     default) until the pipeline chooses, each branch keeps its own quantized conv.
     """
     student = reparameterize_model(teacher) if spec.fuse_branches is True else copy.deepcopy(teacher)
+    expand_cond_convs_(student)
     fold_bn_(student, example)
     if spec.fuse_branches is True:
         split_identity_(student, spec.w_bits, spec.w_symmetric, split_min_gain, split)
