@@ -3,6 +3,7 @@
     python benchmarks/architectures.py                          # 42 architectures, ~30 min on one thread
     python benchmarks/architectures.py --protocol deployable    # students an integer runtime runs throughout
     python benchmarks/architectures.py --archs resnet18,cspresnet50 --size 64
+    python benchmarks/architectures.py --float-weights          # only: how much of each student stays float
 
 Each architecture is built with random weights and BatchNorm statistics gathered from a few batches of noise
 (no download: what is measured is the code path, not accuracy), then run end to end at a tiny budget
@@ -175,6 +176,32 @@ def table(rows: list[dict], families: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def float_weight_rows(archs: list[str], size: int, protocol: str) -> list[dict]:
+    """The share of each architecture's W4A4 student weights that no quantized layer holds (random weights; the
+    student is only built, not run): layers GZQ has no quantized form for stay float."""
+    import timm
+
+    from gzq.config import QuantSpec
+    from gzq.quant.convert import create_student, float_weights
+    rows = []
+    for arch in archs:
+        try:
+            m = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+            if not find_bn_layers(m):
+                rows.append({"arch": arch, "float_weights_pct": None, "modules": ["no BatchNorm: refused"]})
+            else:
+                s = create_student(m, QuantSpec.parse("w4a4", protocol), torch.zeros(2, 3, size, size))
+                share, kinds = float_weights(s)
+                rows.append({"arch": arch, "float_weights_pct": round(share, 6), "modules": kinds})
+        except Exception as e:  # noqa: BLE001 (a name timm does not know, a size the model cannot take)
+            failed = f"failed: {type(e).__name__}: {e}"[:200]
+            rows.append({"arch": arch, "float_weights_pct": None, "modules": [failed]})
+        r = rows[-1]
+        print(f"{arch:<28}{'-' if r['float_weights_pct'] is None else r['float_weights_pct']:>8} %  "
+              f"{', '.join(r['modules'])}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", help="comma-separated timm names (default: the list in this file)")
@@ -182,12 +209,20 @@ def main(argv=None):
     p.add_argument("--protocol", default="all_layers", choices=["all_layers", "deployable"],
                    help="the students' quantization protocol (deployable: every tensor an integer runtime reads)")
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/architectures[_PROTOCOL].json)")
+    p.add_argument("--float-weights", action="store_true",
+                   help="only build each W4A4 student and report the share of its weights left float")
     args = p.parse_args(argv)
+    archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
+    if args.float_weights:
+        rows = float_weight_rows(archs, args.size, args.protocol)
+        if args.out:
+            out = {"size": args.size, "protocol": args.protocol, "rows": rows}
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         "architectures.json" if args.protocol == "all_layers" else f"architectures_{args.protocol}.json")
     logging.basicConfig(level=logging.WARNING)
     families = dict(ARCHS)
-    archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
     rows = []
     for arch in archs:
         with tempfile.TemporaryDirectory() as d:

@@ -16,7 +16,7 @@ from .config import EvalConfig, RunConfig
 from .data import LABELLED_DATASETS, load_dataset, load_image_folder, to_model_input
 from .losses import kl_teacher_student
 from .models import Teacher
-from .quant.convert import model_size_bytes
+from .quant.convert import float_weights, model_size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,8 @@ def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth, labelled:
         row = dict(name=name, w_bits=specs[name].w_bits, a_bits=specs[name].a_bits,
                    protocol=specs[name].protocol.value, agreement=round(agreement(t_fresh, s_fresh), 2),
                    kl=round(mean_kl(t_fresh, s_fresh), 5), size_bytes=model_size_bytes(s))
+        share, kinds = float_weights(s)
+        row.update(float_weights_pct=round(share, 2), float_weight_modules=kinds)
         if labelled:
             s_real = predict_logits(s, labelled.images, device)
             row.update(accuracy=round(top1(s_real, labelled.labels), 2),
@@ -124,6 +126,11 @@ def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth, labelled:
         labelled_data=labelled.source if labelled else None,
         fresh_images=len(fresh),
     )
+
+
+#: above this share (%) of its weights left float, a student is not what its bit-width says
+#: (gzq.quant.convert.float_weights)
+MAX_FLOAT_WEIGHTS = 1.0
 
 
 #: below this share of held-out synthetic images carrying their label, the images have lost their class signal
@@ -154,7 +161,8 @@ def health_warnings(health: dict, students: list[dict] = ()) -> list[str]:
     """Plain-language warnings for a report (empty when the synthesis and the students look healthy).
     students: the report's student rows (their `agreement` with the teacher on held-out synthetic images, and how
     they were fine-tuned: a collapsed student fine-tuned on shifted images is pointed to training without the shift,
-    which gained 8 and 15 points on the two zoo models whose W4A4 students fell furthest short)."""
+    which gained 8 and 15 points on the two zoo models whose W4A4 students fell furthest short; and the share of
+    their weights left float, `float_weights_pct`)."""
     out = []
     agree = health.get("label_agreement")
     if agree is not None and agree < MIN_LABEL_AGREEMENT:
@@ -173,4 +181,10 @@ def health_warnings(health: dict, students: list[dict] = ()) -> list[str]:
                        + ("fine-tuning without the shift (untick \"shift the images while the small model learns\" "
                           "under Advanced; CLI: --set train.shift=false), " if shifted else "")
                        + "or a wider bit-width (e.g. w4a8 or w8a8), and check it on labelled images if you have any")
+        share = row.get("float_weights_pct")
+        if share is not None and share > MAX_FLOAT_WEIGHTS:
+            out.append(f"{share:.0f} % of the {row['name']} model's weights are in layers GZQ has no quantized "
+                       f"form for ({', '.join(row.get('float_weight_modules', []))}); they stay float in the model and "
+                       "its files, so it is larger than its bit-width says and an integer runtime runs those layers in "
+                       "float")
     return out

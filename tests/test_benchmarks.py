@@ -40,6 +40,20 @@ def test_architectures_benchmark_runs_a_network_end_to_end_and_checks_its_files(
     assert "1 of 2 architectures pass" in r.stdout and ok["close"]
 
 
+def test_architectures_benchmark_reports_the_weights_each_student_leaves_float(tmp_path):
+    out = tmp_path / "float.json"
+    r = subprocess.run([sys.executable, "benchmarks/architectures.py", "--float-weights", "--archs",
+                        "resnet18,ecaresnet26t,rdnet_tiny,no_such_net", "--size", "32", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["arch"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["resnet18"]["float_weights_pct"] == 0 and rows["resnet18"]["modules"] == []
+    assert 0 < rows["ecaresnet26t"]["float_weights_pct"] < 0.01 and rows["ecaresnet26t"]["modules"] == ["Conv1d"]
+    assert rows["rdnet_tiny"]["modules"] == ["no BatchNorm: refused"]
+    assert rows["no_such_net"]["float_weights_pct"] is None and rows["no_such_net"]["modules"][0].startswith("failed")
+
+
 def test_speed_benchmark_quick():
     r = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)

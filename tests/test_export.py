@@ -832,7 +832,7 @@ def test_cond_conv_blocks_are_quantized_and_exported(protocol, tmp_path):
     from timm.models._efficientnet_blocks import CondConvResidual
     from torch import nn
 
-    from gzq.quant.convert import expand_cond_convs_
+    from gzq.quant.convert import expand_cond_convs_, float_weights
 
     class Cond(nn.Module):
         def __init__(self):
@@ -861,6 +861,7 @@ def test_cond_conv_blocks_are_quantized_and_exported(protocol, tmp_path):
     convs = {n: w.module for n, w in quant_wrappers(s) if n.startswith("block.")}
     assert sorted(convs) == ["block.conv_dw.conv", "block.conv_pw.conv", "block.conv_pwl.conv", "block.routing_fn"]
     assert convs["block.conv_dw.conv"].out_channels == 3 * 16   # depthwise: 16 channels x 3 experts
+    assert float_weights(s) == (0.0, [])   # every weight in a quantized layer (87 % are CondConv experts)
     calibrate_(s, [torch.randn(32, 1, 8, 8)])
     dc = {"architecture": "cond", "model_kwargs": {}, "input_size": [1, 8, 8], "mean": [0.5], "std": [0.25],
           "num_classes": 10, "class_names": None, "first_conv": "conv", "classifier": "fc"}

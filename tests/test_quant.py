@@ -409,3 +409,33 @@ def test_students_of_nets_that_cache_attention_biases_train_and_stay_current(pro
         for p in opt.param_groups[0]["params"]:
             p.copy_(5 * torch.randn_like(p))
         assert not torch.allclose(s(x), before)   # not the table cached before the change
+
+
+def test_weights_without_a_quantized_form_are_reported_and_warned_about():
+    """A layer GZQ has no quantized form for (here a Conv1d, as in ECA gates) stays float: the student row says how
+    much of the model that is, and a run warns when it is more than a sliver."""
+    from gzq.evaluate import MAX_FLOAT_WEIGHTS, health_warnings
+    from gzq.quant.convert import float_weights
+
+    class Gated(nn.Module):
+        def __init__(self, gate: int):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.gate, self.fc = nn.Conv1d(1, 1, gate, padding=gate // 2, bias=False), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(x)))
+            g = torch.sigmoid(self.gate(x.mean((2, 3)).unsqueeze(1))).squeeze(1)
+            return self.fc((x * g[:, :, None, None]).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    for gate, warned in ((3, False), (101, True)):
+        student = create_student(Gated(gate).eval(), QuantSpec(4, 4), x)
+        share, kinds = float_weights(student)
+        assert share == pytest.approx(100 * gate / (gate + 16 * 27 + 16 * 10)) and kinds == ["Conv1d"]
+        assert (share > MAX_FLOAT_WEIGHTS) is warned
+        row = {"name": "w4a4", "agreement": 90.0, "float_weights_pct": round(share, 2), "float_weight_modules": kinds}
+        msgs = health_warnings({}, [row])
+        assert len(msgs) == warned and (not warned or "no quantized form for (Conv1d)" in msgs[0])
+    plain = create_student(_models()[0], QuantSpec(4, 4), torch.randn(2, 3, 32, 32))
+    assert float_weights(plain) == (0.0, [])

@@ -454,6 +454,22 @@ def bn_ranges_(student: nn.Module, teacher: nn.Module, example: torch.Tensor,
     return found
 
 
+def float_weights(model: nn.Module) -> tuple[float, list[str]]:
+    """The share (%) of a student's weights (its parameters of two or more dimensions) that no quantized layer
+    holds, and the kinds of module that hold them: layers GZQ has no quantized form for (a Conv1d or Conv3d,
+    attention position tables, layer scales) stay float in every student and in its files."""
+    inside = {id(p) for _, w in quant_wrappers(model) for p in w.parameters()}
+    total, left, kinds = 0, 0, set()
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.ndim >= 2:
+                total += p.numel()
+                if id(p) not in inside:
+                    left += p.numel()
+                    kinds.add(type(module).__name__)
+    return (100 * left / total if total else 0.0), sorted(kinds)
+
+
 def model_size_bytes(model: nn.Module) -> int:
     """Deployed size: quantized weights at their bit-width; biases, scales, zero points and any float
     layer left (e.g. an unfolded BN) at 32 bit."""
