@@ -306,6 +306,18 @@ def probe_seconds(s: SynthConfig, costs: StepCosts) -> float:
     return s.band_probe_image_steps() * (warm_image + costs.update_image)
 
 
+def student_counts(cfg: RunConfig, every: int) -> tuple[int, int, bool]:
+    """(students a run calibrates, counted once per calibration; students it fine-tunes, evaluates and saves;
+    whether its students join synthesis), for `every` student (gzq.config.student_specs). Adversarial synthesis
+    calibrates every student (extra seeds included) when they join at the end of the warm-up; unless it keeps
+    them, the configurations start again from their initial weights and are calibrated once more, and the extra
+    seeds end there. Otherwise the students are calibrated once, after synthesis."""
+    s = cfg.synth
+    joined = s.adversarial and s.steps > s.warmup_steps
+    kept = len(cfg.students) if s.adversarial and not s.keep_students else every
+    return (every if joined else 0) + (0 if joined and s.keep_students else kept), kept, joined
+
+
 def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: int = 0) -> RunEstimate:
     """Seconds each stage of `cfg` will take at the measured costs."""
     s, t = cfg.synth, cfg.train
@@ -316,14 +328,15 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     warm = min(s.warmup_steps, s.steps)
     batch = min(s.batch_size, s.num_images)
     warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
+    calibrated, kept, _ = student_counts(cfg, num_students)
     stages = {
         "synthesis": probe_seconds(s, costs) + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
         + s.steps * s.num_images * costs.update_image,
-        "calibration": 2 * train_images * costs.forward_image * (num_students + costs.fused_copies),
+        "calibration": 2 * train_images * costs.forward_image * (calibrated + costs.fused_copies),
         "reconstruct": recon_seconds(cfg, costs),
         "finetune": kd_steps * kd_batch * costs.kd_image,
-        "evaluate": (fresh + real_images) * costs.forward_image * (1 + num_students),
-        "save": EXPORT_SECONDS * num_students if cfg.export.formats else 0.5,
+        "evaluate": (fresh + real_images) * costs.forward_image * (1 + kept),
+        "save": EXPORT_SECONDS * kept if cfg.export.formats else 0.5,
     }
     total = sum(stages.values())
     text = (f"about {_fmt(total)} on this device, measured ({s.num_images} images, {s.steps} synthesis steps, "

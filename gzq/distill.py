@@ -60,7 +60,12 @@ from .losses import feature_loss, kd_loss, moment_loss
 from .models import Teacher
 from .optim import cosine_schedule, student_optimizer
 from .quant import ActQuantizer
-from .quant.convert import fold_bn_, folded_bn_moments, quant_wrappers
+from .quant.convert import (
+    expand_cond_convs_,
+    fold_bn_,
+    folded_bn_moments,
+    quant_wrappers,
+)
 from .reconstruct import find_units
 
 
@@ -150,8 +155,10 @@ def folded_conv_scales(teacher: nn.Module, students: dict[str, nn.Module], examp
 
 
 def folded_copy(teacher: Teacher, example: torch.Tensor) -> nn.Module:
-    """A frozen copy of the teacher with every BN that follows a conv folded into it, as in the students."""
+    """A frozen copy of the teacher in the students' float form: CondConv layers as ExpertConv, and every BN that
+    follows a conv folded into it."""
     ref = copy.deepcopy(teacher.model).eval().requires_grad_(False)
+    expand_cond_convs_(ref)
     fold_bn_(ref, example)
     return ref
 

@@ -183,7 +183,7 @@ def health_warnings(health: dict, students: list[dict] = ()) -> list[str]:
                        + "or a wider bit-width (e.g. w4a8 or w8a8), and check it on labelled images if you have any")
         share = row.get("float_weights_pct")
         if share is not None and share > MAX_FLOAT_WEIGHTS:
-            out.append(f"{share:.0f} % of the {row['name']} model's weights are in layers GZQ has no quantized "
+            out.append(f"{share:.1f} % of the {row['name']} model's weights are in layers GZQ has no quantized "
                        f"form for ({', '.join(row.get('float_weight_modules', []))}); they stay float in the model and "
                        "its files, so it is larger than its bit-width says and an integer runtime runs those layers in "
                        "float")

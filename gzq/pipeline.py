@@ -28,15 +28,15 @@ import torch
 from . import dist
 from .accel import channels_last_
 from .augment import augment, finetune_jitter, jitter_pixels
-from .budget import measure_costs, plan_run
+from .budget import measure_costs, plan_run, student_counts
 from .checkpoint import save_student
 from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_SLACK, FlipMode, RunConfig, student_specs
-from .distill import iter_distill
+from .distill import folded_copy, iter_distill
 from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_data, synthesis_health
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
-from .quant.convert import IdentityTaps, calibrate_, create_student, fold_bn_, quant_wrappers
+from .quant.convert import IdentityTaps, calibrate_, create_student, quant_wrappers
 from .reconstruct import find_units, iter_reconstruct, recon_settings
 from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
@@ -181,8 +181,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         if any(m.recon for m in methods.values()) or cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0:
             # the float network in the students' shape (BN folded): what block reconstruction and the
             # unit-output and channel-moment terms of KD match
-            reference = copy.deepcopy(teacher.model).requires_grad_(False)
-            fold_bn_(reference, example)
+            reference = folded_copy(teacher, example)
         if cfg.channels_last:
             for m in (teacher.model, reference, *students.values()):
                 channels_last_(m)
@@ -414,13 +413,14 @@ def _n_layers(student: torch.nn.Module) -> int:
 
 def _fused_copies(cfg: RunConfig, branches: bool) -> int:
     """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
-    estimate: those left to choose on a teacher with something to fuse (`branches`, _has_branches), not fitted to the branched network, among
-    the students calibrated after synthesis (adversarial synthesis ends the extra seeds, and students it keeps
-    were calibrated during it and keep their branches)."""
-    s = cfg.synth
-    if not branches or (s.adversarial and s.keep_students):
+    estimate: on a teacher with something to fuse (`branches`, _has_branches), those left to choose and not fitted
+    to the branched network unit by unit, among the students calibrated after synthesis (gzq.budget.student_counts;
+    students that adversarial synthesis calibrated and keeps keep their branches)."""
+    every = student_specs(cfg)
+    _, kept, joined = student_counts(cfg, len(every))
+    if not branches or (joined and cfg.synth.keep_students):
         return 0
-    specs = cfg.students if s.adversarial else [spec for _, spec in student_specs(cfg)]
+    specs = [spec for _, spec in every][:kept]
     return sum(q.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(q)) for q in specs)
 
 

@@ -35,6 +35,35 @@ def repvgg():
 
 
 @pytest.fixture(scope="session")
+def cond_net():
+    """A small 1x8x8 network with timm's CondConv block (EfficientNet-CondConv's: pointwise, depthwise and pointwise
+    CondConv layers, each image convolved with its own mix of 3 expert kernels), experts that differ, and BN
+    statistics from a batch of noise."""
+    from timm.layers import CondConv2d
+    from timm.models._efficientnet_blocks import CondConvResidual
+    from torch import nn
+
+    class Cond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.block = CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.block(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Cond().train()
+    for c in m.modules():
+        if isinstance(c, CondConv2d):
+            nn.init.normal_(c.weight, std=0.3)
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8))
+    return m.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
 def default_teacher():
     from gzq.models import load_teacher
     return load_teacher("default")

@@ -311,18 +311,20 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
         probed = estimate.estimate_seconds(cfg)["synthesis"] - estimate.estimate_seconds(
             override(cfg, "synth.band=1"))["synthesis"]
         assert probed == pytest.approx(4 * 40 * cfg.synth.band_probe_images() * 1.5 * probe.teacher_step)
-    # calibration: two passes of the training images through every student, and a fused copy of each student
+    # calibration: two passes of the training images through every student when they join the adversarial
+    # synthesis, and through each configuration again after it, with a fused copy of each one
     # students.fuse_branches=auto may fuse (none on the default ResNet, which has nothing to fuse)
     cfg = form.build_config("default", preset="standard", device="cpu")
+    assert cfg.synth.adversarial and not cfg.synth.keep_students and cfg.synth.steps > cfg.synth.warmup_steps
     one = 2 * (cfg.synth.num_images - cfg.synth.holdout_images) * probe.student_step / 3
     students = max(cfg.synth.num_students, len(cfg.students))
-    assert not probe.branches and estimate.estimate_seconds(cfg)["calibration"] == pytest.approx(students * one)
+    calibrations = students + len(cfg.students)
+    assert not probe.branches and estimate.estimate_seconds(cfg)["calibration"] == pytest.approx(calibrations * one)
     from dataclasses import replace
     estimate._PROBES[estimate.probe_key(cfg)] = replace(probe, branches=True)
     try:
-        fused = len(cfg.students) if cfg.synth.adversarial else students   # adversarial: extra seeds end there
-        assert not cfg.synth.keep_students and fused > 0
-        assert estimate.estimate_seconds(cfg)["calibration"] == pytest.approx((students + fused) * one)
+        fused = len(cfg.students)   # the extra seeds end with the adversarial synthesis
+        assert estimate.estimate_seconds(cfg)["calibration"] == pytest.approx((calibrations + fused) * one)
     finally:
         estimate._PROBES[estimate.probe_key(cfg)] = probe
 

@@ -823,35 +823,21 @@ def test_fused_branches_student_rebuilds_exactly_and_exports_fewer_convs(repvgg,
 
 
 @pytest.mark.parametrize("protocol", [Protocol.ALL_LAYERS, Protocol.DEPLOYABLE])
-def test_cond_conv_blocks_are_quantized_and_exported(protocol, tmp_path):
+def test_cond_conv_blocks_are_quantized_and_exported(protocol, cond_net, tmp_path):
     """timm's CondConv (each image convolved with its own mix of expert kernels, EfficientNet-CondConv) is no
     Conv2d, and its per-image kernel has no fixed shape for an exporter: a student holds the experts as one
     ordinary conv and mixes their outputs instead (the same function), which quantizes, exports, and runs as an
     integer conv in the deployable file."""
     from timm.layers import CondConv2d
-    from timm.models._efficientnet_blocks import CondConvResidual
-    from torch import nn
 
-    from gzq.quant.convert import expand_cond_convs_, float_weights
-
-    class Cond(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-            self.block = CondConvResidual(8, 8, exp_ratio=2.0, num_experts=3)
-            self.fc = nn.Linear(8, 10)
-
-        def forward(self, x):
-            return self.fc(self.block(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
-
-    torch.manual_seed(0)
-    m = Cond().train()
-    for c in m.modules():   # experts that differ, so that the mix matters
-        if isinstance(c, CondConv2d):
-            nn.init.normal_(c.weight, std=0.3)
-    with torch.no_grad():
-        m(torch.randn(16, 1, 8, 8))
-    m.eval()
+    from gzq.quant.convert import ExpertConv, expand_cond_convs_, float_weights
+    for kw in ({"groups": 2, "bias": True, "padding": "same", "stride": 2}, {"groups": 6, "bias": True, "padding": ""}):
+        cond = CondConv2d(6, 4 if kw["groups"] == 2 else 6, 3, num_experts=3, **kw)
+        torch.nn.init.normal_(cond.bias)
+        xs, routing = torch.randn(5, 6, 11, 13), torch.rand(5, 3)
+        with torch.no_grad():   # grouped, with biases, TF "same" padding (a Conv2dSame inside)
+            assert torch.allclose(ExpertConv(cond)(xs, routing), cond(xs, routing), atol=1e-5), kw
+    m = cond_net
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     expanded = copy.deepcopy(m)
     assert expand_cond_convs_(expanded) == 3

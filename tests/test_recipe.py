@@ -444,6 +444,31 @@ def test_fuse_branches_auto_chooses_by_the_held_out_kl_and_the_files_follow(repv
     assert convs == (22 + 17 if fused else 44)   # fused: the 17 identity blocks keep their taps apart
 
 
+def test_the_estimate_counts_each_calibration_of_each_student():
+    """Adversarial synthesis calibrates every student when they join it (extra seeds included), and, unless it keeps
+    them, the configurations once more after it; without it the students are calibrated once, after synthesis.
+    Evaluation and saving count the students left after synthesis."""
+    from gzq.budget import StepCosts, estimate, student_counts
+    cfg = make_config("cpu", students=["w4a4", "w8a8"])
+    assert cfg.synth.adversarial and not cfg.synth.keep_students and cfg.synth.steps > cfg.synth.warmup_steps
+    no_join = f"synth.warmup_steps={cfg.synth.steps}"
+    cases = {(): (2 + 2, 2), ("synth.num_students=3",): (3 + 2, 2),
+             ("synth.num_students=3", "synth.keep_students=true"): (3, 3),
+             ("synth.num_students=3", "synth.adversarial=false"): (3, 3),
+             ("synth.num_students=3", "synth.keep_students=true", no_join): (3, 3),
+             ("synth.num_students=3", no_join): (2, 2)}
+    costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
+    for changes, (calibrated, kept) in cases.items():
+        c = override(cfg, *changes)
+        every = max(c.synth.num_students, 2)
+        assert student_counts(c, every)[:2] == (calibrated, kept), changes
+        stages = estimate(c, costs, every).per_stage
+        train = c.synth.num_images - c.synth.holdout_images
+        assert stages["calibration"] == pytest.approx(2 * train * 1e-3 * calibrated), changes
+        fresh = c.synth.holdout_images * c.eval.fresh_draws
+        assert stages["evaluate"] == pytest.approx(fresh * 1e-3 * (1 + kept)), changes
+
+
 def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     """students.fuse_branches=auto calibrates a fused copy beside each student it may fuse: the estimate's
     calibration stage counts them (none without anything to fuse, for block reconstruction, or with the branches
@@ -460,11 +485,16 @@ def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     assert _fused_copies(override(cfg, "synth.keep_students=true"), True) == 0
     assert _fused_copies(override(cfg, "synth.num_students=3"), True) == 2
     assert _fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), True) == 3
+    # a fused copy is weighed only where the students are calibrated after synthesis: not where adversarial
+    # synthesis calibrated them and keeps them, but where it kept them without their joining it
+    unjoined = override(cfg, "synth.keep_students=true", f"synth.warmup_steps={cfg.synth.steps}")
+    assert _fused_copies(unjoined, True) == 2
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     alone = estimate(cfg, costs, 2).per_stage
     costs.fused_copies = 2
     both = estimate(cfg, costs, 2).per_stage
-    assert alone["calibration"] > 0 and both["calibration"] == pytest.approx(2 * alone["calibration"])
+    # four calibrations (both students when they join synthesis and after it), and two fused copies
+    assert alone["calibration"] > 0 and both["calibration"] == pytest.approx(alone["calibration"] * 6 / 4)
     del both["calibration"], alone["calibration"]
     assert both == alone
 

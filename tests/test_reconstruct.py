@@ -117,6 +117,28 @@ def test_reconstruction_lowers_each_units_error_and_keeps_weights_on_the_grid(ti
     assert changed > 0
 
 
+@pytest.mark.parametrize("protocol", [Protocol.ALL_LAYERS, Protocol.DEPLOYABLE])
+def test_reconstruction_reaches_the_expert_convs_of_a_cond_conv_network(protocol, cond_net):
+    """A CondConv student holds its experts in ordinary convs (gzq.quant.convert.ExpertConv), and so does the float
+    reference it is fitted to: the units of either protocol's student (the block whole, or each layer of the traced
+    deployable student) are all in the reference, and reconstruction runs through them."""
+    from types import SimpleNamespace
+
+    from gzq.distill import folded_copy
+    x = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = folded_copy(SimpleNamespace(model=cond_net), x[:2])
+    s = create_student(cond_net, QuantSpec(4, 4, protocol=protocol), x[:2], "fc")
+    calibrate_(s, [x])
+    units = find_units(s, x[:2])
+    assert all(ref.get_submodule(u) is not None for u in units)
+    assert ("block.conv_dw.conv" in units) is (protocol == Protocol.DEPLOYABLE) and ("block" in units) is not (
+        protocol == Protocol.DEPLOYABLE)
+    settings = ReconSettings(steps=3, batch_size=16, pool=16)
+    events = list(iter_reconstruct(ref, {"w4a4": s}, lambda idx: x[idx], torch.arange(len(x)), settings,
+                                   torch.device("cpu")))
+    assert [e.block for e in events if type(e).__name__ == "Progress"][::3] == units
+
+
 def test_image_weights_count_a_loud_image_as_a_median_one():
     out = torch.ones(8, 4, 3, 3)
     out[0] *= 10.0                      # 100x the energy of the others: 94 % of the batch's squared output

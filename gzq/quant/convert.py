@@ -148,7 +148,8 @@ class ExpertConv(nn.Module):
     sum_e r_e W_e (r: the block's routing weights), which is the same as mixing the E experts' outputs,
     sum_e r_e conv(x, W_e), since a conv is linear in its kernel. `conv` holds every expert's kernel as its own
     output channels (grouped by the conv's groups, then expert), so it quantizes per channel like any conv, and
-    a file writes one conv with a fixed kernel (an integer one where its input is quantized) and the mix."""
+    a file writes one conv with a fixed kernel (an integer one where its input is quantized) and the mix. It
+    computes every expert's output, E times the original conv's work."""
 
     def __init__(self, cond: nn.Module):
         super().__init__()
@@ -459,10 +460,11 @@ def float_weights(model: nn.Module) -> tuple[float, list[str]]:
     holds, and the kinds of module that hold them: layers GZQ has no quantized form for (a Conv1d or Conv3d,
     attention position tables, layer scales) stay float in every student and in its files."""
     inside = {id(p) for _, w in quant_wrappers(model) for p in w.parameters()}
-    total, left, kinds = 0, 0, set()
-    for name, module in model.named_modules():
+    total, left, kinds, seen = 0, 0, set(), set()
+    for module in model.modules():
         for p in module.parameters(recurse=False):
-            if p.ndim >= 2:
+            if p.ndim >= 2 and id(p) not in seen:   # a shared weight once
+                seen.add(id(p))
                 total += p.numel()
                 if id(p) not in inside:
                     left += p.numel()

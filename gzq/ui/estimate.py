@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..augment import coarse_size
+from ..budget import student_counts
 from ..config import EvalConfig, RunConfig
 from ..pipeline import _fused_copies, _has_branches
 from ..presets import resolve_device
@@ -90,7 +91,7 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     p = _probe(cfg)
     s, tr = cfg.synth, cfg.train
     m_all = max(s.num_students, len(cfg.students))     # students during synthesis
-    m = len(cfg.students)                               # students fine-tuned and exported
+    calibrated, m, _ = student_counts(cfg, m_all)       # calibrations; students fine-tuned and exported
     batch = min(s.batch_size, s.num_images)
     joined = max(s.steps - s.warmup_steps, 0) if s.adversarial else 0
     warm = min(s.warmup_steps, s.steps)
@@ -103,8 +104,8 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     synthesis += s.band_probe_image_steps() * 1.5 * p.teacher_step   # synth.band=auto: teacher-only probe steps
     n_train = s.num_images - s.holdout_images
     # observers see the training images twice (ranges, then histograms): forward passes without gradients, a
-    # third of a training pass, through every student and each fused copy auto-fusion weighs against one
-    calibration = 2 * n_train * (m_all + _fused_copies(cfg, p.branches)) * p.student_step / 3
+    # third of a training pass, through each student calibrated and each fused copy auto-fusion weighs against one
+    calibration = 2 * n_train * (calibrated + _fused_copies(cfg, p.branches)) * p.student_step / 3
     methods = [tr.method_for(spec) for spec in cfg.students]
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
