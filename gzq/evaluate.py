@@ -129,8 +129,10 @@ def evaluate_run(teacher: Teacher, students: dict, specs: dict, synth, labelled:
 
 
 #: above this share (%) of its weights left float, a student is not what its bit-width says
-#: (gzq.quant.convert.float_weights)
-MAX_FLOAT_WEIGHTS = 1.0
+#: (gzq.quant.convert.float_weights). The position tables and layer scales of BN networks with attention hold
+#: up to 1.3 % (Visformer; `benchmarks/architectures.py --float-weights`); a layer kind GZQ does not quantize
+#: can hold most of a network (CondConv's experts before ExpertConv)
+MAX_FLOAT_WEIGHTS = 5.0
 
 
 #: below this share of held-out synthetic images carrying their label, the images have lost their class signal
