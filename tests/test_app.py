@@ -327,6 +327,11 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
         assert estimate.estimate_seconds(cfg)["calibration"] == pytest.approx((calibrations + fused) * one)
     finally:
         estimate._PROBES[estimate.probe_key(cfg)] = probe
+    # extra seeds end with adversarial synthesis; without it they are fine-tuned too
+    def finetune(*changes):
+        return estimate.estimate_seconds(override(cfg, *changes))["finetune"]
+    assert finetune("synth.num_students=3") == pytest.approx(finetune("synth.num_students=2"))
+    assert finetune("synth.num_students=3", "synth.adversarial=false") > finetune("synth.adversarial=false")
 
 
 # ------------------------------------------------------------------------------------- the run handler

@@ -15,7 +15,7 @@ import torch
 
 from ..augment import coarse_size
 from ..budget import student_counts
-from ..config import EvalConfig, RunConfig
+from ..config import EvalConfig, RunConfig, student_specs
 from ..pipeline import _fused_copies, _has_branches
 from ..presets import resolve_device
 
@@ -106,7 +106,7 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     # observers see the training images twice (ranges, then histograms): forward passes without gradients, a
     # third of a training pass, through each student calibrated and each fused copy auto-fusion weighs against one
     calibration = 2 * n_train * (calibrated + _fused_copies(cfg, p.branches)) * p.student_step / 3
-    methods = [tr.method_for(spec) for spec in cfg.students]
+    methods = [tr.method_for(spec) for _, spec in student_specs(cfg)[:m]]   # and the extra seeds that outlive synthesis
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
         p.teacher_step / 3 + 2 * m_kd * p.student_step) if m_kd else 0.0
