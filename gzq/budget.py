@@ -55,6 +55,7 @@ class StepCosts:
     recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
                            # gzq.reconstruct.find_units)
     fused_copies: int = 0  # students.fuse_branches=auto: students whose fused copy is calibrated beside them
+    given_images: bool = False   # the run's images are given (no synthesis for the students to join)
     warmup_image: float | None = None   # one warm-up step per image: the teacher alone, at the coarse size where
                                         # synthesis uses one (SynthConfig.coarse_scale); None = as synth_image
     update_image: float = 0.0    # the images' own update in a synthesis step (Adam and clamp over every image,
@@ -306,15 +307,17 @@ def probe_seconds(s: SynthConfig, costs: StepCosts) -> float:
     return s.band_probe_image_steps() * (warm_image + costs.update_image)
 
 
-def student_counts(cfg: RunConfig, every: int) -> tuple[int, int, bool]:
+def student_counts(cfg: RunConfig, every: int, given_images: bool = False) -> tuple[int, int, bool]:
     """(students a run calibrates, counted once per calibration; students it fine-tunes, evaluates and saves;
     whether its students join synthesis), for `every` student (gzq.config.student_specs). Adversarial synthesis
     calibrates every student (extra seeds included) when they join at the end of the warm-up; unless it keeps
     them, the configurations start again from their initial weights and are calibrated once more, and the extra
-    seeds end there. Otherwise the students are calibrated once, after synthesis."""
+    seeds end there. Otherwise (and where the images are given, `given_images`) the students are calibrated once,
+    after synthesis."""
     s = cfg.synth
-    joined = s.adversarial and s.steps > s.warmup_steps
-    kept = len(cfg.students) if s.adversarial and not s.keep_students else every
+    adversarial = s.adversarial and not given_images
+    joined = adversarial and s.steps > s.warmup_steps
+    kept = len(cfg.students) if adversarial and not s.keep_students else every
     return (every if joined else 0) + (0 if joined and s.keep_students else kept), kept, joined
 
 
@@ -328,7 +331,7 @@ def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: i
     warm = min(s.warmup_steps, s.steps)
     batch = min(s.batch_size, s.num_images)
     warm_image = costs.synth_image if costs.warmup_image is None else costs.warmup_image
-    calibrated, kept, _ = student_counts(cfg, num_students)
+    calibrated, kept, _ = student_counts(cfg, num_students, costs.given_images)
     stages = {
         "synthesis": probe_seconds(s, costs) + batch * (warm * warm_image + (s.steps - warm) * costs.synth_image)
         + s.steps * s.num_images * costs.update_image,

@@ -211,7 +211,8 @@ def load_teacher(spec: ModelSpec | str = "default", device: torch.device | str =
         raise ModelLoadError(f"mean/std have {len(mean)}/{len(std)} entries but the model takes {input_size[0]} channels")
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     model.eval().requires_grad_(False).to(device)
-    outputs = _check_input_size(model, arch, tuple(input_size), tuple(dc["input_size"]), device)
+    made_for = tuple(card.get("input_size", ())) or (input_size[0], *dc["input_size"][1:])
+    outputs = _check_input_size(model, arch, tuple(input_size), made_for, device)
     num_classes = getattr(model, "num_classes", None) or outputs
     class_names = card.get("class_names") or (_imagenet_names() if num_classes == 1000 else None)
     if class_names and len(class_names) != num_classes:
@@ -242,11 +243,12 @@ def _check_input_size(model: nn.Module, arch: str, input_size: tuple, made_for: 
     which sizes to give where the network cannot take this one (an input too small for its stem, or a side its
     downsampling does not divide where branches of different strides meet, as in HRNet or DLA)."""
     try:
-        with torch.no_grad():
-            return model(torch.zeros(1, *input_size, device=device)).shape[-1]
-    except torch.OutOfMemoryError:
+        return model(torch.zeros(1, *input_size, device=device)).shape[-1]
+    except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):
         raise
     except (RuntimeError, AssertionError, ValueError) as e:
+        if tuple(input_size) == tuple(made_for):   # the size is not what failed
+            raise
         size, made = "x".join(map(str, input_size)), "x".join(map(str, made_for))
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ModelLoadError(f"{arch} cannot run on {size} inputs ({reason}); give an input size it takes: the one it "

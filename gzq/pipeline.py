@@ -195,7 +195,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device)
         costs.recon_units = _recon_units(cfg, students, example)
-        costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model))
+        costs.given_images = synth_source is not None
+        costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model), costs.given_images)
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None
         fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
@@ -411,13 +412,13 @@ def _n_layers(student: torch.nn.Module) -> int:
         + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
 
 
-def _fused_copies(cfg: RunConfig, branches: bool) -> int:
+def _fused_copies(cfg: RunConfig, branches: bool, given_images: bool = False) -> int:
     """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
     estimate: on a teacher with something to fuse (`branches`, _has_branches), those left to choose and not fitted
     to the branched network unit by unit, among the students calibrated after synthesis (gzq.budget.student_counts;
     students that adversarial synthesis calibrated and keeps keep their branches)."""
     every = student_specs(cfg)
-    _, kept, joined = student_counts(cfg, len(every))
+    _, kept, joined = student_counts(cfg, len(every), given_images)
     if not branches or (joined and cfg.synth.keep_students):
         return 0
     specs = [spec for _, spec in every][:kept]

@@ -301,7 +301,7 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
                                        time_budget_s=large.seconds / 4))
     assert capped.seconds == pytest.approx(large.per_stage["load"] + large.seconds / 4)
     assert "fewer images and steps" in capped.text and "full budget would take" in capped.text
-    probe = next(iter(estimate._PROBES.values()))
+    probe = estimate._PROBES[estimate.probe_key(form.build_config("default", preset="quick CPU", device="cpu"))]
     assert probe.teacher_step > 0 and probe.student_step > 0 and probe.real_images == 10_000
     # synth.band=auto (the default) adds its band probe: up to 4 bands x 40 teacher-only steps of the probe's images
     from gzq.config import override

@@ -467,6 +467,12 @@ def test_the_estimate_counts_each_calibration_of_each_student():
         assert stages["calibration"] == pytest.approx(2 * train * 1e-3 * calibrated), changes
         fresh = c.synth.holdout_images * c.eval.fresh_draws
         assert stages["evaluate"] == pytest.approx(fresh * 1e-3 * (1 + kept)), changes
+    # a run given its images (the benchmarks' real-data bound) calibrates and keeps every student once
+    c = override(cfg, "synth.num_students=3")
+    assert student_counts(c, 3, given_images=True)[:2] == (3, 3)
+    given = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3, given_images=True)
+    train = c.synth.num_images - c.synth.holdout_images
+    assert estimate(c, given, 3).per_stage["calibration"] == pytest.approx(2 * train * 1e-3 * 3)
 
 
 def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
