@@ -140,7 +140,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
-                  memory: int | None = None) -> StepCosts:
+                  memory: int | None = None, given_images: bool = False) -> StepCosts:
     """Time one synthesis step, one fine-tuning step and one evaluation forward of this teacher and these
     (uncalibrated) students on `device`, and what one image adds to each step's memory. Leaves no gradients
     or hooks behind.
@@ -150,6 +150,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     FULL_BATCH_TIMING_S at the batch the run will use (the configured one, or what `memory` bytes hold,
     default available_memory: see fit_memory), that batch is timed too and its cost kept: a small batch
     costs more per image (fixed overheads; a GPU it leaves idle).
+
+    The fine-tuning step is timed over the students fine-tuned after synthesis (student_counts; `given_images`:
+    the run's images are given, and every student is).
     """
     memory = available_memory(device) if memory is None else memory
     share = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"])
@@ -215,7 +218,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     images = opt = None
     kd_full = min(cfg.train.batch_size, cfg.synth.num_images)
     xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
-    distilled = [students[n] for n, spec in student_specs(cfg) if n in students and cfg.train.method_for(spec).kd]
+    kept = student_counts(cfg, len(student_specs(cfg)), given_images)[1]   # extra seeds may end with synthesis
+    distilled = [students[n] for n, spec in student_specs(cfg)[:kept]
+                 if n in students and cfg.train.method_for(spec).kd]
 
     scales = (folded_conv_scales(teacher.model, dict(enumerate(distilled)), xk[:2])
               if cfg.train.stats_kd > 0 and distilled else {})
@@ -241,7 +246,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
         fwd = _timed(lambda: teacher.model(xk[:b])) / b
         s_fwd = _timed(lambda: [s(xk[:b]) for s in students.values()]) / b
     return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, update_image=update_s / sc.num_images,
-                     synth_image_bytes=synth_bytes,
+                     synth_image_bytes=synth_bytes, given_images=given_images,
                      kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory, memory_share=share)
 
 

@@ -193,9 +193,8 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                       + (f"; labelled data: {labelled.source}" if labelled else "; no labelled data"))
 
         t = time.perf_counter()
-        costs = measure_costs(teacher, students, cfg, device)
+        costs = measure_costs(teacher, students, cfg, device, given_images=synth_source is not None)
         costs.recon_units = _recon_units(cfg, students, example)
-        costs.given_images = synth_source is not None
         costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model), costs.given_images)
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None

@@ -475,6 +475,27 @@ def test_the_estimate_counts_each_calibration_of_each_student():
     assert estimate(c, given, 3).per_stage["calibration"] == pytest.approx(2 * train * 1e-3 * 3)
 
 
+def test_the_fine_tuning_step_is_timed_over_the_students_fine_tuned(default_teacher):
+    """Extra seeds that adversarial synthesis ends take no part in the timed fine-tuning step; kept, or where the
+    run's images are given, they do (every student joins the timed synthesis step either way)."""
+    from gzq.budget import measure_costs
+    from gzq.config import student_specs
+    from gzq.quant.convert import create_student
+    t, ex = default_teacher, torch.zeros(2, *default_teacher.input_size)
+    cfg = make_config("cpu", "cpu", students=["w4a4", "w8a8"], export={"formats": []},
+                      synth={"num_images": 32, "holdout_images": 4, "batch_size": 16, "steps": 4, "warmup_steps": 2,
+                             "num_students": 3}, train={"epochs": 1, "batch_size": 16})
+    for changes, given, seed_kd in (((), False, False), (("synth.keep_students=true",), False, True),
+                                    ((), True, True)):
+        c = override(cfg, *changes)
+        students = {n: create_student(t.model, s, ex, t.classifier) for n, s in student_specs(c)}
+        calls = dict.fromkeys(students, 0)
+        for n, s in students.items():
+            s.register_forward_hook(lambda m, a, o, n=n, c=calls: c.__setitem__(n, c[n] + torch.is_grad_enabled()))
+        measure_costs(t, students, c, torch.device("cpu"), memory=0, given_images=given)
+        assert (calls["w4a4_s1"] == calls["w4a4"]) is seed_kd, (changes, given, calls)
+
+
 def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     """students.fuse_branches=auto calibrates a fused copy beside each student it may fuse: the estimate's
     calibration stage counts them (none without anything to fuse, for block reconstruction, or with the branches
