@@ -218,9 +218,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     images = opt = None
     kd_full = min(cfg.train.batch_size, cfg.synth.num_images)
     xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
-    kept = student_counts(cfg, len(student_specs(cfg)), given_images)[1]   # extra seeds may end with synthesis
-    distilled = [students[n] for n, spec in student_specs(cfg)[:kept]
-                 if n in students and cfg.train.method_for(spec).kd]
+    every = student_specs(cfg)
+    kept = student_counts(cfg, len(every), given_images)[1]   # extra seeds may end with synthesis
+    distilled = [students[n] for n, spec in every[:kept] if n in students and cfg.train.method_for(spec).kd]
 
     scales = (folded_conv_scales(teacher.model, dict(enumerate(distilled)), xk[:2])
               if cfg.train.stats_kd > 0 and distilled else {})
@@ -324,6 +324,25 @@ def student_counts(cfg: RunConfig, every: int, given_images: bool = False) -> tu
     joined = adversarial and s.steps > s.warmup_steps
     kept = len(cfg.students) if adversarial and not s.keep_students else every
     return (every if joined else 0) + (0 if joined and s.keep_students else kept), kept, joined
+
+
+def fits_branches(cfg: RunConfig, method) -> bool:
+    """Whether a student is fitted to the branched network unit by unit (block reconstruction, KD's unit terms),
+    so that it keeps the branches."""
+    return method.recon or cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
+
+
+def fused_copies(cfg: RunConfig, branches: bool, given_images: bool = False) -> int:
+    """How many students students.fuse_branches=auto will calibrate a fused copy of (gzq.pipeline._choose_fusion),
+    for the estimate: on a teacher with something to fuse (`branches`, gzq.quant.convert.has_branches), those left
+    to choose and not fitted to the branched network unit by unit, among the students calibrated after synthesis
+    (student_counts; students that adversarial synthesis calibrated and keeps keep their branches)."""
+    every = student_specs(cfg)
+    _, kept, joined = student_counts(cfg, len(every), given_images)
+    if not branches or (joined and cfg.synth.keep_students):
+        return 0
+    specs = [spec for _, spec in every][:kept]
+    return sum(q.fuse_branches == "auto" and not fits_branches(cfg, cfg.train.method_for(q)) for q in specs)
 
 
 def estimate(cfg: RunConfig, costs: StepCosts, num_students: int, real_images: int = 0) -> RunEstimate:

@@ -28,7 +28,7 @@ import torch
 from . import dist
 from .accel import channels_last_
 from .augment import augment, finetune_jitter, jitter_pixels
-from .budget import measure_costs, plan_run, student_counts
+from .budget import fits_branches, fused_copies, measure_costs, plan_run
 from .checkpoint import save_student
 from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_SLACK, FlipMode, RunConfig, student_specs
 from .distill import folded_copy, iter_distill
@@ -36,7 +36,7 @@ from .evaluate import evaluate_run, health_warnings, kl_score, load_labelled_dat
 from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
-from .quant.convert import IdentityTaps, calibrate_, create_student, quant_wrappers
+from .quant.convert import IdentityTaps, calibrate_, create_student, has_branches, quant_wrappers
 from .reconstruct import find_units, iter_reconstruct, recon_settings
 from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
@@ -71,7 +71,7 @@ def estimate_run(cfg: RunConfig):
     load_s = time.perf_counter() - t
     costs = measure_costs(teacher, students, cfg, device)
     costs.recon_units = _recon_units(cfg, students, example)
-    costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model))
+    costs.fused_copies = fused_copies(cfg, has_branches(teacher.model))
     n_real = len(labelled.labels) if labelled else 0
     _, est = plan_run(cfg, costs, len(students), cfg.time_budget_s, n_real)
     est.per_stage = {"load": load_s, **est.per_stage}
@@ -195,7 +195,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device, given_images=synth_source is not None)
         costs.recon_units = _recon_units(cfg, students, example)
-        costs.fused_copies = _fused_copies(cfg, _has_branches(teacher.model), costs.given_images)
+        costs.fused_copies = fused_copies(cfg, has_branches(teacher.model), costs.given_images)
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None
         fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
@@ -246,7 +246,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
             if specs[n].fuse_branches == "auto":
                 specs[n] = dataclasses.replace(specs[n], fuse_branches=False)
                 auto_fuse.add(n)
-        if not _has_branches(teacher.model):
+        if not has_branches(teacher.model):
             auto_fuse = set()
         if not synth.students_calibrated:
             t = time.perf_counter()
@@ -263,7 +263,7 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
                 chosen = calibrate_(s, batches, specs[n].act_init, specs[n].act_percentile, score=score)
                 if chosen and chosen["scores"]:   # probed (a percentile-calibrated student)
                     synth.calibration[n] = chosen
-            for n in sorted(n for n in auto_fuse if _fits_branches(cfg, methods[n])):
+            for n in sorted(n for n in auto_fuse if fits_branches(cfg, methods[n])):
                 auto_fuse.discard(n)
                 yield Message(f"{n}: kept the re-parameterisable branches (block reconstruction or KD's unit "
                               f"terms fit the branched network)")
@@ -393,35 +393,11 @@ def _choose_fusion(teacher: Teacher, students: dict, specs: dict, names: set, ba
     return out
 
 
-def _fits_branches(cfg: RunConfig, method) -> bool:
-    """Whether a student is fitted to the branched network unit by unit (block reconstruction, KD's unit terms),
-    so that it keeps the branches."""
-    return method.recon or cfg.train.feature_kd > 0 or cfg.train.stats_kd > 0
-
-
-def _has_branches(model: torch.nn.Module) -> bool:
-    """Whether `model` has modules timm's reparameterize_model acts on (without them there is nothing to fuse)."""
-    return any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
-
-
 def _n_layers(student: torch.nn.Module) -> int:
     """Quantized layers, not counting the diagonal taps a fused conv keeps apart, plus the BN layers left unfolded
     (a RepGhost block's identity BN: fusing removes those and keeps the number of convs)."""
     return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student)) \
         + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
-
-
-def _fused_copies(cfg: RunConfig, branches: bool, given_images: bool = False) -> int:
-    """How many students students.fuse_branches=auto will calibrate a fused copy of (_choose_fusion), for the
-    estimate: on a teacher with something to fuse (`branches`, _has_branches), those left to choose and not fitted
-    to the branched network unit by unit, among the students calibrated after synthesis (gzq.budget.student_counts;
-    students that adversarial synthesis calibrated and keeps keep their branches)."""
-    every = student_specs(cfg)
-    _, kept, joined = student_counts(cfg, len(every), given_images)
-    if not branches or (joined and cfg.synth.keep_students):
-        return 0
-    specs = [spec for _, spec in every][:kept]
-    return sum(q.fuse_branches == "auto" and not _fits_branches(cfg, cfg.train.method_for(q)) for q in specs)
 
 
 def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:

@@ -500,22 +500,22 @@ def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
     """students.fuse_branches=auto calibrates a fused copy beside each student it may fuse: the estimate's
     calibration stage counts them (none without anything to fuse, for block reconstruction, or with the branches
     kept), and no other stage changes."""
-    from gzq.budget import StepCosts, estimate
-    from gzq.pipeline import _fused_copies, _has_branches
+    from gzq.budget import StepCosts, estimate, fused_copies
+    from gzq.quant.convert import has_branches
     cfg = make_config("cpu", students=["w4a4", "w8a8"])
     plain = timm.create_model("resnet18", num_classes=10, in_chans=1)
-    assert _has_branches(repvgg) and not _has_branches(plain)
-    assert _fused_copies(cfg, True) == 2 and _fused_copies(cfg, False) == 0
-    assert _fused_copies(override(cfg, "train.method=recon"), True) == 0
-    assert _fused_copies(override(cfg, "students.fuse_branches=false"), True) == 0
+    assert has_branches(repvgg) and not has_branches(plain)
+    assert fused_copies(cfg, True) == 2 and fused_copies(cfg, False) == 0
+    assert fused_copies(override(cfg, "train.method=recon"), True) == 0
+    assert fused_copies(override(cfg, "students.fuse_branches=false"), True) == 0
     # students kept from adversarial synthesis were calibrated there; extra seeds outlive plain synthesis only
-    assert _fused_copies(override(cfg, "synth.keep_students=true"), True) == 0
-    assert _fused_copies(override(cfg, "synth.num_students=3"), True) == 2
-    assert _fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), True) == 3
+    assert fused_copies(override(cfg, "synth.keep_students=true"), True) == 0
+    assert fused_copies(override(cfg, "synth.num_students=3"), True) == 2
+    assert fused_copies(override(cfg, "synth.num_students=3", "synth.adversarial=false"), True) == 3
     # a fused copy is weighed only where the students are calibrated after synthesis: not where adversarial
     # synthesis calibrated them and keeps them, but where it kept them without their joining it
     unjoined = override(cfg, "synth.keep_students=true", f"synth.warmup_steps={cfg.synth.steps}")
-    assert _fused_copies(unjoined, True) == 2
+    assert fused_copies(unjoined, True) == 2
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     alone = estimate(cfg, costs, 2).per_stage
     costs.fused_copies = 2

@@ -275,6 +275,11 @@ def uncache_attention_biases_(model: nn.Module) -> int:
     return len(mods)
 
 
+def has_branches(model: torch.nn.Module) -> bool:
+    """Whether `model` has modules timm's reparameterize_model acts on (without them there is nothing to fuse)."""
+    return any(hasattr(m, a) for m in model.modules() for a in ("fuse", "reparameterize", "switch_to_deploy"))
+
+
 def create_student(teacher: nn.Module, spec: QuantSpec, example: torch.Tensor, classifier: str | None = None,
                    split_min_gain: float = SPLIT_MIN_GAIN, split: list[str] | None = None) -> nn.Module:
     """A BN-folded fake-quant copy of `teacher` (weights trainable; activation ranges still to calibrate).

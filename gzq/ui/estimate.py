@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..augment import coarse_size
-from ..budget import student_counts
+from ..budget import fused_copies, student_counts
 from ..config import EvalConfig, RunConfig, student_specs
-from ..pipeline import _fused_copies, _has_branches
 from ..presets import resolve_device
 
 RECON_BLOCKS = 20   # typical number of reconstruction units, for the estimate before the model is traced
@@ -52,7 +51,7 @@ def probe_key(cfg: RunConfig) -> tuple:
 def _probe(cfg: RunConfig) -> Probe:
     from ..evaluate import load_labelled_data
     from ..models import load_teacher
-    from ..quant.convert import create_student
+    from ..quant.convert import create_student, has_branches
 
     device = resolve_device(cfg.device)
     spec, key = cfg.model, probe_key(cfg)
@@ -80,7 +79,7 @@ def _probe(cfg: RunConfig) -> Probe:
             return min(times[1:]) / n
 
         probe = Probe(load, per_image(teacher.model), per_image(student.train()),
-                      len(labelled.labels) if labelled else 0, tuple(teacher.input_size), _has_branches(teacher.model))
+                      len(labelled.labels) if labelled else 0, tuple(teacher.input_size), has_branches(teacher.model))
         del teacher, student, x
         _PROBES[key] = probe
         return probe
@@ -90,7 +89,8 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     """Seconds per stage for `cfg` on its device, from a measured probe of its model."""
     p = _probe(cfg)
     s, tr = cfg.synth, cfg.train
-    m_all = max(s.num_students, len(cfg.students))     # students during synthesis
+    every = student_specs(cfg)
+    m_all = len(every)                                  # students during synthesis
     calibrated, m, _ = student_counts(cfg, m_all)       # calibrations; students fine-tuned and exported
     batch = min(s.batch_size, s.num_images)
     joined = max(s.steps - s.warmup_steps, 0) if s.adversarial else 0
@@ -105,8 +105,8 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     n_train = s.num_images - s.holdout_images
     # observers see the training images twice (ranges, then histograms): forward passes without gradients, a
     # third of a training pass, through each student calibrated and each fused copy auto-fusion weighs against one
-    calibration = 2 * n_train * (calibrated + _fused_copies(cfg, p.branches)) * p.student_step / 3
-    methods = [tr.method_for(spec) for _, spec in student_specs(cfg)[:m]]   # and the extra seeds that outlive synthesis
+    calibration = 2 * n_train * (calibrated + fused_copies(cfg, p.branches)) * p.student_step / 3
+    methods = [tr.method_for(spec) for _, spec in every[:m]]   # and the extra seeds that outlive synthesis
     m_kd, m_recon = sum(x.kd for x in methods), sum(x.recon for x in methods)
     fine_tune = tr.epochs * max(n_train // min(tr.batch_size, n_train), 1) * min(tr.batch_size, n_train) * (
         p.teacher_step / 3 + 2 * m_kd * p.student_step) if m_kd else 0.0
