@@ -51,7 +51,7 @@ class StepCosts:
                            # each student's forward+backward
     kd_image: float        # one fine-tuning step, per image: teacher forward, every student forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
-    student_forward_image: float = 0.0   # one image through every student (no grad)
+    student_forward_image: float = 0.0   # one image through every student block reconstruction fits (no grad)
     recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
                            # gzq.reconstruct.find_units)
     fused_copies: int = 0  # students.fuse_branches=auto: students whose fused copy is calibrated beside them
@@ -151,8 +151,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     default available_memory: see fit_memory), that batch is timed too and its cost kept: a small batch
     costs more per image (fixed overheads; a GPU it leaves idle).
 
-    The fine-tuning step is timed over the students fine-tuned after synthesis (student_counts; `given_images`:
-    the run's images are given, and every student is).
+    The fine-tuning step and the students' forward (block reconstruction's) are timed over the students fitted
+    after synthesis by that method (student_counts; `given_images`: the run's images are given, and every student
+    is fitted).
     """
     memory = available_memory(device) if memory is None else memory
     share = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"])
@@ -220,7 +221,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
     every = student_specs(cfg)
     kept = student_counts(cfg, len(every), given_images)[1]   # extra seeds may end with synthesis
-    distilled = [students[n] for n, spec in every[:kept] if n in students and cfg.train.method_for(spec).kd]
+    fitted = [(students[n], cfg.train.method_for(spec)) for n, spec in every[:kept] if n in students]
+    distilled = [s for s, method in fitted if method.kd]
+    rebuilt = [s for s, method in fitted if method.recon]
 
     scales = (folded_conv_scales(teacher.model, dict(enumerate(distilled)), xk[:2])
               if cfg.train.stats_kd > 0 and distilled else {})
@@ -244,7 +247,7 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     b = min(kd_full, TIMED_BATCH)
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk[:b])) / b
-        s_fwd = _timed(lambda: [s(xk[:b]) for s in students.values()]) / b
+        s_fwd = _timed(lambda: [s(xk[:b]) for s in rebuilt]) / b if rebuilt else 0.0
     return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, update_image=update_s / sc.num_images,
                      synth_image_bytes=synth_bytes, given_images=given_images,
                      kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory, memory_share=share)
@@ -296,13 +299,13 @@ def _shares(cfg: RunConfig) -> tuple[float, float]:
 
 def recon_seconds(cfg: RunConfig, costs: StepCosts) -> float:
     """A reconstruction stage: every unit captures its pool's inputs (a forward up to the unit, half the network
-    on average, of the teacher and every student), then trains `recon_steps` batches, one unit's share of a
-    full forward and backward each (so all units together: recon_steps full forward+backward passes)."""
-    share = _shares(cfg)[0]
+    on average, of the teacher and every student it fits), then trains `recon_steps` batches, one unit's share
+    of a full forward and backward each (so all units together: recon_steps full forward+backward passes)."""
+    if not _shares(cfg)[0]:
+        return 0.0
     steps, pool = cfg.train.recon_budget(cfg.synth.num_images - cfg.synth.holdout_images)
-    capture = costs.recon_units * pool * 0.5 * (costs.forward_image + share * costs.student_forward_image)
-    train = steps * cfg.train.recon_batch_size * 3 * share * costs.student_forward_image
-    return capture + train if share else 0.0
+    capture = costs.recon_units * pool * 0.5 * (costs.forward_image + costs.student_forward_image)
+    return capture + steps * cfg.train.recon_batch_size * 3 * costs.student_forward_image
 
 
 def probe_seconds(s: SynthConfig, costs: StepCosts) -> float:
@@ -318,10 +321,10 @@ def student_counts(cfg: RunConfig, every: int, given_images: bool = False) -> tu
     calibrates every student (extra seeds included) when they join at the end of the warm-up; unless it keeps
     them, the configurations start again from their initial weights and are calibrated once more, and the extra
     seeds end there. Otherwise (and where the images are given, `given_images`) the students are calibrated once,
-    after synthesis."""
+    after synthesis. They join only batches that hold at least two training images (gzq.synthesis)."""
     s = cfg.synth
     adversarial = s.adversarial and not given_images
-    joined = adversarial and s.steps > s.warmup_steps
+    joined = adversarial and s.steps > s.warmup_steps and min(s.batch_size, s.num_images - s.holdout_images) >= 2
     kept = len(cfg.students) if adversarial and not s.keep_students else every
     return (every if joined else 0) + (0 if joined and s.keep_students else kept), kept, joined
 

@@ -456,7 +456,8 @@ def test_the_estimate_counts_each_calibration_of_each_student():
              ("synth.num_students=3", "synth.keep_students=true"): (3, 3),
              ("synth.num_students=3", "synth.adversarial=false"): (3, 3),
              ("synth.num_students=3", "synth.keep_students=true", no_join): (3, 3),
-             ("synth.num_students=3", no_join): (2, 2)}
+             ("synth.num_students=3", no_join): (2, 2),
+             ("synth.num_students=3", "synth.batch_size=1"): (2, 2)}   # no batch holds two training images
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     for changes, (calibrated, kept) in cases.items():
         c = override(cfg, *changes)
@@ -476,8 +477,9 @@ def test_the_estimate_counts_each_calibration_of_each_student():
 
 
 def test_the_fine_tuning_step_is_timed_over_the_students_fine_tuned(default_teacher):
-    """Extra seeds that adversarial synthesis ends take no part in the timed fine-tuning step; kept, or where the
-    run's images are given, they do (every student joins the timed synthesis step either way)."""
+    """Extra seeds that adversarial synthesis ends take no part in the timed fine-tuning step, nor in the timed
+    forward that prices block reconstruction; kept, or where the run's images are given, they do (every student
+    joins the timed synthesis step either way)."""
     from gzq.budget import measure_costs
     from gzq.config import student_specs
     from gzq.quant.convert import create_student
@@ -489,11 +491,17 @@ def test_the_fine_tuning_step_is_timed_over_the_students_fine_tuned(default_teac
                                     ((), True, True)):
         c = override(cfg, *changes)
         students = {n: create_student(t.model, s, ex, t.classifier) for n, s in student_specs(c)}
-        calls = dict.fromkeys(students, 0)
+        calls = {n: [0, 0] for n in students}   # forwards without, with gradients
         for n, s in students.items():
-            s.register_forward_hook(lambda m, a, o, n=n, c=calls: c.__setitem__(n, c[n] + torch.is_grad_enabled()))
+            s.register_forward_hook(lambda m, a, o, n=n: calls[n].__setitem__(torch.is_grad_enabled(),
+                                                                             calls[n][torch.is_grad_enabled()] + 1))
+        measure_costs(t, students, override(c, "train.method=recon"), torch.device("cpu"), memory=0,
+                      given_images=given)
+        assert (calls["w4a4_s1"][0] == calls["w4a4"][0] > 0) is seed_kd, (changes, given, calls)
+        calls = {n: [0, 0] for n in students}
         measure_costs(t, students, c, torch.device("cpu"), memory=0, given_images=given)
-        assert (calls["w4a4_s1"] == calls["w4a4"]) is seed_kd, (changes, given, calls)
+        assert (calls["w4a4_s1"][1] == calls["w4a4"][1]) is seed_kd, (changes, given, calls)
+        assert not any(calls[n][0] for n in students), calls   # no student is reconstructed
 
 
 def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
