@@ -92,6 +92,11 @@ ZOO: dict[str, ZooModel] = {
                          note="single-head attention hybrid, BN throughout"),
     "fasternet_48": ZooModel("fasternet_t0", (3, 48, 48), True, 6, 10000, lr=0.05,
                              note="partial convolutions (a quarter of the channels), RGB"),
+    # sixth fresh set: the same rules as the fourth and fifth
+    "hrnet_64": ZooModel("hrnet_w18_small", (3, 64, 64), True, 6, 10000,
+                         note="parallel multi-resolution branches exchanging features at every stage, RGB"),
+    "mobilevit_64": ZooModel("mobilevit_xxs", (1, 64, 64), False, 6, 10000, lr=0.05,
+                             note="convolutions with BN, transformer blocks with LayerNorm between them"),
 }
 TUNING = ("mobilenetv2_64", "regnetx_32", "ghostnet_48")
 CONFIRMATION = ("mnasnet_96", "mixnet_64")
@@ -100,8 +105,9 @@ FRESH2 = ("vovnet_64", "hgnetv2_96", "cspdarknet_48", "mobileone_48")
 FRESH3 = ("gernet_64", "repvit_64", "dpn_32", "resnest_48")
 FRESH4 = ("skresnet18_32", "starnet_48", "fastvit_64")
 FRESH5 = ("shvit_64", "fasternet_48")
+FRESH6 = ("hrnet_64", "mobilevit_64")
 #: the fresh sets by their key in benchmarks/zoo.py's results, in the order they were added
-FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3, "fresh4": FRESH4, "fresh5": FRESH5}
+FRESH_SETS = {"fresh": FRESH, "fresh2": FRESH2, "fresh3": FRESH3, "fresh4": FRESH4, "fresh5": FRESH5, "fresh6": FRESH6}
 HELD_OUT = tuple(n for n in ZOO if n not in TUNING + CONFIRMATION + sum(FRESH_SETS.values(), ()))
 
 
