@@ -91,9 +91,9 @@ def estimate_seconds(cfg: RunConfig) -> dict[str, float]:
     s, tr = cfg.synth, cfg.train
     every = student_specs(cfg)
     m_all = len(every)                                  # students during synthesis
-    calibrated, m, _ = student_counts(cfg, m_all)       # calibrations; students fine-tuned and exported
+    calibrated, m, students_join = student_counts(cfg, m_all)   # calibrations; students fine-tuned and exported
     batch = min(s.batch_size, s.num_images)
-    joined = max(s.steps - s.warmup_steps, 0) if s.adversarial else 0
+    joined = s.steps - s.warmup_steps if students_join else 0   # steps the students take part in
     warm = min(s.warmup_steps, s.steps)
     coarse = coarse_size(p.input_size, s.coarse_scale, s.coarse_min_side) if p.input_size else None
     area = coarse[0] * coarse[1] / (p.input_size[-2] * p.input_size[-1]) if coarse else 1.0
