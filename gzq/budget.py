@@ -25,6 +25,8 @@ from .distill import folded_conv_scales, output_moments
 from .images import SyntheticImages
 from .losses import moment_loss, total_variation
 from .optim import adam
+from .quant.convert import has_branches
+from .reconstruct import find_units
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,7 @@ class StepCosts:
     kd_image: float        # one fine-tuning step, per image: teacher forward, every student forward+backward
     forward_image: float   # one image through the teacher in eval (no grad), for evaluation
     student_forward_image: float = 0.0   # one image through every student block reconstruction fits (no grad)
-    recon_units: int = 0   # blocks a reconstruction stage fits one after another (the caller counts them with
-                           # gzq.reconstruct.find_units)
+    recon_units: int = 0   # blocks a reconstruction stage fits one after another (gzq.reconstruct.find_units)
     fused_copies: int = 0  # students.fuse_branches=auto: students whose fused copy is calibrated beside them
     given_images: bool = False   # the run's images are given (no synthesis for the students to join)
     warmup_image: float | None = None   # one warm-up step per image: the teacher alone, at the coarse size where
@@ -166,7 +167,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
                              1.0 if sc.band == "auto" else sc.band, sc.decorrelate_colour).to(device)
     y_all = torch.randint(teacher.num_classes, (full_b,), generator=gen).to(device)
     recorder = BNStatsRecorder(teacher.model)
-    active = students if sc.adversarial else {}
+    every = student_specs(cfg)
+    _, kept, joined = student_counts(cfg, len(every), given_images)   # extra seeds may end with synthesis
+    active = students if joined else {}
     coarse = coarse_size(teacher.input_size, sc.coarse_scale, sc.coarse_min_side)
     # the images' own update is part of a step: Adam over every image's parameters, whatever the batch
     opt = adam([p for p in images.parameters() if p.requires_grad], lr=1e-6)
@@ -219,8 +222,6 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     images = opt = None
     kd_full = min(cfg.train.batch_size, cfg.synth.num_images)
     xk = torch.randn(kd_full, *teacher.input_size, generator=gen).to(device)
-    every = student_specs(cfg)
-    kept = student_counts(cfg, len(every), given_images)[1]   # extra seeds may end with synthesis
     fitted = [(students[n], cfg.train.method_for(spec)) for n, spec in every[:kept] if n in students]
     distilled = [s for s, method in fitted if method.kd]
     rebuilt = [s for s, method in fitted if method.recon]
@@ -248,7 +249,9 @@ def measure_costs(teacher, students: dict, cfg: RunConfig, device: torch.device,
     with torch.no_grad():
         fwd = _timed(lambda: teacher.model(xk[:b])) / b
         s_fwd = _timed(lambda: [s(xk[:b]) for s in rebuilt]) / b if rebuilt else 0.0
-    return StepCosts(synth_s, kd_s, fwd, s_fwd, warmup_image=warmup_s, update_image=update_s / sc.num_images,
+    return StepCosts(synth_s, kd_s, fwd, s_fwd, len(find_units(rebuilt[0], xk[:2])) if rebuilt else 0,
+                     fused_copies(cfg, has_branches(teacher.model), given_images),
+                     warmup_image=warmup_s, update_image=update_s / sc.num_images,
                      synth_image_bytes=synth_bytes, given_images=given_images,
                      kd_image_bytes=kd_bytes, timed_batch=timed, memory=memory, memory_share=share)
 
@@ -321,7 +324,8 @@ def student_counts(cfg: RunConfig, every: int, given_images: bool = False) -> tu
     calibrates every student (extra seeds included) when they join at the end of the warm-up; unless it keeps
     them, the configurations start again from their initial weights and are calibrated once more, and the extra
     seeds end there. Otherwise (and where the images are given, `given_images`) the students are calibrated once,
-    after synthesis. They join only batches that hold at least two training images (gzq.synthesis)."""
+    after synthesis. They join only batches that hold at least two training images (gzq.synthesis): counted here as
+    a batch that can hold two, in one process (with several, each process's share of the batch must)."""
     s = cfg.synth
     adversarial = s.adversarial and not given_images
     joined = adversarial and s.steps > s.warmup_steps and min(s.batch_size, s.num_images - s.holdout_images) >= 2

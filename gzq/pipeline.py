@@ -28,7 +28,7 @@ import torch
 from . import dist
 from .accel import channels_last_
 from .augment import augment, finetune_jitter, jitter_pixels
-from .budget import fits_branches, fused_copies, measure_costs, plan_run
+from .budget import fits_branches, measure_costs, plan_run
 from .checkpoint import save_student
 from .config import AUTO_PERCENTILE_FALLBACK, FUSE_KL_SLACK, FlipMode, RunConfig, student_specs
 from .distill import folded_copy, iter_distill
@@ -37,7 +37,7 @@ from .events import Done, Message, Progress, StageStarted, Stopped
 from .models import Teacher, load_teacher
 from .presets import resolve_device
 from .quant.convert import IdentityTaps, calibrate_, create_student, has_branches, quant_wrappers
-from .reconstruct import find_units, iter_reconstruct, recon_settings
+from .reconstruct import iter_reconstruct, recon_settings
 from .synthesis import SynthResult, flip_check, flips_are_valid, iter_synthesize
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ def estimate_run(cfg: RunConfig):
     labelled = load_labelled_data(teacher, cfg.eval)
     load_s = time.perf_counter() - t
     costs = measure_costs(teacher, students, cfg, device)
-    costs.recon_units = _recon_units(cfg, students, example)
-    costs.fused_copies = fused_copies(cfg, has_branches(teacher.model))
     n_real = len(labelled.labels) if labelled else 0
     _, est = plan_run(cfg, costs, len(students), cfg.time_budget_s, n_real)
     est.per_stage = {"load": load_s, **est.per_stage}
@@ -194,8 +192,6 @@ def _iter_run(cfg: RunConfig, out_dir: str | Path | None, stop_fn: Callable[[], 
 
         t = time.perf_counter()
         costs = measure_costs(teacher, students, cfg, device, given_images=synth_source is not None)
-        costs.recon_units = _recon_units(cfg, students, example)
-        costs.fused_copies = fused_copies(cfg, has_branches(teacher.model), costs.given_images)
         n_real = len(labelled.labels) if labelled else 0
         seconds = cfg.time_budget_s if synth_source is None else None
         fitted, est = plan_run(cfg, costs, len(students), seconds, n_real)
@@ -398,13 +394,6 @@ def _n_layers(student: torch.nn.Module) -> int:
     (a RepGhost block's identity BN: fusing removes those and keeps the number of convs)."""
     return sum(not isinstance(w.module, IdentityTaps) for _, w in quant_wrappers(student)) \
         + sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.modules())
-
-
-def _recon_units(cfg: RunConfig, students: dict, example: torch.Tensor) -> int:
-    """How many blocks block reconstruction will fit (0 when no student is reconstructed), for the estimate."""
-    if not students or not any(cfg.train.method_for(s).recon for s in cfg.students):
-        return 0
-    return len(find_units(next(iter(students.values())), example))
 
 
 # ------------------------------------------------------------------------- stopping inside a pass

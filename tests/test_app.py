@@ -332,6 +332,11 @@ def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
         return estimate.estimate_seconds(override(cfg, *changes))["finetune"]
     assert finetune("synth.num_students=3") == pytest.approx(finetune("synth.num_students=2"))
     assert finetune("synth.num_students=3", "synth.adversarial=false") > finetune("synth.adversarial=false")
+    # where no batch holds two training images the students never join synthesis: the teacher's steps alone
+    def synthesis(*changes):
+        return estimate.estimate_seconds(override(cfg, "synth.batch_size=1", *changes))["synthesis"]
+    assert synthesis() == pytest.approx(synthesis("synth.adversarial=false"))
+    assert synthesis("synth.batch_size=2") > synthesis("synth.batch_size=2", "synth.adversarial=false")
 
 
 # ------------------------------------------------------------------------------------- the run handler

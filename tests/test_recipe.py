@@ -457,7 +457,8 @@ def test_the_estimate_counts_each_calibration_of_each_student():
              ("synth.num_students=3", "synth.adversarial=false"): (3, 3),
              ("synth.num_students=3", "synth.keep_students=true", no_join): (3, 3),
              ("synth.num_students=3", no_join): (2, 2),
-             ("synth.num_students=3", "synth.batch_size=1"): (2, 2)}   # no batch holds two training images
+             ("synth.num_students=3", "synth.batch_size=1"): (2, 2),   # no batch holds two training images
+             ("synth.num_students=3", f"synth.holdout_images={cfg.synth.num_images - 1}"): (2, 2)}
     costs = StepCosts(synth_image=1e-3, kd_image=1e-3, forward_image=1e-3)
     for changes, (calibrated, kept) in cases.items():
         c = override(cfg, *changes)
@@ -495,13 +496,19 @@ def test_the_fine_tuning_step_is_timed_over_the_students_fine_tuned(default_teac
         for n, s in students.items():
             s.register_forward_hook(lambda m, a, o, n=n: calls[n].__setitem__(torch.is_grad_enabled(),
                                                                              calls[n][torch.is_grad_enabled()] + 1))
-        measure_costs(t, students, override(c, "train.method=recon"), torch.device("cpu"), memory=0,
-                      given_images=given)
-        assert (calls["w4a4_s1"][0] == calls["w4a4"][0] > 0) is seed_kd, (changes, given, calls)
+        costs = measure_costs(t, students, override(c, "train.method=recon"), torch.device("cpu"), memory=0,
+                              given_images=given)
+        assert (calls["w4a4_s1"][0] > 0) is seed_kd and calls["w4a4"][0] > 0, (changes, given, calls)
+        assert costs.recon_units > 0 and costs.student_forward_image > 0
         calls = {n: [0, 0] for n in students}
-        measure_costs(t, students, c, torch.device("cpu"), memory=0, given_images=given)
+        costs = measure_costs(t, students, c, torch.device("cpu"), memory=0, given_images=given)
         assert (calls["w4a4_s1"][1] == calls["w4a4"][1]) is seed_kd, (changes, given, calls)
         assert not any(calls[n][0] for n in students), calls   # no student is reconstructed
+        assert costs.recon_units == 0 and costs.student_forward_image == 0
+    # where no batch holds two training images the students never join synthesis: its timed step leaves them out
+    calls = {n: [0, 0] for n in students}
+    measure_costs(t, students, override(cfg, "synth.batch_size=1"), torch.device("cpu"), memory=0)
+    assert calls["w4a4_s1"] == [0, 0] and calls["w4a4"][1] > 0, calls   # the configuration: KD only
 
 
 def test_the_estimate_prices_the_fused_copies_that_auto_calibrates(repvgg):
