@@ -89,6 +89,52 @@ def test_fold_bn_leaves_outputs_unchanged(idx):
     torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4)
 
 
+class _SharedOutputs(nn.Module):
+    """A conv whose output feeds a shortcut and a pre-norm BN (CoAtNet's first MBConv block), a BN that reads a
+    conv's output after an in-place activation, and one plain conv -> BN pair: only the last may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pre_norm = BatchNormAct2d(8, act_layer=nn.SiLU, inplace=True)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.bn_after_act = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = nn.functional.avg_pool2d(x, 1) + self.conv(self.pre_norm(x))
+        x = self.bn2(self.conv2(self.bn_after_act(self.act(self.conv_b(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_fold_bn_leaves_a_conv_output_that_others_read_as_it_is():
+    """Folding a BN into a conv whose output something else also reads (a pre-norm block's shortcut) would hand
+    the normalised values to that reader too; so would folding a BN that reads the output after an in-place
+    activation. Neither is folded; the students built on such a model train (an in-place activation left behind on
+    the shared output broke its backward)."""
+    torch.manual_seed(0)
+    model = _SharedOutputs().eval()
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x)
+    folded = copy.deepcopy(model)
+    assert fold_bn_(folded, x[:2]) == [("conv2", "bn2")]
+    torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    student = create_student(model, QuantSpec(8, 8), x[:2], "fc")
+    xg = x.clone().requires_grad_(True)
+    student(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("protocol", list(Protocol))
 def test_quantize_wraps_every_layer_generically(protocol):
     model = _models()[1]

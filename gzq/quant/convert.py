@@ -8,6 +8,7 @@ reads the network input, is found by tracing one forward with hooks, so it works
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -60,15 +61,42 @@ def eval_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None
         model.train(was_training)
 
 
-@torch.no_grad()
+def _graph_uses(outputs) -> collections.Counter:
+    """How many operations of the autograd graph behind `outputs` (tensors, or tuples / lists / dicts of them) read
+    each node's result: a node read twice is a value that two operations consume."""
+    uses: collections.Counter = collections.Counter()
+    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    seen = set(stack)
+    while stack:
+        for fn, _ in stack.pop().next_functions:
+            if fn is not None:
+                uses[fn] += 1
+                if fn not in seen:
+                    seen.add(fn)
+                    stack.append(fn)
+    return uses
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
 def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
-    outputs: dict[str, torch.Tensor] = {}
+    """One eval forward of `model` on `example`, which records the layers. A BN is paired with the conv it
+    follows only where it reads the conv's output as the conv wrote it (no in-place op between) and nothing else
+    reads that output (a pre-norm block's shortcut, say), for folding it into the conv must not change what the
+    others see: the forward builds the autograd graph (of `example`, with gradients) to count the readers."""
+    outputs: dict[str, tuple[torch.Tensor, object]] = {}
     pairs, consumers, order = [], [], []
     handles = []
     names = {m: n for n, m in model.named_modules()}
+    example = example.detach().requires_grad_(True)
 
     def conv_hook(mod, args, out):
-        outputs[names[mod]] = out
+        outputs[names[mod]] = (out, out.grad_fn)
         order.append(names[mod])
 
     def quant_pre_hook(mod, args):
@@ -76,9 +104,9 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
             consumers.append(names[mod])
 
     def bn_pre_hook(mod, args):
-        for cname, out in outputs.items():
-            if args[0] is out:
-                pairs.append((cname, names[mod]))
+        for cname, (out, fn) in outputs.items():
+            if args[0] is out and out.grad_fn is fn:
+                pairs.append((cname, names[mod], fn))
 
     for n, m in model.named_modules():
         if isinstance(m, QUANTIZABLE):
@@ -86,10 +114,18 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
             handles.append(m.register_forward_pre_hook(quant_pre_hook))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             handles.append(m.register_forward_pre_hook(bn_pre_hook))
-    eval_forward(model, example, handles)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            uses = _graph_uses(model(example))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
     seen = set()
     order = [n for n in order if not (n in seen or seen.add(n))]
-    pairs = [(c, b) for c, b in pairs if isinstance(model.get_submodule(c), nn.Conv2d)]
+    pairs = [(c, b) for c, b, fn in pairs if isinstance(model.get_submodule(c), nn.Conv2d) and uses[fn] == 1]
     return GraphInfo(pairs, consumers, order)
 
 
