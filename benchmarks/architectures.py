@@ -11,7 +11,8 @@ Each architecture is built with random weights and BatchNorm statistics gathered
 ONNX file is run in onnxruntime with its default graph optimisations and compared with the fake-quant
 student rebuilt from the run's checkpoint, and the integer safetensors file is rebuilt and compared too, on
 the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load or run
-it, or the integer file does not rebuild the student exactly.
+it, the integer file does not rebuild the student exactly, or the float form the students start from (BN folded
+into the convs) is not the model's own function (`fold`: largest logit error over 1e-3 of the logit scale).
 
 How close the ONNX outputs come is reported beside it, not judged: "w4a4 ONNX" / "w8a8 ONNX" are the top-1
 agreement with the student, "w8a8 floor" the student's agreement with itself when its input moves by 1e-6
@@ -48,6 +49,7 @@ import torch  # noqa: E402
 from gzq.models import find_bn_layers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FOLD_TOLERANCE = 1e-3   # the folded float form's largest logit error, relative to the logit scale
 NUDGE = 1e-6   # the input change (x N(0, 1) per value) that measures how far rounding flips alone move a student
 
 #: (architecture, family); chosen to cover the families timm has with BatchNorm, small variants for speed
@@ -91,6 +93,19 @@ def _teacher_checkpoint(arch: str, size: int, folder: Path) -> tuple[Path, int]:
     return path, len(bns)
 
 
+def _fold_error(arch: str, ckpt: Path, size: int) -> dict:
+    """How far the float form every student starts from (gzq.distill.folded_copy: BN folded into the convs,
+    CondConv expanded) departs from the model itself, on 8 random inputs: it must be the same function."""
+    from gzq.config import ModelSpec
+    from gzq.distill import folded_copy
+    from gzq.models import load_teacher
+    teacher = load_teacher(ModelSpec(name=arch, checkpoint=str(ckpt), num_classes=10, input_size=(3, size, size)),
+                           torch.device("cpu"))
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return _compare(folded_copy(teacher, x[:2])(x), teacher.model(x))
+
+
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
     """Top-1 agreement (%) and each image's largest logit error relative to the logit scale: 95th percentile
     and maximum."""
@@ -117,6 +132,10 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
     stage = "build"
     try:
         ckpt, row["bn_layers"] = _teacher_checkpoint(arch, size, folder)
+        stage = "fold"
+        row["fold"] = _fold_error(arch, ckpt, size)
+        if row["fold"]["max_rel"] > FOLD_TOLERANCE:
+            raise RuntimeError(f"the students' float form (BN folded) is not the model: {row['fold']}")
         stage = "pipeline"
         cfg = gzq.make_config("cpu", "cpu", model=dict(name=arch, checkpoint=str(ckpt), num_classes=10,
                                                        input_size=(3, size, size)),
