@@ -103,7 +103,10 @@ def _fold_error(arch: str, ckpt: Path, size: int) -> dict:
                            torch.device("cpu"))
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        return _compare(folded_copy(teacher, x[:2])(x), teacher.model(x))
+        folded, ref = folded_copy(teacher, x[:2])(x), teacher.model(x)
+    error = ((folded - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    return dict(agree=round(100 * (folded.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
+                max_rel=float(f"{error:.3g}"))
 
 
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -221,6 +224,29 @@ def float_weight_rows(archs: list[str], size: int, protocol: str) -> list[dict]:
     return rows
 
 
+def fold_rows(archs: list[str], size: int) -> list[dict]:
+    """For each architecture (random weights, BN statistics from noise): how many BN layers the students fold
+    into a conv, and how far that float form departs from the model (`_fold_error`); nothing else is run."""
+    from gzq.quant.convert import trace_layers
+    rows = []
+    for arch in archs:
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt, bns = _teacher_checkpoint(arch, size, Path(d))
+                import timm
+                model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+                folded = len(trace_layers(model, torch.zeros(2, 3, size, size)).conv_bn_pairs)
+                row = {"arch": arch, "bn_layers": bns, "folded": folded, "fold": _fold_error(arch, ckpt, size)}
+        except Exception as e:  # noqa: BLE001 (a name timm does not know, a size the model cannot take)
+            row = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:200]}
+        row["ok"] = "fold" in row and row["fold"]["max_rel"] <= FOLD_TOLERANCE
+        rows.append(row)
+        print(f"{arch:<28}" + (f"{row['folded']:>4} of {row['bn_layers']:>4} BN folded, largest logit error "
+                               f"{row['fold']['max_rel']:.2e}{'' if row['ok'] else '  NOT THE MODEL'}"
+                               if "fold" in row else f"  {row['error']}"), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", help="comma-separated timm names (default: the list in this file)")
@@ -230,14 +256,16 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/architectures[_PROTOCOL].json)")
     p.add_argument("--float-weights", action="store_true",
                    help="only build each W4A4 student and report the share of its weights left float")
+    p.add_argument("--fold", action="store_true",
+                   help="only check that the students' float form (BN folded into the convs) is the model's function")
     args = p.parse_args(argv)
     archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
-    if args.float_weights:
-        rows = float_weight_rows(archs, args.size, args.protocol)
+    if args.float_weights or args.fold:
+        rows = fold_rows(archs, args.size) if args.fold else float_weight_rows(archs, args.size, args.protocol)
         if args.out:
             out = {"size": args.size, "protocol": args.protocol, "rows": rows}
             args.out.write_text(json.dumps(out, indent=1) + "\n")
-        return 0
+        return 0 if not args.fold or all(r["ok"] for r in rows if "fold" in r) else 1
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         "architectures.json" if args.protocol == "all_layers" else f"architectures_{args.protocol}.json")
     logging.basicConfig(level=logging.WARNING)
