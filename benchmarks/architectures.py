@@ -11,8 +11,9 @@ Each architecture is built with random weights and BatchNorm statistics gathered
 ONNX file is run in onnxruntime with its default graph optimisations and compared with the fake-quant
 student rebuilt from the run's checkpoint, and the integer safetensors file is rebuilt and compared too, on
 the same 64 random inputs. A row fails if a stage raises, a file is missing, onnxruntime cannot load or run
-it, the integer file does not rebuild the student exactly, or the float form the students start from (BN folded
-into the convs) is not the model's own function (`fold`: largest logit error over 1e-3 of the logit scale).
+it, the integer file does not rebuild the student exactly, or a float form the students start from (BN folded
+into the convs; the student with its quantizers taken out) is not the model's own function (`fold`: largest logit
+error over 1e-3 of the logit scale, in float64).
 
 How close the ONNX outputs come is reported beside it, not judged: "w4a4 ONNX" / "w8a8 ONNX" are the top-1
 agreement with the student, "w8a8 floor" the student's agreement with itself when its input moves by 1e-6
@@ -93,23 +94,36 @@ def _teacher_checkpoint(arch: str, size: int, folder: Path) -> tuple[Path, int]:
     return path, len(bns)
 
 
-def _fold_error(arch: str, ckpt: Path, size: int) -> dict:
-    """How far the float form every student starts from (gzq.distill.folded_copy: BN folded into the convs,
-    CondConv expanded) departs from the model itself, on 8 random inputs: it must be the same function. In
-    float64: a deep random network can turn float32's rounding differences into large output changes (see
-    NUDGE), which float64 keeps far below the tolerance."""
-    from gzq.config import ModelSpec
+def _fold_error(arch: str, ckpt: Path, size: int, protocol: str = "all_layers") -> dict:
+    """How far the float forms the students start from depart from the model itself, on 8 random inputs: the
+    BN-folded copy that block reconstruction and KD's unit terms fit to (gzq.distill.folded_copy), and a W4A4
+    student of `protocol` with its quantizers taken out (BN folded, CondConv expanded, every rewrite the
+    conversion makes). Each must be the model's function. In float64: a deep random network can turn float32's
+    rounding differences into large output changes (see NUDGE), which float64 keeps far below the tolerance."""
+    from gzq.config import ModelSpec, QuantSpec
     from gzq.distill import folded_copy
     from gzq.models import load_teacher
+    from gzq.quant.convert import create_student, quant_wrappers
+    from gzq.quant.modules import ActQuantizer
     teacher = load_teacher(ModelSpec(name=arch, checkpoint=str(ckpt), num_classes=10, input_size=(3, size, size)),
                            torch.device("cpu"))
     teacher.model.double()
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    student = create_student(teacher.model, QuantSpec.parse("w4a4", protocol), x[:2], teacher.classifier).eval()
+    for _, w in quant_wrappers(student):
+        w.w_quant = torch.nn.Identity()
+    for q in student.modules():
+        if isinstance(q, ActQuantizer):
+            q.calibrating = True    # passes its input through
+    out = {}
     with torch.no_grad():
-        folded, ref = folded_copy(teacher, x[:2])(x), teacher.model(x)
-    error = ((folded - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    return dict(agree=round(100 * (folded.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
-                max_rel=float(f"{error:.3g}"))
+        ref = teacher.model(x)
+        for name, form in (("folded", folded_copy(teacher, x[:2])), ("student", student)):
+            y = form(x)
+            error = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            out[name] = dict(agree=round(100 * (y.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
+                             max_rel=float(f"{error:.3g}"))
+    return dict(max_rel=max(v["max_rel"] for v in out.values()), **out)
 
 
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -139,7 +153,7 @@ def check(arch: str, size: int, folder: Path, seed: int = 0, protocol: str = "al
     try:
         ckpt, row["bn_layers"] = _teacher_checkpoint(arch, size, folder)
         stage = "fold"
-        row["fold"] = _fold_error(arch, ckpt, size)
+        row["fold"] = _fold_error(arch, ckpt, size, protocol)
         if row["fold"]["max_rel"] > FOLD_TOLERANCE:
             raise RuntimeError(f"the students' float form (BN folded) is not the model: {row['fold']}")
         stage = "pipeline"
@@ -227,9 +241,9 @@ def float_weight_rows(archs: list[str], size: int, protocol: str) -> list[dict]:
     return rows
 
 
-def fold_rows(archs: list[str], size: int) -> list[dict]:
+def fold_rows(archs: list[str], size: int, protocol: str = "all_layers") -> list[dict]:
     """For each architecture (random weights, BN statistics from noise): how many BN layers the students fold
-    into a conv, and how far that float form departs from the model (`_fold_error`); nothing else is run."""
+    into a conv, and how far their float forms depart from the model (`_fold_error`); nothing else is run."""
     from gzq.quant.convert import trace_layers
     rows = []
     for arch in archs:
@@ -239,7 +253,8 @@ def fold_rows(archs: list[str], size: int) -> list[dict]:
                 import timm
                 model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
                 folded = len(trace_layers(model, torch.zeros(2, 3, size, size)).conv_bn_pairs)
-                row = {"arch": arch, "bn_layers": bns, "folded": folded, "fold": _fold_error(arch, ckpt, size)}
+                row = {"arch": arch, "bn_layers": bns, "folded": folded,
+                       "fold": _fold_error(arch, ckpt, size, protocol)}
         except Exception as e:  # noqa: BLE001 (a name timm does not know, a size the model cannot take)
             row = {"arch": arch, "error": f"{type(e).__name__}: {e}"[:200]}
         row["ok"] = "fold" in row and row["fold"]["max_rel"] <= FOLD_TOLERANCE
@@ -260,11 +275,12 @@ def main(argv=None):
     p.add_argument("--float-weights", action="store_true",
                    help="only build each W4A4 student and report the share of its weights left float")
     p.add_argument("--fold", action="store_true",
-                   help="only check that the students' float form (BN folded into the convs) is the model's function")
+                   help="only check that the students' float forms (BN folded, quantizers taken out) are the model's "
+                        "function")
     args = p.parse_args(argv)
     archs = args.archs.split(",") if args.archs else [a for a, _ in ARCHS]
     if args.float_weights or args.fold:
-        rows = fold_rows(archs, args.size) if args.fold else float_weight_rows(archs, args.size, args.protocol)
+        rows = (fold_rows if args.fold else float_weight_rows)(archs, args.size, args.protocol)
         if args.out:
             out = {"size": args.size, "protocol": args.protocol, "rows": rows}
             args.out.write_text(json.dumps(out, indent=1) + "\n")
