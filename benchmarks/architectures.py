@@ -123,7 +123,7 @@ def _fold_error(arch: str, ckpt: Path, size: int, protocol: str = "all_layers") 
             error = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
             out[name] = dict(agree=round(100 * (y.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
                              max_rel=float(f"{error:.3g}"))
-    return dict(max_rel=max(v["max_rel"] for v in out.values()), **out)
+    return {"max_rel": max(v["max_rel"] for v in out.values()), **out}
 
 
 def _compare(a: torch.Tensor, ref: torch.Tensor) -> dict:
