@@ -121,8 +121,8 @@ def _fold_error(arch: str, ckpt: Path, size: int, protocol: str = "all_layers") 
         for name, form in (("folded", folded_copy(teacher, x[:2])), ("student", student)):
             y = form(x)
             error = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-            out[name] = dict(agree=round(100 * (y.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
-                             max_rel=float(f"{error:.3g}"))
+            out[name] = {"agree": round(100 * (y.argmax(1) == ref.argmax(1)).float().mean().item(), 2),
+                         "max_rel": float(f"{error:.3g}")}
     return {"max_rel": max(v["max_rel"] for v in out.values()), **out}
 
 
