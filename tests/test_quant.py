@@ -135,6 +135,36 @@ def test_fold_bn_leaves_a_conv_output_that_others_read_as_it_is():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+class _ReusedConv(nn.Module):
+    """A forward that scales its input in place, a conv called twice (once into a BN), and a conv whose output is
+    both a BN's input and one of the model's outputs: none of the BNs may be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head, self.bn_head = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        for bn in (self.bn, self.bn_head):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x.mul_(1.0)
+        x = self.bn(self.conv(x)) + self.conv(x)
+        h = self.head(x)
+        return self.bn_head(h).mean((2, 3)), h.mean((2, 3))
+
+
+def test_fold_bn_leaves_a_reused_conv_and_a_returned_output_as_they_are():
+    torch.manual_seed(0)
+    model = _ReusedConv().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x.clone())
+    folded = copy.deepcopy(model)
+    assert fold_bn_(folded, x.clone()) == []
+    for a, b in zip(folded(x.clone()), ref):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("protocol", list(Protocol))
 def test_quantize_wraps_every_layer_generically(protocol):
     model = _models()[1]

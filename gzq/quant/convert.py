@@ -63,10 +63,11 @@ def eval_forward(model: nn.Module, example: torch.Tensor, handles: list) -> None
 
 def _graph_uses(outputs) -> collections.Counter:
     """How many operations of the autograd graph behind `outputs` (tensors, or tuples / lists / dicts of them) read
-    each node's result: a node read twice is a value that two operations consume."""
-    uses: collections.Counter = collections.Counter()
-    stack = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
-    seen = set(stack)
+    each node's result: a node read twice is a value that two operations consume. Returning a value counts as
+    reading it. Readers outside the graph (a comparison, an integer op, a detached copy) are not seen."""
+    roots = list(dict.fromkeys(t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None))
+    uses: collections.Counter = collections.Counter(roots)
+    stack, seen = list(roots), set(roots)
     while stack:
         for fn, _ in stack.pop().next_functions:
             if fn is not None:
@@ -93,7 +94,6 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
     pairs, consumers, order = [], [], []
     handles = []
     names = {m: n for n, m in model.named_modules()}
-    example = example.detach().requires_grad_(True)
 
     def conv_hook(mod, args, out):
         outputs[names[mod]] = (out, out.grad_fn)
@@ -117,15 +117,18 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
     was_training = model.training
     try:
         model.eval()
-        with torch.enable_grad():
+        with torch.enable_grad():   # not a leaf: a forward may change its input in place
+            example = example.detach().requires_grad_(True).clone()
             uses = _graph_uses(model(example))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    calls = collections.Counter(order)   # a conv called twice writes two outputs the fold would both change
     seen = set()
     order = [n for n in order if not (n in seen or seen.add(n))]
-    pairs = [(c, b) for c, b, fn in pairs if isinstance(model.get_submodule(c), nn.Conv2d) and uses[fn] == 1]
+    pairs = [(c, b) for c, b, fn in pairs
+             if isinstance(model.get_submodule(c), nn.Conv2d) and uses[fn] == 1 and calls[c] == 1]
     return GraphInfo(pairs, consumers, order)
 
 
