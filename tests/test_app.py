@@ -292,7 +292,8 @@ def test_picker_labels_map_back_to_timm_names():
 def test_estimate_is_measured_for_the_model_and_scales_with_the_budget():
     small = estimate.estimate(form.build_config("default", preset="quick CPU", device="cpu"))
     large = estimate.estimate(form.build_config("default", preset="standard", device="cpu"))
-    assert 0 < small.seconds < large.seconds
+    # the stages' own times (on a loaded machine both totals can reach their preset's time cap)
+    assert 0 < small.seconds <= large.seconds and 0 < small.per_stage["synthesis"] < large.per_stage["synthesis"]
     assert set(small.per_stage) >= {"load", "synthesis", "finetune"} and "measured" in small.text
     # a preset whose full budget would pass its time cap on this device: the run will fit the cap, and so
     # does the estimate, saying why
