@@ -494,19 +494,21 @@ def test_the_fine_tuning_step_is_timed_over_the_students_fine_tuned(default_teac
         students = {n: create_student(t.model, s, ex, t.classifier) for n, s in student_specs(c)}
         calls = {n: [0, 0] for n in students}   # forwards without, with gradients
         for n, s in students.items():
-            s.register_forward_hook(lambda m, a, o, n=n: calls[n].__setitem__(torch.is_grad_enabled(),
-                                                                             calls[n][torch.is_grad_enabled()] + 1))
+            s.register_forward_hook(lambda m, a, o, c=calls[n]: c.__setitem__(torch.is_grad_enabled(),
+                                                                             c[torch.is_grad_enabled()] + 1))
         costs = measure_costs(t, students, override(c, "train.method=recon"), torch.device("cpu"), memory=0,
                               given_images=given)
         assert (calls["w4a4_s1"][0] > 0) is seed_kd and calls["w4a4"][0] > 0, (changes, given, calls)
         assert costs.recon_units > 0 and costs.student_forward_image > 0
-        calls = {n: [0, 0] for n in students}
+        for v in calls.values():
+            v[:] = [0, 0]
         costs = measure_costs(t, students, c, torch.device("cpu"), memory=0, given_images=given)
         assert (calls["w4a4_s1"][1] == calls["w4a4"][1]) is seed_kd, (changes, given, calls)
         assert not any(calls[n][0] for n in students), calls   # no student is reconstructed
         assert costs.recon_units == 0 and costs.student_forward_image == 0
     # where no batch holds two training images the students never join synthesis: its timed step leaves them out
-    calls = {n: [0, 0] for n in students}
+    for v in calls.values():
+        v[:] = [0, 0]
     measure_costs(t, students, override(cfg, "synth.batch_size=1"), torch.device("cpu"), memory=0)
     assert calls["w4a4_s1"] == [0, 0] and calls["w4a4"][1] > 0, calls   # the configuration: KD only
 
