@@ -8,7 +8,8 @@ from torch import nn
 from gzq.config import ActInit, Protocol, QuantSpec
 from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, dequantize, fake_quantize, fold_bn_,
                        quant_range, quantize)
-from gzq.quant.convert import IdentityTaps, SplitConv, model_size_bytes, quant_wrappers, split_identity_
+from gzq.quant.convert import (IdentityTaps, SplitConv, folded_bn_moments, model_size_bytes, quant_wrappers,
+                               split_identity_)
 from gzq.quant.graph import tensor_quantizers
 from gzq.quant.primitives import fake_quantize_ste
 
@@ -163,6 +164,50 @@ def test_fold_bn_leaves_a_reused_conv_and_a_returned_output_as_they_are():
     assert fold_bn_(folded, x.clone()) == []
     for a, b in zip(folded(x.clone()), ref):
         torch.testing.assert_close(a, b)
+
+
+class _Concatenated(nn.Module):
+    """BNs after channel concatenations: of two convs (MixNet's MixedConv2d), foldable into each conv's channels;
+    of a conv and the input, of a conv whose output a shortcut also reads, and a concatenation a shortcut also
+    reads: not foldable. One more BN is called on a conv's output and again on a sum: not foldable either."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn_mixed = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 5, padding=2), nn.BatchNorm2d(8)
+        self.c, self.bn_with_input = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(12)
+        self.d, self.e, self.bn_shared = nn.Conv2d(12, 6, 1), nn.Conv2d(12, 6, 1), nn.BatchNorm2d(12)
+        self.f, self.g, self.bn_cat_read = nn.Conv2d(12, 6, 1), nn.Conv2d(12, 6, 1), nn.BatchNorm2d(12)
+        self.h, self.bn_twice = nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = self.bn_mixed(torch.cat([self.a(x), self.b(x)], 1))
+        x = self.bn_with_input(torch.cat([self.c(x), x], 1))
+        d = self.d(x)
+        x = self.bn_shared(torch.cat([d, self.e(x)], 1)) + d.repeat(1, 2, 1, 1)
+        cat = torch.cat([self.f(x), self.g(x)], -3)
+        x = self.bn_cat_read(cat) + cat
+        x = self.bn_twice(self.h(x))
+        return self.bn_twice(x + 1).mean((2, 3))
+
+
+def test_fold_bn_folds_a_bn_after_concatenated_convs_into_each():
+    torch.manual_seed(0)
+    model = _Concatenated().eval()
+    x = torch.randn(3, 4, 8, 8)
+    ref = model(x)
+    folded = copy.deepcopy(model)
+    assert fold_bn_(folded, x[:2]) == [("a", "bn_mixed"), ("b", "bn_mixed")]
+    assert isinstance(folded.bn_mixed, nn.Identity) and isinstance(folded.bn_twice, nn.BatchNorm2d)
+    torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    moments = folded_bn_moments(model, x[:2])
+    assert set(moments) == {"a", "b"} and [v.shape[0] for v in moments["b"]] == [5, 5]
+    torch.testing.assert_close(moments["b"][0], model.bn_mixed.bias[3:])
 
 
 @pytest.mark.parametrize("protocol", list(Protocol))

@@ -1,6 +1,7 @@
 """Turn a float model into a fake-quant student, generically (no per-architecture code).
 
-`fold_bn_` folds every BatchNorm that directly consumes a conv's output into that conv; `quantize_`
+`fold_bn_` folds every BatchNorm that directly consumes a conv's output (or a channel concatenation of conv
+outputs) into that conv; `quantize_`
 swaps each Conv2d / Linear for a QuantWrapper according to a QuantSpec and protocol; `calibrate_`
 initialises activation ranges from (synthetic) data; `expand_cond_convs_` first gives timm's CondConv layers
 (per-image kernels) an ordinary conv to quantize. Which BN follows which conv, and which layer
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -46,6 +48,27 @@ class GraphInfo:
     conv_bn_pairs: list[tuple[str, str]]   # (conv name, bn name) where the BN reads the conv's output directly
     input_consumers: list[str]             # quantizable layers that read the network input
     order: list[str]                       # quantizable layers in execution order
+    channels: dict[str, slice] = dataclasses.field(default_factory=dict)   # a BN reading a concatenation of convs:
+    #                                                                        the conv's channels of it
+
+
+def _concatenated_convs(x: torch.Tensor, outputs: dict) -> list[tuple[str, object, tuple[slice, object]]]:
+    """[(conv name, its output's grad_fn, (its channels of `x`, the concatenation's grad_fn))] where `x` is a
+    channel concatenation of conv outputs as the convs wrote them (MixNet's MixedConv2d), else []."""
+    cat = x.grad_fn
+    if x.dim() != 4 or type(cat).__name__ != "CatBackward0":
+        return []
+    dim = cat._saved_dim
+    if (dim - 2 ** 64 if dim >= 2 ** 63 else dim) % 4 != 1:
+        return []
+    by_fn = {fn: (name, out) for name, (out, fn) in outputs.items() if out.grad_fn is fn}
+    parts = [by_fn.get(fn) for fn, _ in cat.next_functions]
+    if not parts or not all(parts):
+        return []
+    bounds = [0]
+    for _, out in parts:
+        bounds.append(bounds[-1] + out.shape[1])
+    return [(name, out.grad_fn, (slice(a, b), cat)) for (name, out), a, b in zip(parts, bounds, bounds[1:])]
 
 
 @torch.no_grad()
@@ -85,13 +108,14 @@ def _tensors(x) -> list[torch.Tensor]:
     return [t for item in items for t in _tensors(item)]
 
 
-def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
+def trace_layers(model: nn.Module, example: torch.Tensor, pairs: bool = True) -> GraphInfo:
     """One eval forward of `model` on `example`, which records the layers. A BN is paired with the conv it
     follows only where it reads the conv's output as the conv wrote it (no in-place op between) and nothing else
     reads that output (a pre-norm block's shortcut, say), for folding it into the conv must not change what the
-    others see: the forward builds the autograd graph (of `example`, with gradients) to count the readers."""
+    others see: the forward builds the autograd graph (of `example`, with gradients) to count the readers.
+    `pairs=False` records only the layers' order and the input's readers (no graph: a cheaper forward)."""
     outputs: dict[str, tuple[torch.Tensor, object]] = {}
-    pairs, consumers, order = [], [], []
+    found, consumers, order, unmatched = [], [], [], set()
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -104,22 +128,30 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
             consumers.append(names[mod])
 
     def bn_pre_hook(mod, args):
+        x = args[0]
         for cname, (out, fn) in outputs.items():
-            if args[0] is out and out.grad_fn is fn:
-                pairs.append((cname, names[mod], fn))
+            if x is out and out.grad_fn is fn:
+                found.append((cname, names[mod], fn, None))
+                return
+        parts = _concatenated_convs(x, outputs)   # MixNet's MixedConv2d, say
+        for cname, fn, channels in parts:
+            found.append((cname, names[mod], fn, channels))
+        if not parts:   # a BN called again on another input cannot be folded for one of its calls
+            unmatched.add(names[mod])
 
     for n, m in model.named_modules():
         if isinstance(m, QUANTIZABLE):
             handles.append(m.register_forward_hook(conv_hook))
             handles.append(m.register_forward_pre_hook(quant_pre_hook))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and pairs:
             handles.append(m.register_forward_pre_hook(bn_pre_hook))
     was_training = model.training
     try:
         model.eval()
-        with torch.enable_grad():   # not a leaf: a forward may change its input in place
-            example = example.detach().requires_grad_(True).clone()
-            uses = _graph_uses(model(example))
+        with torch.set_grad_enabled(pairs):   # not a leaf: a forward may change its input in place
+            example = example.detach().requires_grad_(pairs).clone()
+            out = model(example)
+            uses = _graph_uses(out) if pairs else collections.Counter()
     finally:
         for h in handles:
             h.remove()
@@ -127,9 +159,12 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> GraphInfo:
     calls = collections.Counter(order)   # a conv called twice writes two outputs the fold would both change
     seen = set()
     order = [n for n in order if not (n in seen or seen.add(n))]
-    pairs = [(c, b) for c, b, fn in pairs
-             if isinstance(model.get_submodule(c), nn.Conv2d) and uses[fn] == 1 and calls[c] == 1]
-    return GraphInfo(pairs, consumers, order)
+    whole = unmatched | {b for c, b, fn, channels in found   # a BN folds into all the convs it reads, or none
+                         if not (isinstance(model.get_submodule(c), nn.Conv2d) and uses[fn] == 1 and calls[c] == 1
+                                 and (channels is None or uses[channels[1]] == 1))}
+    found = [(c, b, channels) for c, b, _, channels in found if b not in whole]
+    return GraphInfo([(c, b) for c, b, _ in found], consumers, order,
+                     {c: channels[0] for c, _, channels in found if channels is not None})
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:
@@ -145,24 +180,28 @@ def folded_bn_moments(teacher: nn.Module, example: torch.Tensor) -> dict[str, tu
     reads directly, on the teacher's real data as the BN's running statistics give it: beta and
     gamma^2 var / (var + eps)."""
     out = {}
-    for conv, bn_name in trace_layers(teacher, example).conv_bn_pairs:
-        bn = teacher.get_submodule(bn_name)
-        var, denom = bn.running_var, bn.running_var + bn.eps
-        out[conv] = ((bn.bias.float(), bn.weight.float().pow(2) * var / denom) if bn.affine
+    info = trace_layers(teacher, example)
+    for conv, bn_name in info.conv_bn_pairs:
+        bn, ch = teacher.get_submodule(bn_name), info.channels.get(conv, slice(None))
+        var, denom = bn.running_var[ch], bn.running_var[ch] + bn.eps
+        out[conv] = ((bn.bias[ch].float(), bn.weight[ch].float().pow(2) * var / denom) if bn.affine
                      else (torch.zeros_like(var), var / denom))
     return out
 
 
 @torch.no_grad()
 def fold_bn_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """Fold each BN that directly follows a conv into the conv (in place). Returns the folded pairs."""
+    """Fold each BN that directly follows a conv into the conv (in place); a BN that reads a channel concatenation
+    of convs (MixNet's MixedConv2d) folds its channels of it into each. Returns the folded (conv, BN) pairs."""
     info = trace_layers(model, example)
     for conv_name, bn_name in info.conv_bn_pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                    bn.weight, bn.bias)
+        ch = info.channels.get(conv_name, slice(None))
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean[ch], bn.running_var[ch], bn.eps,
+                                    *(None if t is None else t[ch] for t in (bn.weight, bn.bias)))
         conv.weight, conv.bias = w, b
-        model.set_submodule(bn_name, _bn_replacement(bn))
+    for bn_name in dict.fromkeys(b for _, b in info.conv_bn_pairs):   # once each: a BN may follow several convs
+        model.set_submodule(bn_name, _bn_replacement(model.get_submodule(bn_name)))
     log.debug("folded %d BN layers", len(info.conv_bn_pairs))
     return info.conv_bn_pairs
 
@@ -282,7 +321,7 @@ def quantize_(model: nn.Module, spec: QuantSpec, example: torch.Tensor, classifi
     executed) use 8-bit weights and inputs. With the "deployable" protocol the layers get no input
     quantizer: `gzq.quant.graph` quantizes the tensors instead (see `create_student`).
     """
-    info = trace_layers(model, example)
+    info = trace_layers(model, example, pairs=False)
     if not info.order:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
     last = classifier if classifier in info.order else info.order[-1]
