@@ -10,6 +10,9 @@ Also: images per second and peak memory (RSS on CPU, allocator peak on CUDA).
 Evaluation: a W4A4 student's forward without gradients (what evaluation, calibration and the
 reconstruction's input capture run) on the short fake-quant path against the straight-through path that
 training needs, interleaved, and the float teacher's forward on the same batch.
+
+Training: the memory a training step keeps for its backward (per image) and the student's step time, with
+the fake quantizers as one autograd node (gzq's) against the same maths in autograd's own ops, interleaved.
 """
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gzq.accel import autocast, channels_last_  # noqa: E402
+from gzq.budget import _kept_bytes
 from gzq.config import ModelSpec, QuantSpec, SynthConfig  # noqa: E402
 from gzq.events import Progress  # noqa: E402
 from gzq.models import load_teacher  # noqa: E402
@@ -126,6 +131,61 @@ def measure_eval(spec: ModelSpec, input_size, batch: int, repeats: int, device) 
                 short_s=med["short"], ste_s=med["ste"], speedup=med["ste"] / med["short"])
 
 
+def _training_path(fq, *args):
+    """`fq` where gradients are wanted, gzq's short no-gradient path elsewhere (as gzq's fake_quantize)."""
+    return fq(*args) if torch.is_grad_enabled() else primitives.fake_quantize(*args)
+
+
+def measure_train(spec: ModelSpec, input_size, batch: int, repeats: int, device) -> dict:
+    """What a training step keeps for its backward and how long it takes, with the fake quantizers written in
+    autograd's own ops (`fake_quantize_composed`, two more tensors of each quantized tensor's size kept) against
+    gzq's one autograd node (`fake_quantize_ste`), interleaved: the kept bytes per image (gzq.budget's count,
+    what sizes a run's batches) of a W4A4 student's forward, and of a synthesis step's forward (the teacher and
+    students W4A4 and W8A8, gradients to the input); the median seconds of the student's forward + backward.
+    The two give the same values and gradients, bit for bit (tests/test_quant.py)."""
+    teacher = load_teacher(spec, device)
+    if input_size:
+        teacher.input_size = input_size
+    x = torch.randn(batch, *teacher.input_size, device=device)
+    students = [create_student(teacher.model, QuantSpec.parse(b), x[:2], teacher.classifier)
+                for b in ("w4a4", "w8a8")]
+    for s in students:
+        calibrate_(s, [x])
+    paths = {"composed": primitives.fake_quantize_composed, "node": primitives.fake_quantize_ste}
+
+    def student_step():
+        students[0](x.clone().requires_grad_(True)).logsumexp(1).mean().backward()
+
+    def synth_forward(xi):
+        return teacher.model(xi).logsumexp(1).mean() + sum(s(xi).logsumexp(1).mean() for s in students)
+
+    out: dict[str, dict] = {k: {"times": []} for k in paths}
+    try:
+        for i in range(repeats + 1):   # the first round warms up
+            for key, fq in paths.items():
+                modules.fake_quantize = partial(_training_path, fq)
+                if i == 0:
+                    out[key]["student_mib"] = _kept_bytes(
+                        lambda: students[0](x.clone().requires_grad_(True)).sum(), batch) / batch / 2**20
+                    out[key]["synth_mib"] = _kept_bytes(
+                        lambda: synth_forward(x.clone().requires_grad_(True)), batch) / batch / 2**20
+                    continue
+                _sync(device)
+                t = time.perf_counter()
+                student_step()
+                _sync(device)
+                out[key]["times"].append(time.perf_counter() - t)
+    finally:
+        modules.fake_quantize = primitives.fake_quantize
+        for s in students:
+            s.zero_grad(set_to_none=True)
+    row = {"model": spec.name, "res": teacher.input_size[-1], "batch": batch}
+    for key, r in out.items():
+        row.update({f"{key}_student_mib": r["student_mib"], f"{key}_synth_mib": r["synth_mib"],
+                    f"{key}_step_s": statistics.median(r["times"])})
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
@@ -150,7 +210,19 @@ def main(argv=None):
     for r in evals:
         print(f"{r['model']:<10}{r['res']:>5}{r['batch']:>6}{r['teacher_s']:>11.3f}{r['ste_s']:>9.3f}{r['short_s']:>9.3f}"
               f"{r['speedup']:>10.2f}{r['short_s'] / r['teacher_s']:>12.2f}")
-    return rows, evals
+    train_cases = [(ModelSpec("default"), None, 64)] + ([] if args.quick else [
+        (ModelSpec(a), (3, 224, 224), 8) for a in ("resnet18", "mobilenetv3_large_100", "efficientnet_b0")])
+    trains = [measure_train(*c, repeats=2 if args.quick else 5, device=device) for c in train_cases]
+    print("\ntraining step: fake quantizers in autograd's own ops (composed) against one autograd node (gzq's);"
+          "\nMiB kept for the backward per image (a W4A4 student; a synthesis step: teacher + W4A4 + W8A8)")
+    print(f"{'model':<24}{'res':>5}{'batch':>6}{'student':>9}{'(node)':>8}{'ratio':>7}{'synth':>8}{'(node)':>8}"
+          f"{'ratio':>7}{'step s':>8}{'(node)':>8}{'ratio':>7}")
+    for r in trains:
+        cells = [(r["composed_" + k], r["node_" + k], w, d)
+                 for k, w, d in (("student_mib", 9, 1), ("synth_mib", 8, 1), ("step_s", 8, 3))]
+        print(f"{r['model']:<24}{r['res']:>5}{r['batch']:>6}"
+              + "".join(f"{a:>{w}.{d}f}{b:>8.{d}f}{b / a:>7.2f}" for a, b, w, d in cells))
+    return rows, evals, trains
 
 
 if __name__ == "__main__":

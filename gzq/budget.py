@@ -39,10 +39,12 @@ TIMED_BATCH, MEMORY_PROBE_BATCH = 16, 4
 #: the run's own batch is timed as well where the small batch predicts a step under this many seconds
 FULL_BATCH_TIMING_S = 10.0
 #: share of the free memory that the tensors a step's backward keeps may take (fit_memory), per device type: on
-#: the CPU a step's resident peak was about twice those plus the models (benchmarks/preset_fit.py); CUDA's
-#: caching allocator keeps less slack (a GPU share not yet measured on a GPU). And the smallest batch the cut
-#: goes to.
-MEMORY_SHARE, MIN_BATCH = {"cpu": 0.2, "cuda": 0.35}, 8
+#: the CPU a step's resident peak was about twice those plus the models (benchmarks/preset_fit.py) with 0.2,
+#: when each fake quantizer kept two more tensors; one autograd node keeps 0.56-0.62x as much and its peak per
+#: image is 1.14-1.42x what it keeps, against 0.95-1.10x (benchmarks/step_memory.py), so the shares are 3/4 of
+#: those before, for the same peak with 1.2-1.3x the batch. CUDA's caching allocator keeps less slack (a GPU share
+#: not yet measured on a GPU). And the smallest batch the cut goes to.
+MEMORY_SHARE, MIN_BATCH = {"cpu": 0.15, "cuda": 0.26}, 8
 
 
 @dataclass

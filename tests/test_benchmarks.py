@@ -69,9 +69,23 @@ def test_speed_benchmark_quick():
     r = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step/floor" in r.stdout and r.stdout.count("default") == 3   # two synthesis rows, one evaluation row
+    assert "step/floor" in r.stdout and r.stdout.count("default") == 4   # 2 synthesis rows, evaluation, training
     row = r.stdout.split("speed-up")[1].splitlines()[1].split()            # default 28 500 teacher ste short ...
     assert row[:3] == ["default", "28", "500"] and all(float(v) > 0 for v in row[3:])
+    # default 28 64, then kept MiB per image (composed, node, ratio) for a student and a synthesis step, step s
+    row = r.stdout.split("(node)  ratio")[-1].splitlines()[1].split()
+    assert row[:3] == ["default", "28", "64"] and float(row[5]) < 0.7 and float(row[8]) < 0.8
+
+
+def test_step_memory_benchmark_quick(tmp_path):
+    out = tmp_path / "mem.json"
+    r = subprocess.run([sys.executable, "benchmarks/step_memory.py", "--archs", "resnet18", "--size", "32",
+                        "--batches", "2,6", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row, = json.loads(out.read_text())["rows"]
+    assert 0 < row["node"]["kept_mib"] < 0.7 * row["composed"]["kept_mib"]
+    assert "resnet18" in r.stdout and "peak/kept" in r.stdout
 
 
 def test_accuracy_benchmark_set_overrides(tmp_path):

@@ -11,7 +11,7 @@ from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, d
 from gzq.quant.convert import (IdentityTaps, SplitConv, folded_bn_moments, model_size_bytes, quant_wrappers,
                                split_identity_)
 from gzq.quant.graph import tensor_quantizers
-from gzq.quant.primitives import fake_quantize_ste
+from gzq.quant.primitives import fake_quantize_composed, fake_quantize_ste
 
 
 def test_quant_range():
@@ -32,6 +32,51 @@ def test_fake_quantize_matches_formula_exactly():
         assert torch.equal(dequantize(quantize(x, scale, zp, qmin, qmax), scale, zp), ref)
     # round half to even, like ONNX QuantizeLinear
     assert quantize(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), -8, 7).tolist() == [0, 2, 2]
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 15), (-8, 7), (0, 255), (-(2 ** 31), 2 ** 31 - 1)])
+def test_fake_quantize_node_matches_autograd_ops_bit_for_bit(qmin, qmax):
+    """The training path is one autograd node that keeps only its inputs; its values and its gradients to x,
+    the step and the zero point are those of the same maths in autograd's own ops, bit for bit: per tensor and
+    per channel, fractional zero points, values clipped and values exactly at the range's ends (where torch.clamp
+    passes no gradient)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 6, 5, 5) * 4
+    x0[0, :, 0, 0] = torch.tensor([qmin, qmax, qmin + 1, qmax - 1, 0, 0], dtype=torch.float32) * 0.5
+    for s0, z0 in [(torch.rand(1, 6, 1, 1) + 0.05, torch.rand(1, 6, 1, 1) * 10),
+                   (torch.rand(4, 1, 1, 1) + 0.05, torch.zeros(4, 1, 1, 1)), (torch.tensor(0.5), torch.tensor(0.0))]:
+        grads = []
+        for fq in (fake_quantize_ste, fake_quantize_composed):
+            x, s, z = (t.clone().requires_grad_(True) for t in (x0, s0, z0))
+            y = fq(x, s, z, qmin, qmax)
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+            grads.append((y.detach(), x.grad, s.grad, z.grad))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+    ends = grads[0][1][0, :4, 0, 0].tolist()   # per tensor: x / step at qmin, qmax, qmin + 1, qmax - 1
+    assert ends[:2] == [0.0, 0.0] and (qmax > 2 ** 16 or 0.0 not in ends[2:])
+
+
+def test_a_student_step_keeps_less_with_the_fake_quantize_node():
+    """A student's training step: the same gradients with the one-node fake quantizer as with autograd's own
+    ops, and about half the memory kept for the backward (gzq.budget's count, which sizes a run's batches)."""
+    from gzq.budget import _kept_bytes
+    from gzq.quant import modules
+    model = _models()[1]
+    x = torch.randn(8, 3, 32, 32)
+    student = create_student(model, QuantSpec(4, 4), x[:2], model.pretrained_cfg.get("classifier"))
+    calibrate_(student, [x])
+    kept, grads = {}, {}
+    try:
+        for name, fq in (("composed", fake_quantize_composed), ("node", fake_quantize_ste)):
+            modules.fake_quantize = lambda *a, fq=fq: fq(*a) if torch.is_grad_enabled() else fake_quantize(*a)
+            student.zero_grad(set_to_none=True)
+            kept[name] = _kept_bytes(lambda: student(x.clone().requires_grad_(True)).logsumexp(1).mean().backward(), 8)
+            grads[name] = [p.grad for p in student.parameters()]
+    finally:
+        modules.fake_quantize = fake_quantize
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(grads["composed"], grads["node"]))
+    assert kept["node"] < 0.7 * kept["composed"]
 
 
 def test_fake_quantize_without_gradients_gives_the_same_values_as_with():

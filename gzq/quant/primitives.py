@@ -7,7 +7,10 @@ so what PyTorch simulates is what the ONNX QuantizeLinear/DequantizeLinear graph
     x_hat = (q - zero_point) * scale
 
 LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020): with the rounding's gradient passed
-straight through, autograd of x_hat gives LSQ's gradients for x, scale and zero_point.
+straight through, autograd of x_hat gives LSQ's gradients for x, scale and zero_point. Training runs that
+maths as one autograd node (`fake_quantize_ste`), which keeps only its inputs for the backward: written in
+autograd's own ops (`fake_quantize_composed`, the reference it matches bit for bit) each quantizer keeps two
+more tensors of its input's size, about half of a student's training memory.
 """
 from __future__ import annotations
 
@@ -52,10 +55,49 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                       qmax: int) -> torch.Tensor:
-    """fake_quantize with its straight-through terms always built (the training path)."""
+    """fake_quantize with its straight-through terms always built (the training path): the gradients of
+    fake_quantize_composed, from one autograd node that keeps only its inputs (`_FakeQuantize`)."""
+    return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+
+
+def fake_quantize_composed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                           qmax: int) -> torch.Tensor:
+    """The training path written with autograd's own ops (the reference `_FakeQuantize` is tested against): its
+    graph keeps two more tensors of x's size for the backward, the clamp's input and q - zero_point."""
     zp = round_ste(zero_point)
     q = _straight_through(torch.clamp(torch.round(x / scale) + zp, qmin, qmax), torch.clamp(x / scale + zp, qmin, qmax))
     return (q - zp) * scale
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """fake_quantize_composed's values and gradients, with x, scale and zero_point the only tensors kept for the
+    backward (it recomputes x / scale there): a fake-quant student's training step keeps less memory."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qmin, ctx.qmax = qmin, qmax
+        zp = torch.round(zero_point)
+        return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        zp = torch.round(zero_point)
+        t = x / scale
+        v = t + zp
+        inside = (v > ctx.qmin) & (v < ctx.qmax)       # where torch.clamp passes the gradient (not at the ends)
+        g_v = torch.where(inside, grad * scale, 0.0)     # d/dv of (clamp(v) - zp) * scale
+        g_x = g_scale = g_zp = None
+        if ctx.needs_input_grad[0]:
+            g_x = (g_v / scale).sum_to_size(x.shape)
+        if ctx.needs_input_grad[1]:
+            q = torch.clamp(torch.round(t) + zp, ctx.qmin, ctx.qmax)
+            # as autograd sums them: each path's term reduced on its own, then added
+            g_scale = (grad * (q - zp)).sum_to_size(scale.shape) + (-g_v * (t / scale)).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[2]:
+            g_zp = g_v.sum_to_size(zero_point.shape) + (-(grad * scale)).sum_to_size(zero_point.shape)
+        return g_x, g_scale, g_zp, None, None
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
