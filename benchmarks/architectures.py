@@ -252,7 +252,7 @@ def fold_rows(archs: list[str], size: int, protocol: str = "all_layers") -> list
                 ckpt, bns = _teacher_checkpoint(arch, size, Path(d))
                 import timm
                 model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
-                folded = len(trace_layers(model, torch.zeros(2, 3, size, size)).conv_bn_pairs)
+                folded = len({b for _, b in trace_layers(model, torch.zeros(2, 3, size, size)).conv_bn_pairs})
                 row = {"arch": arch, "bn_layers": bns, "folded": folded,
                        "fold": _fold_error(arch, ckpt, size, protocol)}
         except Exception as e:  # noqa: BLE001 (a name timm does not know, a size the model cannot take)

@@ -81,9 +81,11 @@ def _check_same_tensors(path: Path, dc: dict, saved, rebuilt) -> None:
     if diff:
         raise ValueError(
             f"{path.name} does not fit the {dc['architecture']} student this version of gzq builds: {len(diff)} "
-            f"tensors differ ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''}). Deployable-protocol "
-            "files of networks with SiLU, hard-swish or squeeze-excite gates written before those tensors were "
-            "quantized are such files; quantize the model again to get a file for this version.")
+            f"tensors differ ({', '.join(diff[:3])}{', ...' if len(diff) > 3 else ''}). Files an earlier gzq wrote "
+            "for a student it built otherwise are such files: deployable-protocol files of networks with SiLU, "
+            "hard-swish or squeeze-excite gates written before those tensors were quantized, and MixNet students "
+            "(mixed-kernel convs) written before the BN after their convs was folded into them; quantize the model "
+            "again to get a file for this version.")
 
 
 def _keep_int_biases(student: nn.Module, names, spec: QuantSpec) -> None:
@@ -191,5 +193,6 @@ def load_int_weights(path: str | Path, device: torch.device | str = "cpu") -> tu
             sd[f"{n}.a_quant.zero_point"] = tensors[f"{n}.input_zero_point"].float()
     for n, aq in tensor_quantizers(student):                      # deployable protocol: tensor quantizers
         aq.numel = int(meta["tensors"][n]["numel"])
+    _check_same_tensors(path, dc, sd, student.state_dict())
     student.load_state_dict(sd, strict=True)
     return student.to(device).eval().requires_grad_(False), spec, dc

@@ -11,6 +11,7 @@ from gzq.quant import (ActQuantizer, QuantWrapper, calibrate_, create_student, d
 from gzq.quant.convert import (IdentityTaps, SplitConv, folded_bn_moments, model_size_bytes, quant_wrappers,
                                split_identity_)
 from gzq.quant.graph import tensor_quantizers
+from gzq.quant import primitives
 from gzq.quant.primitives import fake_quantize_composed, fake_quantize_ste
 
 
@@ -45,16 +46,18 @@ def test_fake_quantize_node_matches_autograd_ops_bit_for_bit(qmin, qmax):
     x0[0, :, 0, 0] = torch.tensor([qmin, qmax, qmin + 1, qmax - 1, 0, 0], dtype=torch.float32) * 0.5
     for s0, z0 in [(torch.rand(1, 6, 1, 1) + 0.05, torch.rand(1, 6, 1, 1) * 10),
                    (torch.rand(4, 1, 1, 1) + 0.05, torch.zeros(4, 1, 1, 1)), (torch.tensor(0.5), torch.tensor(0.0))]:
-        grads = []
-        for fq in (fake_quantize_ste, fake_quantize_composed):
-            x, s, z = (t.clone().requires_grad_(True) for t in (x0, s0, z0))
-            y = fq(x, s, z, qmin, qmax)
-            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
-            grads.append((y.detach(), x.grad, s.grad, z.grad))
-        for a, b in zip(*grads):
-            assert torch.equal(a, b)
+        for frozen in (True, False):   # a frozen student: only x wants a gradient (the node keeps a mask)
+            grads = []
+            for fq in (fake_quantize_ste, fake_quantize_composed):
+                x, s, z = (t.clone().requires_grad_(not frozen or t is x0) for t in (x0, s0, z0))
+                y = fq(x, s, z, qmin, qmax)
+                y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+                grads.append((y.detach(), x.grad, s.grad, z.grad))
+            for a, b in zip(*grads):
+                assert (a is None and b is None) if frozen and a is None else torch.equal(a, b)
     ends = grads[0][1][0, :4, 0, 0].tolist()   # per tensor: x / step at qmin, qmax, qmin + 1, qmax - 1
-    assert ends[:2] == [0.0, 0.0] and (qmax > 2 ** 16 or 0.0 not in ends[2:])
+    passes = primitives._CLAMP_PASSES_ENDS     # as torch.clamp does in this torch release
+    assert (ends[:2] == [0.0, 0.0]) != passes and (qmax > 2 ** 16 or 0.0 not in ends[2:])
 
 
 def test_a_student_step_keeps_less_with_the_fake_quantize_node():
@@ -253,6 +256,16 @@ def test_fold_bn_folds_a_bn_after_concatenated_convs_into_each():
     moments = folded_bn_moments(model, x[:2])
     assert set(moments) == {"a", "b"} and [v.shape[0] for v in moments["b"]] == [5, 5]
     torch.testing.assert_close(moments["b"][0], model.bn_mixed.bias[3:])
+
+
+def test_fold_bn_leaves_a_bn_without_running_statistics():
+    """A BN that normalises with each batch's own statistics at inference has nothing to fold."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).eval()
+    folded = copy.deepcopy(model)
+    assert fold_bn_(folded, torch.randn(2, 3, 8, 8)) == [("2", "3")]
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x))
 
 
 @pytest.mark.parametrize("protocol", list(Protocol))

@@ -129,6 +129,9 @@ def trace_layers(model: nn.Module, example: torch.Tensor, pairs: bool = True) ->
 
     def bn_pre_hook(mod, args):
         x = args[0]
+        if mod.running_var is None:   # batch statistics at inference (track_running_stats=False): nothing to fold
+            unmatched.add(names[mod])
+            return
         for cname, (out, fn) in outputs.items():
             if x is out and out.grad_fn is fn:
                 found.append((cname, names[mod], fn, None))
@@ -202,7 +205,7 @@ def fold_bn_(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
         conv.weight, conv.bias = w, b
     for bn_name in dict.fromkeys(b for _, b in info.conv_bn_pairs):   # once each: a BN may follow several convs
         model.set_submodule(bn_name, _bn_replacement(model.get_submodule(bn_name)))
-    log.debug("folded %d BN layers", len(info.conv_bn_pairs))
+    log.debug("folded %d BN layers into %d convs", len({b for _, b in info.conv_bn_pairs}), len(info.conv_bn_pairs))
     return info.conv_bn_pairs
 
 

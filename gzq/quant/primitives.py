@@ -69,24 +69,51 @@ def fake_quantize_composed(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
     return (q - zp) * scale
 
 
+def _clamp_passes_ends() -> bool:
+    """Whether torch.clamp's backward passes the gradient at exactly min and max (torch releases differ)."""
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    torch.clamp(x, 0.0, 1.0).sum().backward()
+    return bool(x.grad.all())
+
+
+_CLAMP_PASSES_ENDS = _clamp_passes_ends()
+
+
+def _inside(v: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Where torch.clamp(v, qmin, qmax) passes the gradient."""
+    if _CLAMP_PASSES_ENDS:
+        return (v >= qmin) & (v <= qmax)
+    return (v > qmin) & (v < qmax)
+
+
 class _FakeQuantize(torch.autograd.Function):
     """fake_quantize_composed's values and gradients, with x, scale and zero_point the only tensors kept for the
-    backward (it recomputes x / scale there): a fake-quant student's training step keeps less memory."""
+    backward (it recomputes x / scale there): a fake-quant student's training step keeps less memory. Where
+    neither the step nor the zero point wants a gradient (a frozen student) it keeps the clamp's mask instead
+    of x (a byte per value)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qmin, ctx.qmax = qmin, qmax
+        ctx.qmin, ctx.qmax, ctx.x_shape = qmin, qmax, x.shape
         zp = torch.round(zero_point)
-        return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+        t = x / scale
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(x, scale, zero_point)
+        else:
+            ctx.save_for_backward(_inside(t + zp, qmin, qmax), scale)
+        return (torch.clamp(torch.round(t) + zp, qmin, qmax) - zp) * scale
 
     @staticmethod
     def backward(ctx, grad):
+        if len(ctx.saved_tensors) == 2:   # only x wants a gradient
+            inside, scale = ctx.saved_tensors
+            g_x = torch.where(inside, grad * scale, 0.0) / scale
+            return g_x.sum_to_size(ctx.x_shape), None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         zp = torch.round(zero_point)
         t = x / scale
         v = t + zp
-        inside = (v > ctx.qmin) & (v < ctx.qmax)       # where torch.clamp passes the gradient (not at the ends)
+        inside = _inside(v, ctx.qmin, ctx.qmax)
         g_v = torch.where(inside, grad * scale, 0.0)     # d/dv of (clamp(v) - zp) * scale
         g_x = g_scale = g_zp = None
         if ctx.needs_input_grad[0]:
