@@ -60,6 +60,20 @@ def test_fake_quantize_node_matches_autograd_ops_bit_for_bit(qmin, qmax):
     assert (ends[:2] == [0.0, 0.0]) != passes and (qmax > 2 ** 16 or 0.0 not in ends[2:])
 
 
+def test_the_fake_quantizer_imports_with_gradients_off():
+    """The fake quantizer asks torch once how clamp's gradient treats the range's ends; a first import inside
+    inference mode (an inference script's) must still work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import torch\nwith torch.inference_mode():\n    import gzq.quant.primitives as p\n"
+            "print(p._CLAMP_PASSES_ENDS)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(primitives._CLAMP_PASSES_ENDS)
+
+
 def test_a_student_step_keeps_less_with_the_fake_quantize_node():
     """A student's training step: the same gradients with the one-node fake quantizer as with autograd's own
     ops, and about half the memory kept for the backward (gzq.budget's count, which sizes a run's batches)."""

@@ -70,10 +70,15 @@ def fake_quantize_composed(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
 
 
 def _clamp_passes_ends() -> bool:
-    """Whether torch.clamp's backward passes the gradient at exactly min and max (torch releases differ)."""
-    x = torch.tensor([0.0, 1.0], requires_grad=True)
-    torch.clamp(x, 0.0, 1.0).sum().backward()
-    return bool(x.grad.all())
+    """Whether torch.clamp's backward passes the gradient at exactly min and max (torch releases differ). Asked
+    with gradients on whatever the importing code has switched off."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        torch.clamp(x, 0.0, 1.0).sum().backward()
+    ends = x.grad.tolist()
+    if ends not in ([0.0, 0.0], [1.0, 1.0]):
+        raise RuntimeError(f"torch.clamp's gradient at its range's ends is {ends}; gzq's fake quantizer knows 0 or 1")
+    return ends == [1.0, 1.0]
 
 
 _CLAMP_PASSES_ENDS = _clamp_passes_ends()
