@@ -1,6 +1,7 @@
 """Synthesis step time against its floor, measured side by side in one run.
 
     python benchmarks/speed.py                 # CPU preset on the default model, and timm resnet18 at 224 px
+    python benchmarks/speed.py --train-only --train-archs resnet50     # only the training table
 
 floor = teacher forward+backward (gradient to the input) + each student's forward+backward (gradients to
 its weights and input) on the same batch, with no hooks and no losses. A GZNQ step in its adversarial
@@ -191,8 +192,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--train-only", action="store_true", help="only the training table")
+    p.add_argument("--train-archs", default="resnet18,mobilenetv3_large_100,efficientnet_b0",
+                   help="the training table's 224-px architectures (random weights), after the bundled model")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    if args.train_only:
+        return None, None, train_table(args, device)
+    return (*synthesis_and_eval_tables(args, device), train_table(args, device))
+
+
+def synthesis_and_eval_tables(args, device) -> tuple[list, list]:
     batch = PRESETS["cpu"]["synth"]["batch_size"]
     cases = [(ModelSpec("default"), None, batch, 1), (ModelSpec("default"), None, batch, 2)]
     if not args.quick:
@@ -210,8 +220,12 @@ def main(argv=None):
     for r in evals:
         print(f"{r['model']:<10}{r['res']:>5}{r['batch']:>6}{r['teacher_s']:>11.3f}{r['ste_s']:>9.3f}{r['short_s']:>9.3f}"
               f"{r['speedup']:>10.2f}{r['short_s'] / r['teacher_s']:>12.2f}")
+    return rows, evals
+
+
+def train_table(args, device) -> list:
     train_cases = [(ModelSpec("default"), None, 64)] + ([] if args.quick else [
-        (ModelSpec(a), (3, 224, 224), 8) for a in ("resnet18", "mobilenetv3_large_100", "efficientnet_b0")])
+        (ModelSpec(a), (3, 224, 224), 8) for a in args.train_archs.split(",") if a])
     trains = [measure_train(*c, repeats=2 if args.quick else 5, device=device) for c in train_cases]
     print("\ntraining step: fake quantizers in autograd's own ops (composed) against one autograd node (gzq's);"
           "\nMiB kept for the backward per image (a W4A4 student; a synthesis step: teacher + W4A4 + W8A8)")
@@ -222,7 +236,7 @@ def main(argv=None):
                  for k, w, d in (("student_mib", 9, 1), ("synth_mib", 8, 1), ("step_s", 8, 3))]
         print(f"{r['model']:<24}{r['res']:>5}{r['batch']:>6}"
               + "".join(f"{a:>{w}.{d}f}{b:>8.{d}f}{b / a:>7.2f}" for a, b, w, d in cells))
-    return rows, evals, trains
+    return trains
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def test_speed_benchmark_quick():
     # default 28 64, then kept MiB per image (composed, node, ratio) for a student and a synthesis step, step s
     row = r.stdout.split("(node)  ratio")[-1].splitlines()[1].split()
     assert row[:3] == ["default", "28", "64"] and float(row[5]) < 0.7 and float(row[8]) < 0.8
+    r = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick", "--train-only"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0 and "step/floor" not in r.stdout and r.stdout.count("default") == 1, r.stderr[-3000:]
 
 
 def test_step_memory_benchmark_quick(tmp_path):
