@@ -22,7 +22,6 @@ import resource
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -132,11 +131,6 @@ def measure_eval(spec: ModelSpec, input_size, batch: int, repeats: int, device) 
                 short_s=med["short"], ste_s=med["ste"], speedup=med["ste"] / med["short"])
 
 
-def _training_path(fq, *args):
-    """`fq` where gradients are wanted, gzq's short no-gradient path elsewhere (as gzq's fake_quantize)."""
-    return fq(*args) if torch.is_grad_enabled() else primitives.fake_quantize(*args)
-
-
 def measure_train(spec: ModelSpec, input_size, batch: int, repeats: int, device) -> dict:
     """What a training step keeps for its backward and how long it takes, with the fake quantizers written in
     autograd's own ops (`fake_quantize_composed`, two more tensors of each quantized tensor's size kept) against
@@ -152,7 +146,8 @@ def measure_train(spec: ModelSpec, input_size, batch: int, repeats: int, device)
                 for b in ("w4a4", "w8a8")]
     for s in students:
         calibrate_(s, [x])
-    paths = {"composed": primitives.fake_quantize_composed, "node": primitives.fake_quantize_ste}
+    node = primitives.fake_quantize_ste   # gzq's fake_quantize takes whichever this name holds where gradients are on
+    paths = {"composed": primitives.fake_quantize_composed, "node": node}
 
     def student_step():
         students[0](x.clone().requires_grad_(True)).logsumexp(1).mean().backward()
@@ -164,7 +159,7 @@ def measure_train(spec: ModelSpec, input_size, batch: int, repeats: int, device)
     try:
         for i in range(repeats + 1):   # the first round warms up
             for key, fq in paths.items():
-                modules.fake_quantize = partial(_training_path, fq)
+                primitives.fake_quantize_ste = fq
                 if i == 0:
                     out[key]["student_mib"] = _kept_bytes(
                         lambda: students[0](x.clone().requires_grad_(True)).sum(), batch) / batch / 2**20
@@ -177,7 +172,7 @@ def measure_train(spec: ModelSpec, input_size, batch: int, repeats: int, device)
                 _sync(device)
                 out[key]["times"].append(time.perf_counter() - t)
     finally:
-        modules.fake_quantize = primitives.fake_quantize
+        primitives.fake_quantize_ste = node
         for s in students:
             s.zero_grad(set_to_none=True)
     row = {"model": spec.name, "res": teacher.input_size[-1], "batch": batch}

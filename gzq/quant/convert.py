@@ -52,17 +52,17 @@ class GraphInfo:
     #                                                                        the conv's channels of it
 
 
-def _concatenated_convs(x: torch.Tensor, outputs: dict) -> list[tuple[str, object, tuple[slice, object]]]:
+def _concatenated_convs(x: torch.Tensor, produced: dict) -> list[tuple[str, object, tuple[slice, object]]]:
     """[(conv name, its output's grad_fn, (its channels of `x`, the concatenation's grad_fn))] where `x` is a
-    channel concatenation of conv outputs as the convs wrote them (MixNet's MixedConv2d), else []."""
+    channel concatenation of conv outputs as the convs wrote them (MixNet's MixedConv2d), else []. `produced`:
+    {grad_fn of a conv's output: (conv name, the output)}."""
     cat = x.grad_fn
     if x.dim() != 4 or type(cat).__name__ != "CatBackward0":
         return []
     dim = cat._saved_dim
     if (dim - 2 ** 64 if dim >= 2 ** 63 else dim) % 4 != 1:
         return []
-    by_fn = {fn: (name, out) for name, (out, fn) in outputs.items() if out.grad_fn is fn}
-    parts = [by_fn.get(fn) for fn, _ in cat.next_functions]
+    parts = [produced.get(fn) for fn, _ in cat.next_functions]
     if not parts or not all(parts):
         return []
     bounds = [0]
@@ -114,13 +114,14 @@ def trace_layers(model: nn.Module, example: torch.Tensor, pairs: bool = True) ->
     reads that output (a pre-norm block's shortcut, say), for folding it into the conv must not change what the
     others see: the forward builds the autograd graph (of `example`, with gradients) to count the readers.
     `pairs=False` records only the layers' order and the input's readers (no graph: a cheaper forward)."""
-    outputs: dict[str, tuple[torch.Tensor, object]] = {}
+    produced: dict[object, tuple[str, torch.Tensor]] = {}   # a conv output's grad_fn: (conv name, the output)
     found, consumers, order, unmatched = [], [], [], set()
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
     def conv_hook(mod, args, out):
-        outputs[names[mod]] = (out, out.grad_fn)
+        if out.grad_fn is not None:   # an in-place op on the output later gives it another grad_fn
+            produced[out.grad_fn] = (names[mod], out)
         order.append(names[mod])
 
     def quant_pre_hook(mod, args):
@@ -132,11 +133,11 @@ def trace_layers(model: nn.Module, example: torch.Tensor, pairs: bool = True) ->
         if mod.running_var is None:   # batch statistics at inference (track_running_stats=False): nothing to fold
             unmatched.add(names[mod])
             return
-        for cname, (out, fn) in outputs.items():
-            if x is out and out.grad_fn is fn:
-                found.append((cname, names[mod], fn, None))
-                return
-        parts = _concatenated_convs(x, outputs)   # MixNet's MixedConv2d, say
+        cname, out = produced.get(x.grad_fn, (None, None))
+        if out is x:   # a conv's output as the conv wrote it
+            found.append((cname, names[mod], x.grad_fn, None))
+            return
+        parts = _concatenated_convs(x, produced)   # MixNet's MixedConv2d, say
         for cname, fn, channels in parts:
             found.append((cname, names[mod], fn, channels))
         if not parts:   # a BN called again on another input cannot be folded for one of its calls

@@ -102,27 +102,27 @@ class _FakeQuantize(torch.autograd.Function):
         ctx.qmin, ctx.qmax, ctx.x_shape = qmin, qmax, x.shape
         zp = torch.round(zero_point)
         t = x / scale
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.save_for_backward(x, scale, zero_point)
-        else:
+        ctx.keeps_mask = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        if ctx.keeps_mask:
             ctx.save_for_backward(_inside(t + zp, qmin, qmax), scale)
+        else:
+            ctx.save_for_backward(x, scale, zero_point)
         return (torch.clamp(torch.round(t) + zp, qmin, qmax) - zp) * scale
 
     @staticmethod
     def backward(ctx, grad):
-        if len(ctx.saved_tensors) == 2:   # only x wants a gradient
+        if ctx.keeps_mask:   # only x wants a gradient
             inside, scale = ctx.saved_tensors
-            g_x = torch.where(inside, grad * scale, 0.0) / scale
-            return g_x.sum_to_size(ctx.x_shape), None, None, None, None
-        x, scale, zero_point = ctx.saved_tensors
-        zp = torch.round(zero_point)
-        t = x / scale
-        v = t + zp
-        inside = _inside(v, ctx.qmin, ctx.qmax)
-        g_v = torch.where(inside, grad * scale, 0.0)     # d/dv of (clamp(v) - zp) * scale
-        g_x = g_scale = g_zp = None
-        if ctx.needs_input_grad[0]:
-            g_x = (g_v / scale).sum_to_size(x.shape)
+        else:
+            x, scale, zero_point = ctx.saved_tensors
+            zp = torch.round(zero_point)
+            t = x / scale
+            inside = _inside(t + zp, ctx.qmin, ctx.qmax)
+        g_v = torch.where(inside, grad * scale, 0.0)     # d/dv of (clamp(v) - zp) * scale, v = x / scale + zp
+        g_x = (g_v / scale).sum_to_size(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        if ctx.keeps_mask:
+            return g_x, None, None, None, None
+        g_scale = g_zp = None
         if ctx.needs_input_grad[1]:
             q = torch.clamp(torch.round(t) + zp, ctx.qmin, ctx.qmax)
             # as autograd sums them: each path's term reduced on its own, then added
